@@ -1,0 +1,6 @@
+fn main() {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap();
+    println!("cargo:rustc-link-arg-bins=-T{dir}/link.ld");
+    println!("cargo:rustc-link-arg-bins=--no-pie");
+    println!("cargo:rerun-if-changed=link.ld");
+}

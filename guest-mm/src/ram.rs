@@ -1,0 +1,134 @@
+//! Guest RAM backed by one memfd, mapped MAP_SHARED through vm-memory.
+//!
+//! The memfd is the host's record of what the guest holds: its allocated blocks are exactly
+//! the host memory the guest uses, and punching a hole in it gives pages back to the host.
+//! The shared mapping is what KVM's memslots point at, so a host call on it (madvise) makes
+//! KVM zap the stage-2 entries for that range.
+
+use crate::layout::{Layout, LayoutError, RamRange};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use thiserror::Error;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+#[derive(Debug, Error)]
+pub enum RamError {
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("memfd_create failed: {0}")]
+    Memfd(io::Error),
+    #[error("cannot size the guest memory file to {size} bytes: {err}")]
+    Truncate { size: u64, err: io::Error },
+    #[error("cannot map guest RAM at {gpa:#x} ({size} bytes): {err}")]
+    Mmap { gpa: u64, size: u64, err: String },
+    #[error("cannot read the memory file's allocation: {0}")]
+    Stat(io::Error),
+}
+
+/// The guest's RAM: its layout, the memfd behind it, and the vm-memory view of it.
+#[derive(Debug)]
+pub struct GuestRam {
+    layout: Layout,
+    memfd: File,
+    mem: GuestMemoryMmap,
+}
+
+impl GuestRam {
+    /// Creates a memfd of `size` bytes and maps it MAP_SHARED, read-write, per the layout.
+    pub fn new(size: u64) -> Result<Self, RamError> {
+        let layout = Layout::new(size)?;
+        let memfd = create_memfd("guest-ram")?;
+        memfd
+            .set_len(layout.total_bytes())
+            .map_err(|err| RamError::Truncate {
+                size: layout.total_bytes(),
+                err,
+            })?;
+        let mut regions = Vec::new();
+        for r in layout.ranges() {
+            let file = memfd.try_clone().map_err(RamError::Memfd)?;
+            let mmap = MmapRegion::build(
+                Some(FileOffset::new(file, r.file_offset)),
+                r.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            )
+            .map_err(|e| RamError::Mmap {
+                gpa: r.gpa,
+                size: r.size,
+                err: e.to_string(),
+            })?;
+            let region = GuestRegionMmap::new(mmap, GuestAddress(r.gpa)).ok_or(RamError::Mmap {
+                gpa: r.gpa,
+                size: r.size,
+                err: "region overflows the address space".into(),
+            })?;
+            regions.push(region);
+        }
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| RamError::Mmap {
+            gpa: 0,
+            size,
+            err: e.to_string(),
+        })?;
+        Ok(Self { layout, memfd, mem })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    pub fn memfd(&self) -> &File {
+        &self.memfd
+    }
+
+    /// Host virtual address of the start of a RAM range.
+    pub fn host_addr(&self, range: &RamRange) -> *mut u8 {
+        use vm_memory::GuestMemoryBackend;
+        self.mem
+            .get_host_address(GuestAddress(range.gpa))
+            .expect("every layout range is mapped")
+    }
+
+    /// Host memory the guest holds now: the memfd's allocated blocks, in bytes.
+    pub fn host_bytes_held(&self) -> Result<u64, RamError> {
+        // SAFETY: fstat writes only into `st`.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: the fd is valid for the lifetime of self; st is a valid out pointer.
+        if unsafe { libc::fstat(self.memfd.as_raw_fd(), &mut st) } != 0 {
+            return Err(RamError::Stat(io::Error::last_os_error()));
+        }
+        Ok(st.st_blocks as u64 * 512)
+    }
+}
+
+fn create_memfd(name: &str) -> Result<File, RamError> {
+    let cname = std::ffi::CString::new(name).expect("no NUL in name");
+    // SAFETY: cname is a valid C string; the returned fd is checked and then owned by File.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(RamError::Memfd(io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh, owned file descriptor.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn writes_allocate_memfd_blocks() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        assert_eq!(ram.host_bytes_held().unwrap(), 0);
+        ram.memory()
+            .write_obj(0xdead_beefu64, GuestAddress(8 << 20))
+            .unwrap();
+        assert_eq!(ram.host_bytes_held().unwrap(), 4096);
+    }
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian machine with rustup. Idempotent.
+#  - rustup target x86_64-unknown-none (the test guests are built for it)
+#  - Debian packages: qemu-system-x86 (the peer VMM the tests and benchmarks compare against)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+packages=()
+command -v qemu-system-x86_64 >/dev/null 2>&1 || packages+=(qemu-system-x86)
+if [ ${#packages[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${packages[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+fi
+
+if ! rustup target list --installed | grep -qx x86_64-unknown-none; then
+    echo "setup: adding rustup target x86_64-unknown-none"
+    rustup target add x86_64-unknown-none
+fi
+
+if [ ! -e /dev/kvm ]; then
+    echo "setup: WARNING: /dev/kvm is missing; the VMM cannot run guests here and KVM tests will be SKIPPED"
+fi

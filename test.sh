@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests, property tests, and integration tests that boot
+# real guests on /dev/kvm (and on QEMU, when installed). Ends with how many KVM tests ran.
+set -euo pipefail
+cd "$(dirname "$0")"
+./setup.sh
+markers=target/tmp/kvm-tests
+rm -rf "$markers"
+status=0
+cargo test --workspace --locked "$@" || status=$?
+ran=$(ls "$markers/ran" 2>/dev/null | wc -l)
+skipped=$(ls "$markers/skipped" 2>/dev/null | wc -l)
+echo "KVM tests: $ran ran, $skipped skipped (SKIPPED: /dev/kvm not available)"
+if [ "$skipped" -gt 0 ]; then
+    echo "WARNING: $skipped KVM test(s) did not run because /dev/kvm is not available"
+fi
+exit $status

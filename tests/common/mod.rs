@@ -1,0 +1,146 @@
+//! Helpers shared by the integration tests: running the `vmm` binary with a timeout, KVM
+//! availability (with the loud SKIPPED line and the markers .ci/run counts), QEMU lookup.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const VMM: &str = env!("CARGO_BIN_EXE_vmm");
+
+/// Where KVM tests record that they ran or skipped (counted by .ci/run).
+fn marker_dir(kind: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("kvm-tests")
+        .join(kind);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn mark(kind: &str, test: &str) {
+    std::fs::write(marker_dir(kind).join(test), b"").unwrap();
+}
+
+/// True if /dev/kvm can be opened. Otherwise prints the SKIPPED line and records the skip.
+pub fn kvm_or_skip(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if ok {
+        mark("ran", test);
+    } else {
+        println!("SKIPPED: /dev/kvm not available ({test})");
+        eprintln!("SKIPPED: /dev/kvm not available ({test})");
+        mark("skipped", test);
+    }
+    ok
+}
+
+/// Returns early from a test when KVM is missing, after saying so loudly.
+#[macro_export]
+macro_rules! require_kvm {
+    ($name:expr) => {
+        if !common::kvm_or_skip($name) {
+            return;
+        }
+    };
+}
+
+/// Output of a process, with stdout and stderr as text.
+pub struct Run {
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn all(&self) -> String {
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs a command, killing it after `timeout`. Panics with its output if it times out.
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Run {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let run = Run {
+                status: None,
+                stdout: t_out.join().unwrap(),
+                stderr: t_err.join().unwrap(),
+            };
+            panic!("{cmd:?} timed out after {timeout:?}\n{}", run.all());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        status: status.code(),
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+/// Runs `vmm` with `args` (2 minute limit).
+pub fn vmm(args: &[&str]) -> Run {
+    let mut cmd = Command::new(VMM);
+    cmd.args(args);
+    run_with_timeout(cmd, Duration::from_secs(120))
+}
+
+/// Path of a built test guest.
+pub fn guest(name: &str) -> PathBuf {
+    let p = vmm::guests::guest_dir().join(name);
+    assert!(
+        p.is_file(),
+        "test guest {} was not built at {}",
+        name,
+        p.display()
+    );
+    p
+}
+
+/// The QEMU binary, if installed.
+pub fn qemu() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("qemu-system-x86_64"))
+            .find(|p| p.is_file())
+    })
+}
+
+pub fn to_output(o: Output) -> Run {
+    Run {
+        status: o.status.code(),
+        stdout: String::from_utf8_lossy(&o.stdout).into(),
+        stderr: String::from_utf8_lossy(&o.stderr).into(),
+    }
+}

@@ -1,0 +1,74 @@
+//! Port I/O devices: COM1 serial and the exit ports. Ports no device claims read as all
+//! ones and ignore writes, as on a PC; that is logged once per port at debug level.
+
+pub mod exit_port;
+pub mod serial;
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+pub use exit_port::{ExitPort, VERDICT_PASS};
+pub use serial::SerialPort;
+
+/// What the vCPU thread does after a port access.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IoAction {
+    Continue,
+    /// The guest stopped this vCPU (it will not run again).
+    StopVcpu,
+    /// The guest ended the VM with this exit-port value.
+    Exit(u8),
+}
+
+pub struct PortIo {
+    serial: Mutex<SerialPort>,
+    unclaimed_seen: Mutex<HashSet<u16>>,
+}
+
+impl PortIo {
+    pub fn new(serial: SerialPort) -> Self {
+        Self {
+            serial: Mutex::new(serial),
+            unclaimed_seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn write(&self, port: u16, data: &[u8]) -> IoAction {
+        if let Some(offset) = SerialPort::offset(port) {
+            self.serial
+                .lock()
+                .unwrap()
+                .write(offset, data.first().copied().unwrap_or(0));
+            return IoAction::Continue;
+        }
+        match ExitPort::decode(port, data) {
+            Some(action) => action,
+            None => {
+                self.note_unclaimed(port);
+                IoAction::Continue
+            }
+        }
+    }
+
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        if let Some(offset) = SerialPort::offset(port) {
+            let v = self.serial.lock().unwrap().read(offset);
+            data.fill(0);
+            if let Some(b) = data.first_mut() {
+                *b = v;
+            }
+            return;
+        }
+        self.note_unclaimed(port);
+        data.fill(0xff);
+    }
+
+    fn note_unclaimed(&self, port: u16) {
+        if self.unclaimed_seen.lock().unwrap().insert(port) {
+            tracing::debug!(
+                port = format_args!("{port:#x}"),
+                "guest accessed an unclaimed I/O port"
+            );
+        }
+    }
+}

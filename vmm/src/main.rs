@@ -1,0 +1,112 @@
+//! The `vmm` command line.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vmm::config::{format_size, parse_size, VmConfig};
+use vmm::devices::VERDICT_PASS;
+use vmm::{guests, Outcome, Vm};
+
+/// A KVM VMM whose guest memory is reclaimed through a stage-2 gather.
+#[derive(Parser)]
+#[command(name = "vmm", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest and run it until it reports a verdict.
+    ///
+    /// Exit status: 0 when the guest reports PASS on the exit port, 1 when it reports
+    /// anything else or stops without a verdict, 2 for VMM errors (bad arguments, KVM
+    /// unavailable, a guest crash), 128+N after signal N.
+    Run(RunArgs),
+    /// List the project's built test guests.
+    Guests,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Guest ELF: a path, or the name of a built test guest (see `vmm guests`).
+    #[arg(long)]
+    guest: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest RAM, e.g. 256M or 2G (K/M/G/T are powers of 1024; must be a multiple of 4 KiB).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    memory: u64,
+    /// Guest command line, e.g. "rounds=3 bytes=64M" for memtouch.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// KVM device node.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let guest = guests::resolve(&args.guest)?;
+    let config = VmConfig {
+        guest: guest.clone(),
+        vcpus: args.vcpus,
+        memory: args.memory,
+        cmdline: args.cmdline,
+        kvm_device: args.kvm_device,
+    };
+    let vm = Vm::new(&config).with_context(|| format!("cannot start guest {}", guest.display()))?;
+    eprintln!(
+        "vmm: booting {} on {} vCPU(s) with {} of RAM",
+        guest.display(),
+        config.vcpus,
+        format_size(config.memory)
+    );
+    let report = vm.run()?;
+    let secs = report.elapsed.as_secs_f64();
+    Ok(match report.outcome {
+        Outcome::Verdict(VERDICT_PASS) => {
+            eprintln!("vmm: guest verdict PASS after {secs:.2}s");
+            ExitCode::SUCCESS
+        }
+        Outcome::Verdict(v) => {
+            eprintln!("vmm: guest verdict FAIL (exit port value {v:#x}) after {secs:.2}s");
+            ExitCode::from(1)
+        }
+        Outcome::VcpusStopped => {
+            eprintln!("vmm: every vCPU stopped without a verdict after {secs:.2}s");
+            ExitCode::from(1)
+        }
+        Outcome::Signal(sig) => {
+            eprintln!("vmm: stopped by signal {sig} after {secs:.2}s");
+            ExitCode::from(128 + sig as u8)
+        }
+        Outcome::Error(e) => return Err(e.into()),
+    })
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Guests => {
+            println!("guest directory: {}", guests::guest_dir().display());
+            for g in guests::available() {
+                println!("{g}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::from(2)
+    })
+}

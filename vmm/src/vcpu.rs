@@ -1,0 +1,165 @@
+//! vCPU threads: run KVM_RUN in a loop and handle each exit.
+//!
+//! A vCPU thread stops when the guest writes the stop port, when the VM is stopping (the
+//! shared `stop` flag, with a signal kick to leave KVM_RUN), or on a fatal exit (triple fault,
+//! an exit the VMM does not handle), which ends the VM with an error naming the vCPU, the exit
+//! reason and RIP.
+
+use crate::devices::{IoAction, PortIo};
+use crate::error::VmmError;
+use crate::signals;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use vmm_sys_util::eventfd::EventFd;
+
+/// How a VM run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The guest wrote this value to the exit port.
+    Verdict(u8),
+    /// Every vCPU stopped itself without a verdict.
+    VcpusStopped,
+    /// SIGINT or SIGTERM.
+    Signal(i32),
+    Error(VmmError),
+}
+
+/// State the vCPU threads and the event loop share.
+pub struct VmShared {
+    pub stop: AtomicBool,
+    outcome: Mutex<Option<Outcome>>,
+    /// Written when the VM must end; the event loop watches it.
+    pub shutdown: EventFd,
+    pub io: PortIo,
+    running: AtomicU32,
+}
+
+impl VmShared {
+    pub fn new(io: PortIo, vcpus: u32) -> std::io::Result<Self> {
+        Ok(Self {
+            stop: AtomicBool::new(false),
+            outcome: Mutex::new(None),
+            shutdown: EventFd::new(libc::EFD_NONBLOCK)?,
+            io,
+            running: AtomicU32::new(vcpus),
+        })
+    }
+
+    /// Records how the VM ends (the first outcome wins) and asks everyone to stop.
+    pub fn finish(&self, outcome: Outcome) {
+        let mut o = self.outcome.lock().unwrap();
+        if o.is_none() {
+            *o = Some(outcome);
+        }
+        self.stop.store(true, Ordering::Release);
+        let _ = self.shutdown.write(1);
+    }
+
+    pub fn take_outcome(&self) -> Option<Outcome> {
+        self.outcome.lock().unwrap().take()
+    }
+}
+
+enum Next {
+    Continue,
+    StopVcpu,
+    Fatal(VmmError),
+    TripleFault,
+}
+
+fn exit_name(exit: &VcpuExit) -> String {
+    match exit {
+        VcpuExit::FailEntry(reason, cpu) => {
+            format!("FailEntry(hardware_entry_failure_reason={reason:#x}, cpu={cpu})")
+        }
+        VcpuExit::InternalError => "InternalError".into(),
+        VcpuExit::Hlt => "Hlt".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Runs vCPU `index` until it stops. Reports its end through `shared`.
+pub fn run(mut vcpu: VcpuFd, index: u32, shared: Arc<VmShared>) {
+    signals::set_thread_kvm_run(vcpu.get_kvm_run());
+    while !shared.stop.load(Ordering::Acquire) {
+        let next = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => match shared.io.write(port, data) {
+                IoAction::Continue => Next::Continue,
+                IoAction::StopVcpu => Next::StopVcpu,
+                IoAction::Exit(v) => {
+                    shared.finish(Outcome::Verdict(v));
+                    Next::StopVcpu
+                }
+            },
+            Ok(VcpuExit::IoIn(port, data)) => {
+                shared.io.read(port, data);
+                Next::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                tracing::debug!(
+                    vcpu = index,
+                    addr = format_args!("{addr:#x}"),
+                    "MMIO read of unclaimed address"
+                );
+                data.fill(0xff);
+                Next::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, _)) => {
+                tracing::debug!(
+                    vcpu = index,
+                    addr = format_args!("{addr:#x}"),
+                    "MMIO write to unclaimed address"
+                );
+                Next::Continue
+            }
+            Ok(VcpuExit::Shutdown) => Next::TripleFault,
+            Ok(other) => {
+                let reason = exit_name(&other);
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                Next::Fatal(VmmError::UnhandledExit {
+                    vcpu: index,
+                    reason,
+                    rip,
+                })
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+                Next::Continue
+            }
+            Err(err) => Next::Fatal(VmmError::Kvm { op: "KVM_RUN", err }),
+        };
+        match next {
+            Next::Continue => {}
+            Next::StopVcpu => break,
+            Next::Fatal(e) => {
+                shared.finish(Outcome::Error(e));
+                break;
+            }
+            Next::TripleFault => {
+                shared.finish(Outcome::Error(VmmError::TripleFault {
+                    vcpu: index,
+                    regs: describe_regs(&vcpu),
+                }));
+                break;
+            }
+        }
+    }
+    signals::set_thread_kvm_run(std::ptr::null_mut());
+    if shared.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+        shared.finish(Outcome::VcpusStopped);
+    }
+}
+
+/// The registers worth seeing after a crash, on one line.
+pub fn describe_regs(vcpu: &VcpuFd) -> String {
+    let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
+        return "registers unavailable".into();
+    };
+    format!(
+        "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} \
+         cs={:#x} ss={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}/{:#x}",
+        r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, s.cs.selector, s.ss.selector,
+        s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit
+    )
+}
