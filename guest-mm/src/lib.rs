@@ -1,11 +1,26 @@
-//! Guest memory for the VMM: the guest-physical layout, memfd-backed RAM regions, and (in
-//! later modules) the stage-2 map, the reverse map and the Stage2Gather that reclaims memory
-//! in the order zap → invalidate → release.
+//! Guest memory for the VMM: the guest-physical layout, memfd-backed RAM, the stage-2 map
+//! (per-frame reclaim state and reverse-map bits), grace periods over the VMM's own
+//! references, and the Stage2Gather that reclaims memory in the order
+//! gather → zap → invalidate → release, through a small backend trait.
 //!
 //! This crate knows nothing about virtio or devices; the VMM hands it guest frame numbers.
 
+pub mod backend;
+pub mod coalesce;
+pub mod gather;
+pub mod gfn;
+pub mod grace;
+pub mod kvm_stats;
 pub mod layout;
 pub mod ram;
+pub mod stage2_map;
+pub mod stats;
 
+pub use backend::{BackendError, KvmMemfd, Stage2Backend};
+pub use gather::{BatchReport, GatherConfig, Stage2Gather, Strategy};
+pub use gfn::{FrameError, Gfn, GfnRange};
+pub use grace::{Reader, Readers};
 pub use layout::{Layout, LayoutError, RamRange, PAGE_SIZE};
 pub use ram::{GuestRam, RamError};
+pub use stage2_map::{FrameState, Stage2Map};
+pub use stats::{GatherStats, Histogram};

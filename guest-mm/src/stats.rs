@@ -1,0 +1,99 @@
+//! Reclaim statistics: counters and log2 latency histograms, serialisable for reports.
+
+use serde::Serialize;
+use std::time::Duration;
+
+/// A histogram with power-of-two buckets: bucket i counts values in [2^i, 2^(i+1)) (bucket 0
+/// also holds 0). Values are in whatever unit the caller records (microseconds, pages).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Histogram {
+    pub buckets: Vec<u64>,
+    pub count: u64,
+    pub sum: u64,
+    pub max: u64,
+}
+
+impl Histogram {
+    pub fn record(&mut self, v: u64) {
+        let b = (64 - v.leading_zeros()).saturating_sub(1) as usize;
+        if self.buckets.len() <= b {
+            self.buckets.resize(b + 1, 0);
+        }
+        self.buckets[b] += 1;
+        self.count += 1;
+        self.sum += v;
+        self.max = self.max.max(v);
+    }
+
+    pub fn record_duration(&mut self, d: Duration) {
+        self.record(d.as_micros() as u64);
+    }
+
+    /// Upper bound of the bucket holding the p-th percentile (0 < p <= 100).
+    pub fn percentile(&self, p: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((p / 100.0) * self.count as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, &c) in self.buckets.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return ((1u64 << (i + 1)) - 1).min(self.max);
+            }
+        }
+        self.max
+    }
+
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum as f64 / self.count as f64
+        }
+    }
+}
+
+/// Totals over the gather's life.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GatherStats {
+    pub batches: u64,
+    pub pages_reclaimed: u64,
+    pub ranges: u64,
+    /// Host calls made: one zap and one release per range.
+    pub host_calls: u64,
+    /// KVM `remote_tlb_flush_requests` that grew during zaps, when a counter is attached.
+    pub kvm_flush_requests: u64,
+    pub pages_returned: u64,
+    pub invalid_frames: u64,
+    pub host_call_errors: u64,
+    /// Grace periods that had to wait for a reader, and readers kicked.
+    pub grace_waits: u64,
+    pub grace_kicks: u64,
+    pub pages_per_batch: Histogram,
+    pub ranges_per_batch: Histogram,
+    /// Microseconds from a batch's first frame to its flush.
+    pub gather_us: Histogram,
+    pub zap_us: Histogram,
+    pub invalidate_us: Histogram,
+    pub release_us: Histogram,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_and_percentiles() {
+        let mut h = Histogram::default();
+        for v in [0, 1, 2, 3, 4, 100, 1000] {
+            h.record(v);
+        }
+        assert_eq!(h.count, 7);
+        assert_eq!(h.max, 1000);
+        assert_eq!(h.buckets[0], 2); // 0 and 1
+        assert_eq!(h.buckets[1], 2); // 2, 3
+        assert_eq!(h.percentile(50.0), 3);
+        assert_eq!(h.percentile(100.0), 1000);
+    }
+}
