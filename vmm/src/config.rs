@@ -1,5 +1,6 @@
 //! What to boot: guest image, vCPUs, memory, command line; and human size parsing.
 
+use guest_mm::GatherConfig;
 use std::path::PathBuf;
 
 #[derive(Clone, Debug)]
@@ -13,6 +14,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// The KVM device node (normally /dev/kvm).
     pub kvm_device: PathBuf,
+    /// How reclaimed guest memory is batched and returned to the host.
+    pub gather: GatherConfig,
 }
 
 /// Parses sizes such as `512M`, `2G`, `64KiB`, `4096` (bytes). Suffixes are powers of 1024.

@@ -11,6 +11,7 @@ pub mod devices;
 pub mod error;
 pub mod guests;
 pub mod kvm;
+pub mod memory;
 pub mod signals;
 pub mod vcpu;
 pub mod vm;

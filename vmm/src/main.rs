@@ -2,8 +2,10 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use guest_mm::{GatherConfig, Strategy};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use vmm::config::{format_size, parse_size, VmConfig};
 use vmm::devices::VERDICT_PASS;
 use vmm::{guests, Outcome, Vm};
@@ -45,6 +47,17 @@ struct RunArgs {
     /// KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// How reclaimed memory is turned into host calls: per-page (one call per 4 KiB page,
+    /// like QEMU), per-buffer (merge within one inflate buffer, like Firecracker) or gather
+    /// (merge across buffers within a batch).
+    #[arg(long, default_value = "gather")]
+    reclaim_strategy: Strategy,
+    /// Gather strategy: flush a batch once it holds this many 4 KiB frames.
+    #[arg(long, default_value_t = guest_mm::gather::DEFAULT_MAX_BATCH_PAGES)]
+    batch_pages: u64,
+    /// Gather strategy: flush a batch this many milliseconds after its first frame arrived.
+    #[arg(long, default_value_t = guest_mm::gather::DEFAULT_WINDOW.as_millis() as u64)]
+    batch_window_ms: u64,
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -55,6 +68,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         memory: args.memory,
         cmdline: args.cmdline,
         kvm_device: args.kvm_device,
+        gather: GatherConfig {
+            max_batch_pages: args.batch_pages.max(1),
+            window: Duration::from_millis(args.batch_window_ms),
+            ..GatherConfig::new(args.reclaim_strategy)
+        },
     };
     let vm = Vm::new(&config).with_context(|| format!("cannot start guest {}", guest.display()))?;
     eprintln!(

@@ -5,8 +5,9 @@
 //! an exit the VMM does not handle), which ends the VM with an error naming the vCPU, the exit
 //! reason and RIP.
 
-use crate::devices::{IoAction, PortIo};
+use crate::devices::{reclaim_probe, IoAction, PortIo};
 use crate::error::VmmError;
+use crate::memory::MemoryManager;
 use crate::signals;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -32,16 +33,18 @@ pub struct VmShared {
     /// Written when the VM must end; the event loop watches it.
     pub shutdown: EventFd,
     pub io: PortIo,
+    pub memory: Arc<MemoryManager>,
     running: AtomicU32,
 }
 
 impl VmShared {
-    pub fn new(io: PortIo, vcpus: u32) -> std::io::Result<Self> {
+    pub fn new(io: PortIo, memory: Arc<MemoryManager>, vcpus: u32) -> std::io::Result<Self> {
         Ok(Self {
             stop: AtomicBool::new(false),
             outcome: Mutex::new(None),
             shutdown: EventFd::new(libc::EFD_NONBLOCK)?,
             io,
+            memory,
             running: AtomicU32::new(vcpus),
         })
     }
@@ -80,12 +83,35 @@ fn exit_name(exit: &VcpuExit) -> String {
 }
 
 /// Runs vCPU `index` until it stops. Reports its end through `shared`.
+///
+/// The thread is a reader of guest memory for the gather's grace periods: quiescent while in
+/// KVM_RUN (it holds no VMM reference there), inside a critical section while it handles an
+/// exit. If a grace period finds it slow, it is kicked with the same signal as on shutdown.
 pub fn run(mut vcpu: VcpuFd, index: u32, shared: Arc<VmShared>) {
     signals::set_thread_kvm_run(vcpu.get_kvm_run());
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    let kick = Box::new(move |_: &str| {
+        // SAFETY: the reader is dropped before this thread ends, so `me` names a live thread.
+        unsafe { libc::pthread_kill(me, signals::kick_signal()) };
+    });
+    let reader = shared
+        .memory
+        .readers
+        .register(&format!("vcpu{index}"), Some(kick));
     while !shared.stop.load(Ordering::Acquire) {
-        let next = match vcpu.run() {
+        reader.quiesce();
+        let result = vcpu.run();
+        reader.enter();
+        let next = match result {
             Ok(VcpuExit::IoOut(port, data)) => match shared.io.write(port, data) {
                 IoAction::Continue => Next::Continue,
+                IoAction::ReclaimProbe(gpa) => {
+                    // This thread holds no guest references while the gather runs.
+                    reader.quiesce();
+                    reclaim_probe::handle(&shared.memory, gpa);
+                    Next::Continue
+                }
                 IoAction::StopVcpu => Next::StopVcpu,
                 IoAction::Exit(v) => {
                     shared.finish(Outcome::Verdict(v));
@@ -145,6 +171,7 @@ pub fn run(mut vcpu: VcpuFd, index: u32, shared: Arc<VmShared>) {
             }
         }
     }
+    drop(reader);
     signals::set_thread_kvm_run(std::ptr::null_mut());
     if shared.running.fetch_sub(1, Ordering::AcqRel) == 1 {
         shared.finish(Outcome::VcpusStopped);

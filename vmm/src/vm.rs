@@ -6,6 +6,7 @@ use crate::config::VmConfig;
 use crate::devices::{PortIo, SerialPort};
 use crate::error::VmmError;
 use crate::kvm::{self, err};
+use crate::memory::MemoryManager;
 use crate::signals;
 use crate::vcpu::{self, VmShared};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -30,6 +31,7 @@ pub struct Vm {
     _kvm: Kvm,
     vm_fd: VmFd,
     ram: Arc<GuestRam>,
+    memory: Arc<MemoryManager>,
     vcpus: Vec<VcpuFd>,
     image: BootImage,
 }
@@ -103,10 +105,12 @@ impl Vm {
                 .map_err(err("KVM_SET_MP_STATE"))?;
             vcpus.push(vcpu);
         }
+        let memory = Arc::new(MemoryManager::new(ram.clone(), &vm_fd, config.gather));
         Ok(Self {
             _kvm: kvm,
             vm_fd,
             ram,
+            memory,
             vcpus,
             image,
         })
@@ -114,6 +118,10 @@ impl Vm {
 
     pub fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
+    }
+
+    pub fn memory(&self) -> &Arc<MemoryManager> {
+        &self.memory
     }
 
     pub fn vm_fd(&self) -> &VmFd {
@@ -129,7 +137,7 @@ impl Vm {
         let started = Instant::now();
         let io = PortIo::new(SerialPort::new(Box::new(std::io::stdout())));
         let shared = Arc::new(
-            VmShared::new(io, self.vcpus.len() as u32)
+            VmShared::new(io, self.memory.clone(), self.vcpus.len() as u32)
                 .map_err(|e| VmmError::EventLoop(e.to_string()))?,
         );
         signals::install_kick_handler()

@@ -2,6 +2,7 @@
 //! ones and ignore writes, as on a PC; that is logged once per port at debug level.
 
 pub mod exit_port;
+pub mod reclaim_probe;
 pub mod serial;
 
 use std::collections::HashSet;
@@ -18,6 +19,8 @@ pub enum IoAction {
     StopVcpu,
     /// The guest ended the VM with this exit-port value.
     Exit(u8),
+    /// The guest asked for a reclaim probe with the mailbox at this address.
+    ReclaimProbe(u64),
 }
 
 pub struct PortIo {
@@ -40,6 +43,9 @@ impl PortIo {
                 .unwrap()
                 .write(offset, data.first().copied().unwrap_or(0));
             return IoAction::Continue;
+        }
+        if port == reclaim_probe::PROBE_PORT && data.len() == 4 {
+            return IoAction::ReclaimProbe(u32::from_le_bytes(data.try_into().unwrap()) as u64);
         }
         match ExitPort::decode(port, data) {
             Some(action) => action,

@@ -1,0 +1,244 @@
+//! reclaimcheck: checks the VMM's Stage2Gather from inside the guest.
+//!
+//! The boot vCPU fills a region with a pattern derived from each word's address, hands the
+//! VMM a mailbox through the reclaim probe port (0xf6), and, once the VMM has reclaimed a
+//! scattered set of the region's frames and listed them in the mailbox, checks every frame:
+//! reclaimed ones must read as zeros, all others must keep their pattern. It then writes and
+//! verifies the reclaimed frames again (re-population). Meanwhile the other vCPUs keep
+//! rewriting and verifying their own memory, so the host's stage-2 flushes reach running
+//! vCPUs.
+//!
+//! Command line: `bytes=SIZE` (region size, default 32M), `others=SIZE` (per other vCPU,
+//! default 4M), `above4g=1` (place the region above 4 GiB).
+#![no_std]
+#![no_main]
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use rt::sync::Barrier;
+use rt::{arch, bootinfo, cmdline, frames, println, Cpu, Verdict};
+
+const PROBE_PORT: u16 = 0xf6;
+const MAGIC: u64 = u64::from_le_bytes(*b"RECLAIM1");
+const WORDS: usize = 512;
+
+#[repr(C, align(4096))]
+struct Mailbox {
+    magic: u64,
+    region_gfn: u64,
+    region_pages: u64,
+    list_gfn: u64,
+    list_capacity: u64,
+    reclaimed: u64,
+    status: u64,
+}
+
+static mut MAILBOX: Mailbox = Mailbox {
+    magic: 0,
+    region_gfn: 0,
+    region_pages: 0,
+    list_gfn: 0,
+    list_capacity: 0,
+    reclaimed: 0,
+    status: 0,
+};
+
+static READY: Barrier = Barrier::new();
+static DONE: AtomicBool = AtomicBool::new(false);
+static OTHER_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+fn pattern(addr: u64, salt: u64) -> u64 {
+    (addr ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
+fn page(gfn: u64) -> *mut u64 {
+    (gfn * frames::PAGE_SIZE) as *mut u64
+}
+
+fn fill(gfn: u64, salt: u64) {
+    let p = page(gfn);
+    for w in 0..WORDS {
+        // SAFETY: the frame is ours and identity mapped.
+        unsafe { p.add(w).write_volatile(pattern(p.add(w) as u64, salt)) };
+    }
+}
+
+/// Number of words of `gfn` that do not hold the pattern (or zero, if `zero`).
+fn check(gfn: u64, salt: u64, zero: bool) -> u64 {
+    let p = page(gfn);
+    let mut bad = 0;
+    for w in 0..WORDS {
+        // SAFETY: as in `fill`.
+        let got = unsafe { p.add(w).read_volatile() };
+        let want = if zero {
+            0
+        } else {
+            pattern(p.wrapping_add(w) as u64, salt)
+        };
+        if got != want {
+            bad += 1;
+        }
+    }
+    bad
+}
+
+fn take_run(pages: u64) -> Option<u64> {
+    match frames::alloc_run(pages) {
+        Some((gfn, n)) if n == pages => Some(gfn),
+        _ => None,
+    }
+}
+
+/// Takes runs (and leaves them unused) until one of `pages` frames starts above 4 GiB.
+fn take_run_above_4g(pages: u64) -> Option<u64> {
+    const GFN_4G: u64 = (1 << 32) / frames::PAGE_SIZE;
+    loop {
+        let (gfn, n) = frames::alloc_run(pages)?;
+        if gfn >= GFN_4G && n == pages {
+            return Some(gfn);
+        }
+    }
+}
+
+fn other_vcpu(cpu: &Cpu, bytes: u64) -> Verdict {
+    let pages = bytes / frames::PAGE_SIZE;
+    let Some(base) = take_run(pages) else {
+        println!(
+            "reclaimcheck: cpu {} cannot allocate {} pages",
+            cpu.id, pages
+        );
+        READY.wait(cpu.count);
+        return Verdict::Fail;
+    };
+    let salt = cpu.id as u64;
+    for g in base..base + pages {
+        fill(g, salt);
+    }
+    READY.wait(cpu.count);
+    let mut rounds = 0u64;
+    let mut errors = 0;
+    while !DONE.load(Ordering::Acquire) {
+        for g in base..base + pages {
+            errors += check(g, salt, false);
+            fill(g, salt);
+        }
+        rounds += 1;
+    }
+    println!(
+        "reclaimcheck: cpu {} rewrote its {} pages {} times, {} errors",
+        cpu.id, pages, rounds, errors
+    );
+    OTHER_ERRORS.fetch_add(errors, Ordering::Relaxed);
+    if errors == 0 {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    }
+}
+
+fn main(cpu: &Cpu) -> Verdict {
+    let line = bootinfo::get().cmdline;
+    if !cpu.is_boot() {
+        return other_vcpu(cpu, cmdline::get_size(line, "others").unwrap_or(4 << 20));
+    }
+    let pages = cmdline::get_size(line, "bytes").unwrap_or(32 << 20) / frames::PAGE_SIZE;
+    let list_pages = (pages * 8).div_ceil(frames::PAGE_SIZE);
+    let region = if cmdline::get_u64(line, "above4g") == Some(1) {
+        take_run_above_4g(pages)
+    } else {
+        take_run(pages)
+    };
+    let (Some(region), Some(list)) = (region, take_run(list_pages)) else {
+        println!("reclaimcheck: cannot allocate the region");
+        READY.wait(cpu.count);
+        DONE.store(true, Ordering::Release);
+        return Verdict::Fail;
+    };
+    const SALT: u64 = 0x5a5a;
+    for g in region..region + pages {
+        fill(g, SALT);
+    }
+    for g in list..list + list_pages {
+        // Touch the list pages so the host's accounting around the reclaim sees no new pages.
+        // SAFETY: our frames.
+        unsafe { page(g).write_volatile(0) };
+    }
+    READY.wait(cpu.count);
+
+    // SAFETY: only this vCPU touches the mailbox; the VMM writes it while we are in the
+    // port access, which the volatile reads below observe.
+    #[allow(clippy::deref_addrof)] // a raw pointer avoids a reference to a `static mut`
+    let mb = unsafe { &mut *(&raw mut MAILBOX) };
+    mb.magic = MAGIC;
+    mb.region_gfn = region;
+    mb.region_pages = pages;
+    mb.list_gfn = list;
+    mb.list_capacity = pages;
+    arch::outl(PROBE_PORT, (&raw const MAILBOX) as u64 as u32);
+    // SAFETY: as above.
+    let (status, reclaimed) = unsafe {
+        (
+            (&raw const mb.status).read_volatile(),
+            (&raw const mb.reclaimed).read_volatile(),
+        )
+    };
+    if status != 0 || reclaimed == 0 || reclaimed > pages {
+        println!(
+            "reclaimcheck: probe failed: status={} reclaimed={}",
+            status, reclaimed
+        );
+        DONE.store(true, Ordering::Release);
+        return Verdict::Fail;
+    }
+
+    let listed = |i: u64| -> u64 {
+        // SAFETY: the VMM wrote `reclaimed` entries into our list frames.
+        unsafe { (page(list) as *const u64).add(i as usize).read_volatile() }
+    };
+    let (mut zero_ok, mut intact, mut bad_zero, mut bad_intact) = (0u64, 0u64, 0u64, 0u64);
+    let mut next = 0u64;
+    for g in region..region + pages {
+        let reclaimed_here = next < reclaimed && listed(next) == g;
+        if reclaimed_here {
+            next += 1;
+            if check(g, SALT, true) == 0 {
+                zero_ok += 1
+            } else {
+                bad_zero += 1
+            }
+        } else if check(g, SALT, false) == 0 {
+            intact += 1
+        } else {
+            bad_intact += 1
+        }
+    }
+    // Re-population: reclaimed frames are usable again.
+    let mut bad_reuse = 0;
+    for i in 0..reclaimed {
+        let g = listed(i);
+        fill(g, SALT + 1);
+        if check(g, SALT + 1, false) != 0 {
+            bad_reuse += 1;
+        }
+    }
+    DONE.store(true, Ordering::Release);
+    let ok = next == reclaimed && bad_zero == 0 && bad_intact == 0 && bad_reuse == 0;
+    println!(
+        "reclaimcheck: {} region_pages={} reclaimed={} zero_ok={} intact={} not_zero={} corrupted={} reuse_errors={} unlisted={}",
+        if ok { "PASS" } else { "FAIL" },
+        pages,
+        reclaimed,
+        zero_ok,
+        intact,
+        bad_zero,
+        bad_intact,
+        bad_reuse,
+        reclaimed - next
+    );
+    if ok {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    }
+}
+
+rt::guest_main!(main);

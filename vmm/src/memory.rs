@@ -1,0 +1,52 @@
+//! The VMM's side of guest-memory reclaim: one Stage2Gather per VM over the KVM memfd
+//! backend, the stage-2 map, the readers registry that vCPU threads and device workers join,
+//! and KVM's flush counters.
+
+use guest_mm::gather::{FlushCounter, GatherConfig};
+use guest_mm::kvm_stats::KvmStats;
+use guest_mm::{GuestRam, KvmMemfd, Readers, Stage2Gather, Stage2Map};
+use kvm_ioctls::VmFd;
+use std::sync::{Arc, Mutex};
+
+pub struct MemoryManager {
+    pub ram: Arc<GuestRam>,
+    pub map: Arc<Stage2Map>,
+    pub readers: Arc<Readers>,
+    pub gather: Mutex<Stage2Gather>,
+    /// VM-wide KVM statistics (None where KVM_GET_STATS_FD is unsupported).
+    pub kvm_stats: Option<KvmStats>,
+}
+
+impl MemoryManager {
+    pub fn new(ram: Arc<GuestRam>, vm_fd: &VmFd, config: GatherConfig) -> Self {
+        let map = Arc::new(Stage2Map::new(ram.layout().clone()));
+        let readers = Readers::new();
+        let backend = Arc::new(KvmMemfd::new(ram.clone()));
+        let mut gather = Stage2Gather::new(config, map.clone(), backend, readers.clone());
+        match KvmStats::open(vm_fd) {
+            Ok(s) => gather = gather.with_flush_counter(Box::new(s)),
+            Err(e) => tracing::warn!(
+                "KVM statistics unavailable (KVM_GET_STATS_FD: {e}); flush counts will be missing"
+            ),
+        }
+        let kvm_stats = KvmStats::open(vm_fd).ok();
+        Self {
+            ram,
+            map,
+            readers,
+            gather: Mutex::new(gather),
+            kvm_stats,
+        }
+    }
+
+    /// KVM's `remote_tlb_flush_requests` now.
+    pub fn flush_requests(&self) -> Option<u64> {
+        self.kvm_stats.as_ref().and_then(|s| s.flush_requests())
+    }
+
+    pub fn kvm_stat(&self, name: &str) -> Option<u64> {
+        self.kvm_stats
+            .as_ref()
+            .and_then(|s| s.get(name).ok().flatten())
+    }
+}
