@@ -3,7 +3,7 @@
 //! A guest (`reclaimcheck`) fills a region with a known pattern and writes the guest-physical
 //! address of a mailbox to the port. The VMM then, on the writing vCPU's thread while the
 //! other vCPUs keep running, reclaims a scattered, deterministic set of the region's frames
-//! through the gather (in Linux-sized buffers of 256 descending frames), measures the memfd's
+//! (or, on request, all of them) through the gather (in Linux-sized buffers of 256 descending frames), measures the memfd's
 //! allocated bytes and KVM's flush counters around it, writes the sorted list of reclaimed
 //! frames back into the guest, and marks them returned (the guest may use them again; they
 //! read as zeros). The guest then checks every frame of the region.
@@ -23,6 +23,8 @@ const MAGIC: u64 = u64::from_le_bytes(*b"RECLAIM1");
 /// Frames per buffer, as Linux's virtio_balloon sends them.
 const BUFFER_PFNS: usize = 256;
 
+const PATTERN_CONTIGUOUS: u64 = 1;
+
 pub const STATUS_OK: u64 = 0;
 pub const STATUS_BAD_MAILBOX: u64 = 1;
 pub const STATUS_BAD_REGION: u64 = 2;
@@ -35,6 +37,8 @@ struct Mailbox {
     region_pages: u64,
     list_gfn: u64,
     list_capacity: u64,
+    /// 0: a scattered set of runs; 1: every frame of the region (one contiguous run).
+    pattern: u64,
     // Written by the VMM:
     reclaimed: u64,
     status: u64,
@@ -112,7 +116,12 @@ pub fn handle(mm: &MemoryManager, mailbox_gpa: u64) {
         return;
     }
 
-    let frames = scattered_frames(mb.region_gfn, mb.region_pages, mb.list_capacity);
+    let frames = match mb.pattern {
+        PATTERN_CONTIGUOUS => {
+            (mb.region_gfn..mb.region_gfn + mb.region_pages.min(mb.list_capacity)).collect()
+        }
+        _ => scattered_frames(mb.region_gfn, mb.region_pages, mb.list_capacity),
+    };
     let mut gather = mm.gather.lock().unwrap();
     let strategy = gather.config().strategy;
     let before_bytes = mm.ram.host_bytes_held().unwrap_or(0);

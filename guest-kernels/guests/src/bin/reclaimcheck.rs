@@ -9,7 +9,8 @@
 //! vCPUs.
 //!
 //! Command line: `bytes=SIZE` (region size, default 32M), `others=SIZE` (per other vCPU,
-//! default 4M), `above4g=1` (place the region above 4 GiB).
+//! default 4M), `above4g=1` (place the region above 4 GiB), `pattern=contiguous` (ask the
+//! VMM to reclaim the whole region instead of a scattered subset).
 #![no_std]
 #![no_main]
 
@@ -28,6 +29,7 @@ struct Mailbox {
     region_pages: u64,
     list_gfn: u64,
     list_capacity: u64,
+    pattern: u64,
     reclaimed: u64,
     status: u64,
 }
@@ -38,6 +40,7 @@ static mut MAILBOX: Mailbox = Mailbox {
     region_pages: 0,
     list_gfn: 0,
     list_capacity: 0,
+    pattern: 0,
     reclaimed: 0,
     status: 0,
 };
@@ -173,6 +176,7 @@ fn main(cpu: &Cpu) -> Verdict {
     mb.region_pages = pages;
     mb.list_gfn = list;
     mb.list_capacity = pages;
+    mb.pattern = u64::from(cmdline::get(line, "pattern") == Some("contiguous"));
     arch::outl(PROBE_PORT, (&raw const MAILBOX) as u64 as u32);
     // SAFETY: as above.
     let (status, reclaimed) = unsafe {
