@@ -71,6 +71,24 @@ impl KvmMemfd {
     }
 }
 
+/// Turns a syscall's return code into a result that names the call and the frames.
+fn host_call_result(
+    rc: libc::c_int,
+    call: &'static str,
+    range: GfnRange,
+) -> Result<(), BackendError> {
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    Err(BackendError::HostCall {
+        call,
+        start: range.start,
+        count: range.count,
+        err,
+    })
+}
+
 impl Stage2Backend for KvmMemfd {
     fn name(&self) -> &'static str {
         "kvm-memfd"
@@ -81,15 +99,7 @@ impl Stage2Backend for KvmMemfd {
         // SAFETY: [host, host+len) is inside guest RAM's shared mapping (checked by locate);
         // MADV_DONTNEED on it only drops page table entries, never the mapping itself.
         let rc = unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_DONTNEED) };
-        if rc != 0 {
-            return Err(BackendError::HostCall {
-                call: "madvise(MADV_DONTNEED)",
-                start: range.start,
-                count: range.count,
-                err: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        host_call_result(rc, "madvise(MADV_DONTNEED)", range)
     }
 
     fn release(&self, range: GfnRange) -> Result<(), BackendError> {
@@ -103,15 +113,7 @@ impl Stage2Backend for KvmMemfd {
                 len as libc::off_t,
             )
         };
-        if rc != 0 {
-            return Err(BackendError::HostCall {
-                call: "fallocate(PUNCH_HOLE)",
-                start: range.start,
-                count: range.count,
-                err: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        host_call_result(rc, "fallocate(PUNCH_HOLE)", range)
     }
 }
 
