@@ -137,3 +137,30 @@ fn reclaim_above_4g() {
     assert!(region >= (1 << 32) / 4096, "region not above 4 GiB: {p:?}");
     assert_eq!(num(&p, "freed"), num(&p, "pages") * 4096, "{p:?}");
 }
+
+#[test]
+fn hostile_probe_mailboxes_are_refused_and_the_vm_keeps_running() {
+    if !common::kvm_or_skip("hostile_probe_mailboxes_are_refused_and_the_vm_keeps_running") {
+        return;
+    }
+    let r = common::vmm(&["run", "--guest", "faulty", "--cmdline", "mode=bad-probe"]);
+    assert_eq!(r.status, Some(0), "{}", r.all());
+    for case in [
+        "bad magic: status=1",
+        "region in the MMIO hole: status=2",
+        "list overlapping the region: status=2",
+    ] {
+        assert!(r.stdout.contains(case), "missing '{case}'\n{}", r.all());
+    }
+    assert!(
+        !r.stderr.contains("reclaim-probe:"),
+        "nothing may be reclaimed\n{}",
+        r.all()
+    );
+    assert!(
+        r.stderr
+            .contains("mailbox address 0xf0000000 is not in guest RAM"),
+        "{}",
+        r.all()
+    );
+}
