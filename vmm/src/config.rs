@@ -16,6 +16,10 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// How reclaimed guest memory is batched and returned to the host.
     pub gather: GatherConfig,
+    /// Balloon sizes to set one after another, each once the previous one is reached.
+    pub balloon_steps: Vec<u64>,
+    /// How long to wait for the driver to reach one step.
+    pub balloon_step_timeout: std::time::Duration,
 }
 
 /// Parses sizes such as `512M`, `2G`, `64KiB`, `4096` (bytes). Suffixes are powers of 1024.

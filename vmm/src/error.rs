@@ -51,6 +51,8 @@ pub enum VmmError {
     UnhandledExit { vcpu: u32, reason: String, rip: u64 },
     #[error("cannot start vCPU thread {vcpu}: {err}")]
     Thread { vcpu: u32, err: std::io::Error },
+    #[error("cannot set up device: {0}")]
+    Device(String),
     #[error("event loop failed: {0}")]
     EventLoop(String),
 }

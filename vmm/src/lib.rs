@@ -12,6 +12,7 @@ pub mod error;
 pub mod guests;
 pub mod kvm;
 pub mod memory;
+pub mod report;
 pub mod signals;
 pub mod vcpu;
 pub mod vm;

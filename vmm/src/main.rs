@@ -58,6 +58,13 @@ struct RunArgs {
     /// Gather strategy: flush a batch this many milliseconds after its first frame arrived.
     #[arg(long, default_value_t = guest_mm::gather::DEFAULT_WINDOW.as_millis() as u64)]
     batch_window_ms: u64,
+    /// Balloon sizes to set one after another, each once the driver reached the previous,
+    /// e.g. "768M,0" (inflate by 768 MiB, then deflate fully).
+    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
+    balloon_steps: Vec<u64>,
+    /// Seconds to wait for the driver to reach one balloon step.
+    #[arg(long, default_value_t = 120)]
+    balloon_step_timeout: u64,
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -73,6 +80,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             window: Duration::from_millis(args.batch_window_ms),
             ..GatherConfig::new(args.reclaim_strategy)
         },
+        balloon_steps: args.balloon_steps,
+        balloon_step_timeout: Duration::from_secs(args.balloon_step_timeout),
     };
     let vm = Vm::new(&config).with_context(|| format!("cannot start guest {}", guest.display()))?;
     eprintln!(
@@ -82,6 +91,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         format_size(config.memory)
     );
     let report = vm.run()?;
+    for line in report.balloon.summary() {
+        eprintln!("{line}");
+    }
     let secs = report.elapsed.as_secs_f64();
     Ok(match report.outcome {
         Outcome::Verdict(VERDICT_PASS) => {

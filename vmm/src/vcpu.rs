@@ -5,6 +5,7 @@
 //! an exit the VMM does not handle), which ends the VM with an error naming the vCPU, the exit
 //! reason and RIP.
 
+use crate::devices::balloon::BalloonDevice;
 use crate::devices::{reclaim_probe, IoAction, PortIo};
 use crate::error::VmmError;
 use crate::memory::MemoryManager;
@@ -34,17 +35,24 @@ pub struct VmShared {
     pub shutdown: EventFd,
     pub io: PortIo,
     pub memory: Arc<MemoryManager>,
+    pub balloon: Option<Arc<BalloonDevice>>,
     running: AtomicU32,
 }
 
 impl VmShared {
-    pub fn new(io: PortIo, memory: Arc<MemoryManager>, vcpus: u32) -> std::io::Result<Self> {
+    pub fn new(
+        io: PortIo,
+        memory: Arc<MemoryManager>,
+        balloon: Option<Arc<BalloonDevice>>,
+        vcpus: u32,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             stop: AtomicBool::new(false),
             outcome: Mutex::new(None),
             shutdown: EventFd::new(libc::EFD_NONBLOCK)?,
             io,
             memory,
+            balloon,
             running: AtomicU32::new(vcpus),
         })
     }
@@ -120,6 +128,18 @@ pub fn run(mut vcpu: VcpuFd, index: u32, shared: Arc<VmShared>) {
             },
             Ok(VcpuExit::IoIn(port, data)) => {
                 shared.io.read(port, data);
+                Next::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data))
+                if shared.balloon.is_some() && BalloonDevice::contains(addr) =>
+            {
+                shared.balloon.as_ref().unwrap().mmio_read(addr, data);
+                Next::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data))
+                if shared.balloon.is_some() && BalloonDevice::contains(addr) =>
+            {
+                shared.balloon.as_ref().unwrap().mmio_write(addr, data);
                 Next::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {

@@ -3,6 +3,8 @@
 
 use crate::boot::{self, BootImage};
 use crate::config::VmConfig;
+use crate::devices::balloon::steps::BalloonSteps;
+use crate::devices::balloon::{BalloonDevice, BalloonHandler};
 use crate::devices::{PortIo, SerialPort};
 use crate::error::VmmError;
 use crate::kvm::{self, err};
@@ -24,6 +26,10 @@ pub use crate::vcpu::Outcome;
 
 /// The most vCPUs the project's test guests support (guest-kernels/rt MAX_CPUS).
 pub const GUEST_MAX_VCPUS: u32 = 64;
+/// Event loop tick: bounds how late a gather window or a balloon step is noticed.
+const TICK_MS: i32 = 5;
+/// How often the guest is asked for fresh balloon statistics.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// Address of the TSS KVM needs on Intel hosts (three pages, inside the MMIO hole).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
@@ -32,6 +38,8 @@ pub struct Vm {
     vm_fd: VmFd,
     ram: Arc<GuestRam>,
     memory: Arc<MemoryManager>,
+    balloon: Arc<BalloonDevice>,
+    steps: BalloonSteps,
     vcpus: Vec<VcpuFd>,
     image: BootImage,
 }
@@ -39,6 +47,7 @@ pub struct Vm {
 pub struct RunReport {
     pub outcome: Outcome,
     pub elapsed: Duration,
+    pub balloon: crate::report::BalloonReport,
 }
 
 impl Vm {
@@ -82,10 +91,15 @@ impl Vm {
             .map_err(err("KVM_SET_TSS_ADDR"))?;
         vm_fd.create_irq_chip().map_err(err("KVM_CREATE_IRQCHIP"))?;
 
+        let memory = Arc::new(MemoryManager::new(ram.clone(), &vm_fd, config.gather));
+        let balloon = BalloonDevice::attach(&vm_fd, memory.clone()).map_err(VmmError::Device)?;
+        let steps = BalloonSteps::new(config.balloon_steps.clone(), config.balloon_step_timeout);
+
         let image = boot::load_guest(&ram, &config.guest)?;
         let cr3 = boot::write_page_tables(&ram)?;
         boot::write_gdt(&ram)?;
-        let start_info = boot::write_start_info(&ram, &config.cmdline)?;
+        let cmdline = format!("{} {}", config.cmdline, BalloonDevice::cmdline_entry());
+        let start_info = boot::write_start_info(&ram, cmdline.trim())?;
 
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -105,12 +119,13 @@ impl Vm {
                 .map_err(err("KVM_SET_MP_STATE"))?;
             vcpus.push(vcpu);
         }
-        let memory = Arc::new(MemoryManager::new(ram.clone(), &vm_fd, config.gather));
         Ok(Self {
             _kvm: kvm,
             vm_fd,
             ram,
             memory,
+            balloon,
+            steps,
             vcpus,
             image,
         })
@@ -137,8 +152,13 @@ impl Vm {
         let started = Instant::now();
         let io = PortIo::new(SerialPort::new(Box::new(std::io::stdout())));
         let shared = Arc::new(
-            VmShared::new(io, self.memory.clone(), self.vcpus.len() as u32)
-                .map_err(|e| VmmError::EventLoop(e.to_string()))?,
+            VmShared::new(
+                io,
+                self.memory.clone(),
+                Some(self.balloon.clone()),
+                self.vcpus.len() as u32,
+            )
+            .map_err(|e| VmmError::EventLoop(e.to_string()))?,
         );
         signals::install_kick_handler()
             .map_err(|e| VmmError::EventLoop(format!("kick handler: {e}")))?;
@@ -166,10 +186,23 @@ impl Vm {
             shared: shared.clone(),
             signal_fd,
         })));
+        events.add_subscriber(Arc::new(Mutex::new(BalloonHandler {
+            device: self.balloon.clone(),
+        })));
+        let mut steps = self.steps;
+        let mut last_stats = Instant::now();
         while !shared.stop.load(Ordering::Acquire) {
             events
-                .run_with_timeout(100)
+                .run_with_timeout(TICK_MS)
                 .map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
+            // Housekeeping: a gather batch whose window has passed, the balloon script, and a
+            // periodic request for fresh guest statistics.
+            let _ = self.memory.gather.lock().unwrap().poll();
+            steps.tick(&self.balloon);
+            if last_stats.elapsed() >= STATS_INTERVAL {
+                self.balloon.request_stats();
+                last_stats = Instant::now();
+            }
         }
 
         // Kick every vCPU out of KVM_RUN until its thread has ended.
@@ -182,10 +215,12 @@ impl Vm {
             let _ = t.join();
         }
         let outcome = shared.take_outcome().unwrap_or(Outcome::VcpusStopped);
+        let balloon = crate::report::BalloonReport::collect(&self.balloon, &self.memory);
         drop(self.ram);
         Ok(RunReport {
             outcome,
             elapsed: started.elapsed(),
+            balloon,
         })
     }
 }

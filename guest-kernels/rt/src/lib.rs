@@ -15,8 +15,10 @@ pub mod bootinfo;
 pub mod cmdline;
 pub mod exit;
 pub mod frames;
+pub mod pattern;
 pub mod serial;
 pub mod sync;
+pub mod virtio;
 
 mod entry;
 

@@ -1,9 +1,11 @@
 //! Port I/O devices: COM1 serial and the exit ports. Ports no device claims read as all
 //! ones and ignore writes, as on a PC; that is logged once per port at debug level.
 
+pub mod balloon;
 pub mod exit_port;
 pub mod reclaim_probe;
 pub mod serial;
+pub mod virtio;
 
 use std::collections::HashSet;
 use std::sync::Mutex;

@@ -1,0 +1,393 @@
+//! balloon: a virtio-balloon driver that behaves like Linux's, with memtouch verifiers.
+//!
+//! vCPU 0 drives the balloon: it finds the device from `virtio_mmio.device=` on the command
+//! line, negotiates VERSION_1, STATS_VQ, DEFLATE_ON_OOM and FREE_PAGE_REPORTING, follows the
+//! config's `num_pages` by polling, inflates with frames from its own allocator in buffers of
+//! at most 256 PFNs with one buffer in flight, deflates, writes `actual`, keeps the stats
+//! queue filled, and (with `report=1`) reports free memory in 2 MiB blocks. Deflated frames
+//! are written and verified before going back to the allocator (re-use). Every other vCPU
+//! rewrites and verifies its own share the whole time.
+//!
+//! Command line: `changes=N` (finish after the balloon reached N new targets; default 2),
+//! `touch=SIZE` (per verifier vCPU, default 16M), `report=1`, `prefault=0` (skip touching all
+//! free memory once at start).
+#![no_std]
+#![no_main]
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use rt::sync::Barrier;
+use rt::virtio::{self, Desc, Device, Queue, DESC_F_WRITE};
+use rt::{bootinfo, cmdline, frames, pattern, println, Cpu, Verdict};
+
+const VIRTIO_ID_BALLOON: u32 = 5;
+const F_STATS_VQ: u64 = 1 << 1;
+const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+const F_REPORTING: u64 = 1 << 5;
+/// Linux's VIRTIO_BALLOON_ARRAY_PFNS_MAX.
+const PFNS_PER_BUFFER: usize = 256;
+const REPORT_BLOCK_PAGES: u64 = 512;
+const REPORT_BLOCKS_PER_BUFFER: usize = 16;
+
+static STARTED: Barrier = Barrier::new();
+static DONE: AtomicBool = AtomicBool::new(false);
+static VERIFY_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+fn verifier(cpu: &Cpu, bytes: u64) -> Verdict {
+    let pages = bytes / frames::PAGE_SIZE;
+    let run = frames::alloc_run(pages);
+    STARTED.wait(cpu.count);
+    let Some((base, n)) = run.filter(|r| r.1 == pages) else {
+        println!("balloon: cpu {} cannot allocate {} pages", cpu.id, pages);
+        return Verdict::Fail;
+    };
+    let salt = 0x1000 + cpu.id as u64;
+    for g in base..base + n {
+        pattern::fill(g, salt);
+    }
+    let (mut rounds, mut errors) = (0u64, 0u64);
+    while !DONE.load(Ordering::Acquire) {
+        for g in base..base + n {
+            errors += pattern::check(g, salt, false);
+            pattern::fill(g, salt);
+        }
+        rounds += 1;
+    }
+    println!(
+        "balloon: cpu {} verified its {} pages {} times, {} errors",
+        cpu.id, n, rounds, errors
+    );
+    VERIFY_ERRORS.fetch_add(errors, Ordering::Relaxed);
+    if errors == 0 {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    }
+}
+
+/// Runs of frames held while touching or reporting them (kept off the 64 KiB stack).
+struct Runs([(u64, u64); 4096]);
+static mut RUNS: Runs = Runs([(0, 0); 4096]);
+
+/// Takes runs of up to `max` frames until memory or the run table is exhausted, calls `f`
+/// on each, then returns them all to the allocator.
+fn with_all_free_runs(max: u64, mut f: impl FnMut(&[(u64, u64)])) {
+    // SAFETY: only the driver vCPU uses RUNS.
+    #[allow(clippy::deref_addrof)] // a raw pointer avoids a reference to a `static mut`
+    let runs = unsafe { &mut (*(&raw mut RUNS)).0 };
+    let mut n = 0;
+    while n < runs.len() {
+        let Some(run) = frames::alloc_run(max) else {
+            break;
+        };
+        runs[n] = run;
+        n += 1;
+    }
+    f(&runs[..n]);
+    for &(gfn, count) in &runs[..n] {
+        for g in gfn..gfn + count {
+            frames::free(g);
+        }
+    }
+}
+
+/// Touches every free frame once so that the host really holds the guest's memory.
+fn prefault() {
+    with_all_free_runs(u64::MAX, |runs| {
+        for &(gfn, n) in runs {
+            for g in gfn..gfn + n {
+                // SAFETY: frames we hold.
+                unsafe { ((g * frames::PAGE_SIZE) as *mut u64).write_volatile(g) };
+            }
+        }
+    });
+}
+
+struct Driver {
+    dev: Device,
+    inflate: Queue,
+    deflate: Queue,
+    stats: Option<Queue>,
+    reporting: Option<Queue>,
+    buffer: *mut u32,
+    stats_buf: *mut u8,
+    /// PFNs in the balloon, as a stack in frames of our own.
+    list: *mut u32,
+    list_cap: u64,
+    held: u64,
+    inflated: u64,
+    deflated: u64,
+    reuse_errors: u64,
+    stats_sent: u64,
+}
+
+impl Driver {
+    fn new(dev: Device, features: u64) -> Result<Self, virtio::VirtioError> {
+        let inflate = Queue::new(dev, 0, 64)?;
+        let deflate = Queue::new(dev, 1, 64)?;
+        let mut next = 2;
+        let stats = if features & F_STATS_VQ != 0 {
+            next += 1;
+            Some(Queue::new(dev, 2, 8)?)
+        } else {
+            None
+        };
+        let reporting = if features & F_REPORTING != 0 {
+            Some(Queue::new(dev, next, 32)?)
+        } else {
+            None
+        };
+        let page = || {
+            frames::alloc()
+                .map(|f| f * frames::PAGE_SIZE)
+                .ok_or(virtio::VirtioError::OutOfMemory)
+        };
+        let buffer = page()? as *mut u32;
+        let stats_buf = page()? as *mut u8;
+        // One u32 per frame the balloon may hold: all of RAM.
+        let ram_pages = bootinfo::get().ram_bytes() / frames::PAGE_SIZE;
+        let list_pages = (ram_pages * 4).div_ceil(frames::PAGE_SIZE);
+        let (list, got) = frames::alloc_run(list_pages).ok_or(virtio::VirtioError::OutOfMemory)?;
+        if got != list_pages {
+            return Err(virtio::VirtioError::OutOfMemory);
+        }
+        Ok(Self {
+            dev,
+            inflate,
+            deflate,
+            stats,
+            reporting,
+            buffer,
+            stats_buf,
+            list: (list * frames::PAGE_SIZE) as *mut u32,
+            list_cap: ram_pages,
+            held: 0,
+            inflated: 0,
+            deflated: 0,
+            reuse_errors: 0,
+            stats_sent: 0,
+        })
+    }
+
+    fn target(&self) -> u64 {
+        self.dev.config_read(0) as u64
+    }
+
+    fn set_actual(&self) {
+        self.dev.config_write(4, self.held as u32);
+    }
+
+    fn inflate_some(&mut self, want: u64) -> Result<bool, virtio::VirtioError> {
+        let mut n = 0;
+        while (n as u64) < want && n < PFNS_PER_BUFFER && self.held + (n as u64) < self.list_cap {
+            let Some(pfn) = frames::alloc() else { break };
+            // SAFETY: n < 256 entries in our buffer page.
+            unsafe { self.buffer.add(n).write_volatile(pfn as u32) };
+            n += 1;
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        self.inflate.call(&[Desc {
+            addr: self.buffer as u64,
+            len: (n * 4) as u32,
+            flags: 0,
+            next: 0,
+        }])?;
+        for i in 0..n {
+            // SAFETY: held + i < list_cap.
+            unsafe {
+                let pfn = self.buffer.add(i).read_volatile();
+                self.list
+                    .add((self.held + i as u64) as usize)
+                    .write_volatile(pfn);
+            }
+        }
+        self.held += n as u64;
+        self.inflated += n as u64;
+        self.set_actual();
+        Ok(true)
+    }
+
+    fn deflate_some(&mut self, want: u64) -> Result<(), virtio::VirtioError> {
+        let n = want.min(PFNS_PER_BUFFER as u64).min(self.held) as usize;
+        for i in 0..n {
+            // SAFETY: indices below held.
+            unsafe {
+                let pfn = self.list.add(self.held as usize - 1 - i).read_volatile();
+                self.buffer.add(i).write_volatile(pfn);
+            }
+        }
+        self.deflate.call(&[Desc {
+            addr: self.buffer as u64,
+            len: (n * 4) as u32,
+            flags: 0,
+            next: 0,
+        }])?;
+        for i in 0..n {
+            // SAFETY: our buffer page.
+            let pfn = unsafe { self.buffer.add(i).read_volatile() } as u64;
+            pattern::fill(pfn, 0x77);
+            if pattern::check(pfn, 0x77, false) != 0 {
+                self.reuse_errors += 1;
+            }
+            frames::free(pfn);
+        }
+        self.held -= n as u64;
+        self.deflated += n as u64;
+        self.set_actual();
+        Ok(())
+    }
+
+    fn send_stats(&mut self) {
+        let Some(q) = self.stats.as_mut() else { return };
+        if q.in_flight() && !q.poll() {
+            return;
+        }
+        let total = bootinfo::get().ram_bytes();
+        let free = frames::free_count() * frames::PAGE_SIZE;
+        let entries: [(u16, u64); 3] = [(4, free), (5, total), (6, free)];
+        for (i, (tag, val)) in entries.iter().enumerate() {
+            // SAFETY: 30 bytes in our stats page.
+            unsafe {
+                let p = self.stats_buf.add(i * 10);
+                (p as *mut [u8; 2]).write_unaligned(tag.to_le_bytes());
+                (p.add(2) as *mut [u8; 8]).write_unaligned(val.to_le_bytes());
+            }
+        }
+        q.submit(&[Desc {
+            addr: self.stats_buf as u64,
+            len: 30,
+            flags: 0,
+            next: 0,
+        }]);
+        self.stats_sent += 1;
+    }
+
+    /// Reports free memory in 2 MiB blocks, then gives the blocks back to the allocator.
+    fn report_free(&mut self) -> Result<u64, virtio::VirtioError> {
+        let Some(q) = self.reporting.as_mut() else {
+            return Ok(0);
+        };
+        let mut reported = 0;
+        let mut result = Ok(());
+        with_all_free_runs(REPORT_BLOCK_PAGES, |runs| {
+            let blocks = runs.iter().filter(|r| r.1 == REPORT_BLOCK_PAGES);
+            let mut chain = [Desc {
+                addr: 0,
+                len: 0,
+                flags: 0,
+                next: 0,
+            }; REPORT_BLOCKS_PER_BUFFER];
+            let mut n = 0;
+            for &(gfn, count) in blocks {
+                chain[n] = Desc {
+                    addr: gfn * frames::PAGE_SIZE,
+                    len: (count * frames::PAGE_SIZE) as u32,
+                    flags: DESC_F_WRITE,
+                    next: 0,
+                };
+                n += 1;
+                if n == REPORT_BLOCKS_PER_BUFFER {
+                    if let Err(e) = q.call(&chain[..n]) {
+                        result = Err(e);
+                        return;
+                    }
+                    reported += n as u64 * REPORT_BLOCK_PAGES;
+                    n = 0;
+                }
+            }
+            if n > 0 {
+                match q.call(&chain[..n]) {
+                    Ok(()) => reported += n as u64 * REPORT_BLOCK_PAGES,
+                    Err(e) => result = Err(e),
+                }
+            }
+        });
+        result.map(|()| reported)
+    }
+}
+
+fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
+    let line = bootinfo::get().cmdline;
+    let changes = cmdline::get_u64(line, "changes").unwrap_or(2);
+    STARTED.wait(cpu.count);
+    if cmdline::get_u64(line, "prefault") != Some(0) {
+        prefault();
+    }
+    let dev = virtio::find(line, VIRTIO_ID_BALLOON)?;
+    let wanted = F_STATS_VQ
+        | F_DEFLATE_ON_OOM
+        | if cmdline::get_u64(line, "report") == Some(1) {
+            F_REPORTING
+        } else {
+            0
+        };
+    let features = dev.negotiate(wanted)?;
+    let mut d = Driver::new(dev, features)?;
+    dev.driver_ok()?;
+    println!(
+        "balloon: driver ready at {:#x}, features {:#x}",
+        dev.base, features
+    );
+    d.send_stats();
+    if features & F_REPORTING != 0 {
+        let pages = d.report_free()?;
+        println!(
+            "balloon: reported {} free pages ({} MiB) in 2 MiB blocks",
+            pages,
+            pages >> 8
+        );
+    }
+    let mut reached = 0u64;
+    let mut last_reached = 0u64;
+    let mut stuck_reported = false;
+    while reached < changes {
+        d.send_stats();
+        let target = d.target();
+        if target > d.held {
+            if !d.inflate_some(target - d.held)? && !stuck_reported {
+                println!(
+                    "balloon: cannot inflate further at {} pages (no free frames)",
+                    d.held
+                );
+                stuck_reported = true;
+            }
+        } else if target < d.held {
+            d.deflate_some(d.held - target)?;
+        } else if target != last_reached {
+            reached += 1;
+            last_reached = target;
+            stuck_reported = false;
+            println!(
+                "balloon: reached {} pages ({} MiB), free frames {}",
+                target,
+                target >> 8,
+                frames::free_count()
+            );
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+    DONE.store(true, Ordering::Release);
+    let ok = d.reuse_errors == 0;
+    println!(
+        "balloon: {} targets reached; inflated {} deflated {} pages; reuse errors {}; stats buffers {}",
+        reached, d.inflated, d.deflated, d.reuse_errors, d.stats_sent
+    );
+    Ok(if ok { Verdict::Pass } else { Verdict::Fail })
+}
+
+fn main(cpu: &Cpu) -> Verdict {
+    let line = bootinfo::get().cmdline;
+    if !cpu.is_boot() {
+        return verifier(cpu, cmdline::get_size(line, "touch").unwrap_or(16 << 20));
+    }
+    let verdict = drive(cpu).unwrap_or_else(|e| {
+        println!("balloon: driver error: {:?}", e);
+        DONE.store(true, Ordering::Release);
+        Verdict::Fail
+    });
+    verdict
+}
+
+rt::guest_main!(main);

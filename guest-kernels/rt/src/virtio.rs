@@ -1,0 +1,250 @@
+//! A polling virtio-mmio (modern, version 2) driver core: device discovery from
+//! `virtio_mmio.device=SIZE@ADDR:IRQ` command-line entries (the Linux convention, which QEMU's
+//! microvm also appends), feature negotiation, and split virtqueues with one buffer in flight.
+
+use crate::frames;
+use core::sync::atomic::{fence, Ordering};
+
+const MAGIC: u32 = 0x7472_6976;
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 64;
+pub const STATUS_FAILED: u32 = 128;
+pub const F_VERSION_1: u64 = 1 << 32;
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+
+#[derive(Debug)]
+pub enum VirtioError {
+    NotFound,
+    Legacy(u32),
+    FeaturesRefused,
+    NoQueue(u16),
+    OutOfMemory,
+    NeedsReset,
+}
+
+/// One virtio-mmio device's registers.
+#[derive(Clone, Copy, Debug)]
+pub struct Device {
+    pub base: u64,
+}
+
+impl Device {
+    pub fn read(&self, off: u64) -> u32 {
+        // SAFETY: MMIO register of a discovered device; identity mapped.
+        unsafe { ((self.base + off) as *const u32).read_volatile() }
+    }
+
+    pub fn write(&self, off: u64, v: u32) {
+        // SAFETY: as in `read`.
+        unsafe { ((self.base + off) as *mut u32).write_volatile(v) }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.read(0x70)
+    }
+
+    pub fn set_status(&self, v: u32) {
+        self.write(0x70, v)
+    }
+
+    pub fn config_read(&self, off: u64) -> u32 {
+        self.read(0x100 + off)
+    }
+
+    pub fn config_write(&self, off: u64, v: u32) {
+        self.write(0x100 + off, v)
+    }
+
+    /// Resets the device and negotiates `wanted & offered` (VERSION_1 required).
+    /// Returns the accepted features.
+    pub fn negotiate(&self, wanted: u64) -> Result<u64, VirtioError> {
+        let version = self.read(0x04);
+        if version != 2 {
+            return Err(VirtioError::Legacy(version));
+        }
+        self.set_status(0);
+        self.set_status(STATUS_ACKNOWLEDGE);
+        self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        self.write(0x14, 0);
+        let lo = self.read(0x10) as u64;
+        self.write(0x14, 1);
+        let hi = self.read(0x10) as u64;
+        let accepted = (lo | hi << 32) & (wanted | F_VERSION_1);
+        if accepted & F_VERSION_1 == 0 {
+            return Err(VirtioError::FeaturesRefused);
+        }
+        self.write(0x24, 0);
+        self.write(0x20, accepted as u32);
+        self.write(0x24, 1);
+        self.write(0x20, (accepted >> 32) as u32);
+        self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        if self.status() & STATUS_FEATURES_OK == 0 {
+            return Err(VirtioError::FeaturesRefused);
+        }
+        Ok(accepted)
+    }
+
+    pub fn driver_ok(&self) -> Result<(), VirtioError> {
+        self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        if self.status() & STATUS_NEEDS_RESET != 0 {
+            return Err(VirtioError::NeedsReset);
+        }
+        Ok(())
+    }
+}
+
+fn parse_hex_or_dec(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// Finds the first virtio-mmio device of `device_id` named on the command line.
+pub fn find(cmdline_str: &str, device_id: u32) -> Result<Device, VirtioError> {
+    for entry in cmdline_str.split_ascii_whitespace() {
+        let Some(spec) = entry.strip_prefix("virtio_mmio.device=") else {
+            continue;
+        };
+        let Some((_, rest)) = spec.split_once('@') else {
+            continue;
+        };
+        let addr = rest.split(':').next().and_then(parse_hex_or_dec);
+        let Some(base) = addr else { continue };
+        let dev = Device { base };
+        if dev.read(0x00) == MAGIC && dev.read(0x08) == device_id {
+            return Ok(dev);
+        }
+    }
+    Err(VirtioError::NotFound)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+/// A split virtqueue used with one buffer (chain) in flight at a time.
+pub struct Queue {
+    dev: Device,
+    index: u16,
+    size: u16,
+    desc: *mut Desc,
+    avail: *mut u16,
+    used: *mut u16,
+    avail_idx: u16,
+    last_used: u16,
+    in_flight: bool,
+}
+
+impl Queue {
+    /// Sets up queue `index` with at most `max` entries in three fresh frames.
+    pub fn new(dev: Device, index: u16, max: u16) -> Result<Self, VirtioError> {
+        dev.write(0x30, index as u32);
+        let num_max = dev.read(0x34);
+        if num_max == 0 {
+            return Err(VirtioError::NoQueue(index));
+        }
+        let size = (num_max as u16).min(max);
+        let frame = || {
+            frames::alloc()
+                .ok_or(VirtioError::OutOfMemory)
+                .map(|f| f * frames::PAGE_SIZE)
+        };
+        let (d, a, u) = (frame()?, frame()?, frame()?);
+        for p in [d, a, u] {
+            // SAFETY: fresh frames we own.
+            unsafe { core::ptr::write_bytes(p as *mut u8, 0, frames::PAGE_SIZE as usize) };
+        }
+        dev.write(0x38, size as u32);
+        dev.write(0x80, d as u32);
+        dev.write(0x84, (d >> 32) as u32);
+        dev.write(0x90, a as u32);
+        dev.write(0x94, (a >> 32) as u32);
+        dev.write(0xa0, u as u32);
+        dev.write(0xa4, (u >> 32) as u32);
+        dev.write(0x44, 1);
+        Ok(Self {
+            dev,
+            index,
+            size,
+            desc: d as *mut Desc,
+            avail: a as *mut u16,
+            used: u as *mut u16,
+            avail_idx: 0,
+            last_used: 0,
+            in_flight: false,
+        })
+    }
+
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Makes `chain` (at most `size` descriptors) available and notifies the device.
+    pub fn submit(&mut self, chain: &[Desc]) {
+        let n = chain.len().min(self.size as usize);
+        for (i, d) in chain[..n].iter().enumerate() {
+            let mut d = *d;
+            if i + 1 < n {
+                d.flags |= DESC_F_NEXT;
+                d.next = (i + 1) as u16;
+            }
+            // SAFETY: i < size; the descriptor table is ours.
+            unsafe { self.desc.add(i).write_volatile(d) };
+        }
+        // SAFETY: ring slot within the avail ring page.
+        unsafe {
+            self.avail
+                .add(2 + (self.avail_idx % self.size) as usize)
+                .write_volatile(0)
+        };
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        // SAFETY: avail->idx.
+        unsafe { self.avail.add(1).write_volatile(self.avail_idx) };
+        fence(Ordering::SeqCst);
+        self.in_flight = true;
+        self.dev.write(0x50, self.index as u32);
+    }
+
+    /// True once the device returned the buffer in flight.
+    pub fn poll(&mut self) -> bool {
+        if !self.in_flight {
+            return false;
+        }
+        // SAFETY: used->idx.
+        let idx = unsafe { self.used.add(1).read_volatile() };
+        if idx != self.last_used {
+            fence(Ordering::SeqCst);
+            self.last_used = idx;
+            self.in_flight = false;
+            return true;
+        }
+        false
+    }
+
+    pub fn in_flight(&self) -> bool {
+        self.in_flight
+    }
+
+    /// Submits `chain` and waits for the device to return it.
+    pub fn call(&mut self, chain: &[Desc]) -> Result<(), VirtioError> {
+        self.submit(chain);
+        while !self.poll() {
+            if self.dev.status() & STATUS_NEEDS_RESET != 0 {
+                return Err(VirtioError::NeedsReset);
+            }
+            core::hint::spin_loop();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,291 @@
+//! virtio-balloon (virtio 1.2 §5.5) whose inflate and free-page-reporting queues feed the
+//! Stage2Gather.
+//!
+//! Queues (indices compact, as Linux and QEMU number them): 0 inflate, 1 deflate, 2 stats,
+//! 3 free page reporting. Features offered: VERSION_1, STATS_VQ, DEFLATE_ON_OOM,
+//! FREE_PAGE_REPORTING.
+//!
+//! When an inflate buffer is acknowledged: as soon as its frames are Gathered (checked and
+//! marked in the stage-2 map), before they are zapped. Linux sends one buffer and waits for
+//! its ack, so acknowledging only after release would serialise every buffer behind a full
+//! batch; with the gather strategy the batch is flushed when full or when its window passes.
+//! With per-page and per-buffer the batch is flushed before the ack.
+//!
+//! Deflate is safe at any time: a frame still waiting in a batch leaves it and is never
+//! zapped or freed after being handed back; a released frame reads as zeros when reused.
+//!
+//! Free page reporting: reported ranges are reclaimed at once (gather, zap, invalidate,
+//! release) before the buffer is returned, and become the guest's again on return.
+//!
+//! Malformed buffers (wrong direction, length not a multiple of 4, more than
+//! MAX_BUFFER_PFNS frames, addresses outside RAM) are logged with detail and returned
+//! unprocessed with used length 0; invalid frames inside a good buffer are logged and skipped.
+//! Neither stops the device or the VMM.
+
+mod attach;
+mod queues;
+pub mod steps;
+
+use crate::devices::virtio::{Interrupt, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
+use crate::memory::MemoryManager;
+use guest_mm::layout::PAGE_SIZE;
+use guest_mm::Reader;
+use serde::Serialize;
+use std::sync::Arc;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+pub use attach::{BalloonDevice, BalloonHandler, BALLOON_GSI, BALLOON_MMIO_BASE};
+pub use queues::BufferError;
+
+pub const VIRTIO_ID_BALLOON: u32 = 5;
+pub const F_STATS_VQ: u64 = 1 << 1;
+pub const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+pub const F_FREE_PAGE_REPORTING: u64 = 1 << 5;
+const QUEUE_SIZE: u16 = 256;
+/// Largest inflate/deflate buffer accepted, in frames (Linux sends at most 256).
+pub const MAX_BUFFER_PFNS: usize = 16 * 1024;
+
+pub const INFLATE_Q: usize = 0;
+pub const DEFLATE_Q: usize = 1;
+pub const STATS_Q: usize = 2;
+pub const REPORTING_Q: usize = 3;
+
+/// Guest statistics, by virtio tag (§5.5.6.3).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GuestStats {
+    pub free_bytes: Option<u64>,
+    pub total_bytes: Option<u64>,
+    pub available_bytes: Option<u64>,
+    pub updates: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BalloonCounters {
+    pub inflate_buffers: u64,
+    pub deflate_buffers: u64,
+    pub report_buffers: u64,
+    pub pages_inflated: u64,
+    pub pages_deflated: u64,
+    pub pages_reported: u64,
+    pub invalid_frames: u64,
+    pub malformed_buffers: u64,
+}
+
+pub struct Balloon {
+    memory: Arc<MemoryManager>,
+    interrupt: Arc<Interrupt>,
+    /// The event-loop thread's reader handle: it reads guest buffers.
+    reader: Reader,
+    num_pages: u32,
+    actual: u32,
+    acked: u64,
+    stats_head: Option<u16>,
+    pub guest_stats: GuestStats,
+    pub counters: BalloonCounters,
+}
+
+impl Balloon {
+    pub fn new(memory: Arc<MemoryManager>, interrupt: Arc<Interrupt>) -> Self {
+        let reader = memory.readers.register("balloon", None);
+        Self {
+            memory,
+            interrupt,
+            reader,
+            num_pages: 0,
+            actual: 0,
+            acked: 0,
+            stats_head: None,
+            guest_stats: GuestStats::default(),
+            counters: BalloonCounters::default(),
+        }
+    }
+
+    /// Target balloon size in 4 KiB pages (what the guest should give up).
+    pub fn num_pages(&self) -> u32 {
+        self.num_pages
+    }
+
+    /// Balloon size the driver reports.
+    pub fn actual(&self) -> u32 {
+        self.actual
+    }
+
+    /// Sets the target; returns whether it changed (the caller signals a config change).
+    pub fn set_num_pages(&mut self, pages: u32) -> bool {
+        let changed = self.num_pages != pages;
+        self.num_pages = pages;
+        changed
+    }
+
+    pub fn memory(&self) -> &Arc<MemoryManager> {
+        &self.memory
+    }
+
+    fn complete(&self, queue: &mut Queue, mem: &GuestMemoryMmap, head: u16) {
+        if let Err(e) = queue.add_used(mem, head, 0) {
+            tracing::error!("balloon: cannot return buffer {head} to the used ring: {e:?}");
+        }
+    }
+
+    fn process_frames(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) {
+        loop {
+            self.reader.enter();
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let parsed = match index {
+                REPORTING_Q => queues::reported_frames(chain, self.memory.ram.layout()),
+                _ => queues::pfn_buffer(chain, mem, MAX_BUFFER_PFNS),
+            };
+            // The gather may wait for a grace period: hold no guest references across it.
+            self.reader.quiesce();
+            match parsed {
+                Err(e) => {
+                    self.counters.malformed_buffers += 1;
+                    tracing::error!("balloon: malformed buffer {head} on queue {index}: {e}; returned unprocessed");
+                }
+                Ok(frames) => self.apply(index, &frames),
+            }
+            self.complete(queue, mem, head);
+        }
+        self.reader.quiesce();
+        self.interrupt.raise(INT_USED_RING);
+    }
+
+    fn apply(&mut self, index: usize, frames: &[u64]) {
+        let mut gather = self.memory.gather.lock().unwrap();
+        let invalid = match index {
+            INFLATE_Q => {
+                self.counters.inflate_buffers += 1;
+                let out = gather.add_buffer(frames);
+                self.counters.pages_inflated += out.accepted;
+                out.invalid
+            }
+            DEFLATE_Q => {
+                self.counters.deflate_buffers += 1;
+                let out = gather.return_frames(frames);
+                self.counters.pages_deflated += out.ungathered + out.repopulated;
+                out.invalid
+            }
+            _ => {
+                self.counters.report_buffers += 1;
+                let out = gather.add_buffer(frames);
+                gather.flush();
+                gather.return_frames(frames);
+                self.counters.pages_reported += out.accepted;
+                out.invalid
+            }
+        };
+        if !invalid.is_empty() {
+            self.counters.invalid_frames += invalid.len() as u64;
+            tracing::warn!(
+                "balloon: {} invalid frame(s) on queue {index} skipped, first: {}",
+                invalid.len(),
+                invalid[0]
+            );
+        }
+    }
+
+    fn process_stats(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) {
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            match queues::stats_buffer(chain, mem) {
+                Ok(stats) => {
+                    for (tag, val) in stats {
+                        match tag {
+                            4 => self.guest_stats.free_bytes = Some(val),
+                            5 => self.guest_stats.total_bytes = Some(val),
+                            6 => self.guest_stats.available_bytes = Some(val),
+                            _ => {}
+                        }
+                    }
+                    self.guest_stats.updates += 1;
+                }
+                Err(e) => {
+                    self.counters.malformed_buffers += 1;
+                    tracing::error!("balloon: malformed stats buffer {head}: {e}");
+                }
+            }
+            // Keep the newest buffer: returning it is how the device asks for fresh stats.
+            if let Some(old) = self.stats_head.replace(head) {
+                self.complete(queue, mem, old);
+            }
+        }
+    }
+
+    /// Asks the driver for fresh statistics by returning the buffer it left with us.
+    pub fn request_stats(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) {
+        if let Some(head) = self.stats_head.take() {
+            self.complete(queue, mem, head);
+            self.interrupt.raise(INT_USED_RING);
+        }
+    }
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BALLOON
+    }
+
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_FREE_PAGE_REPORTING
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; 4]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut cfg = [0u8; 16];
+        cfg[0..4].copy_from_slice(&self.num_pages.to_le_bytes());
+        cfg[4..8].copy_from_slice(&self.actual.to_le_bytes());
+        let start = offset as usize;
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = cfg.get(start + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `actual` (offset 4, le32) is driver-writable.
+        if offset == 4 && data.len() == 4 {
+            let v = u32::from_le_bytes(data.try_into().unwrap());
+            let ram_pages = (self.memory.ram.layout().total_bytes() / PAGE_SIZE) as u32;
+            if v > ram_pages {
+                tracing::error!("balloon: driver reported actual={v} pages, more than the guest's {ram_pages}; ignored");
+                return;
+            }
+            self.actual = v;
+        } else {
+            tracing::warn!(
+                "balloon: write of {} bytes at config offset {offset} ignored",
+                data.len()
+            );
+        }
+    }
+
+    fn activate(&mut self, acked: u64) {
+        self.acked = acked;
+        tracing::info!("balloon: driver ready, features {acked:#x}");
+    }
+
+    fn reset(&mut self) {
+        self.actual = 0;
+        self.acked = 0;
+        self.stats_head = None;
+    }
+
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) {
+        match index {
+            INFLATE_Q | DEFLATE_Q => self.process_frames(index, queue, mem),
+            STATS_Q if self.acked & F_STATS_VQ != 0 => self.process_stats(queue, mem),
+            REPORTING_Q if self.acked & F_FREE_PAGE_REPORTING != 0 => {
+                self.process_frames(index, queue, mem)
+            }
+            other => tracing::warn!(
+                "balloon: notify for queue {other}, which was not negotiated; ignored"
+            ),
+        }
+    }
+}

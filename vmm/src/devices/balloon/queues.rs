@@ -1,0 +1,128 @@
+//! Parsing balloon buffers out of descriptor chains. Everything here reads guest-controlled
+//! data and returns a typed error instead of trusting it.
+
+use guest_mm::layout::{Layout, PAGE_SIZE};
+use thiserror::Error;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BufferError {
+    #[error("descriptor {index} is device-writable, expected device-readable")]
+    WrongDirection { index: usize },
+    #[error("descriptor {index} is device-readable, expected device-writable")]
+    ExpectedWritable { index: usize },
+    #[error("descriptor {index} length {len} is not a multiple of {unit}")]
+    BadLength { index: usize, len: u32, unit: u32 },
+    #[error("buffer holds more than {max} frames")]
+    TooLarge { max: usize },
+    #[error("descriptor {index} at {addr:#x}+{len} is not in guest RAM")]
+    OutsideRam { index: usize, addr: u64, len: u32 },
+    #[error("reported range {addr:#x}+{len} is not page aligned")]
+    Unaligned { addr: u64, len: u32 },
+    #[error("empty buffer")]
+    Empty,
+}
+
+/// Reads an inflate/deflate buffer: device-readable descriptors of little-endian u32 PFNs.
+pub fn pfn_buffer(
+    chain: Chain,
+    mem: &GuestMemoryMmap,
+    max: usize,
+) -> Result<Vec<u64>, BufferError> {
+    let mut pfns = Vec::new();
+    let mut any = false;
+    for (index, d) in chain.enumerate() {
+        any = true;
+        if d.is_write_only() {
+            return Err(BufferError::WrongDirection { index });
+        }
+        if !d.len().is_multiple_of(4) {
+            return Err(BufferError::BadLength {
+                index,
+                len: d.len(),
+                unit: 4,
+            });
+        }
+        if pfns.len() + d.len() as usize / 4 > max {
+            return Err(BufferError::TooLarge { max });
+        }
+        let mut bytes = vec![0u8; d.len() as usize];
+        mem.read_slice(&mut bytes, d.addr())
+            .map_err(|_| BufferError::OutsideRam {
+                index,
+                addr: d.addr().0,
+                len: d.len(),
+            })?;
+        pfns.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as u64),
+        );
+    }
+    if !any {
+        return Err(BufferError::Empty);
+    }
+    Ok(pfns)
+}
+
+/// Reads a free-page-report buffer: device-writable descriptors, each naming a free,
+/// page-aligned guest range (the memory itself is not read).
+pub fn reported_frames(chain: Chain, layout: &Layout) -> Result<Vec<u64>, BufferError> {
+    let mut frames = Vec::new();
+    let mut any = false;
+    for (index, d) in chain.enumerate() {
+        any = true;
+        if !d.is_write_only() {
+            return Err(BufferError::ExpectedWritable { index });
+        }
+        let (addr, len) = (d.addr().0, d.len());
+        if !addr.is_multiple_of(PAGE_SIZE) || !(len as u64).is_multiple_of(PAGE_SIZE) {
+            return Err(BufferError::Unaligned { addr, len });
+        }
+        let inside = layout
+            .range_of(addr)
+            .is_some_and(|r| addr + len as u64 <= r.end());
+        if !inside || len == 0 {
+            return Err(BufferError::OutsideRam { index, addr, len });
+        }
+        frames.extend((addr / PAGE_SIZE)..((addr + len as u64) / PAGE_SIZE));
+    }
+    if !any {
+        return Err(BufferError::Empty);
+    }
+    Ok(frames)
+}
+
+/// Reads a stats buffer: device-readable, 10-byte entries of (le16 tag, le64 value).
+pub fn stats_buffer(chain: Chain, mem: &GuestMemoryMmap) -> Result<Vec<(u16, u64)>, BufferError> {
+    let mut out = Vec::new();
+    for (index, d) in chain.enumerate() {
+        if d.is_write_only() {
+            return Err(BufferError::WrongDirection { index });
+        }
+        if !d.len().is_multiple_of(10) || d.len() > 4096 {
+            return Err(BufferError::BadLength {
+                index,
+                len: d.len(),
+                unit: 10,
+            });
+        }
+        let mut bytes = vec![0u8; d.len() as usize];
+        mem.read_slice(&mut bytes, d.addr())
+            .map_err(|_| BufferError::OutsideRam {
+                index,
+                addr: d.addr().0,
+                len: d.len(),
+            })?;
+        out.extend(bytes.chunks_exact(10).map(|c| {
+            (
+                u16::from_le_bytes([c[0], c[1]]),
+                u64::from_le_bytes(c[2..10].try_into().unwrap()),
+            )
+        }));
+    }
+    Ok(out)
+}

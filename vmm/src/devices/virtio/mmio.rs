@@ -1,0 +1,277 @@
+//! The virtio-mmio transport, modern (version 2) register layout. Every register write from
+//! the guest is validated: queue addresses must describe rings inside guest RAM before the
+//! device is activated (else DEVICE_NEEDS_RESET), queue sizes must be powers of two within the
+//! maximum, features the device did not offer are refused (FEATURES_OK is not set), and
+//! queue configuration is frozen once DRIVER_OK is set.
+
+use super::{status, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
+use std::sync::Arc;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+pub const MMIO_SIZE: u64 = 0x1000;
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR: u32 = 0x554d_4551; // same vendor id as QEMU's devices use ("QEMU")
+const CONFIG_OFFSET: u64 = 0x100;
+
+pub struct MmioTransport<D: VirtioDevice> {
+    device: D,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    config_generation: u32,
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    pub fn new(device: D, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>) -> Self {
+        let queues = device
+            .queue_max_sizes()
+            .into_iter()
+            .map(|max| Queue::new(max).expect("queue maximum sizes are valid powers of two"))
+            .collect();
+        Self {
+            device,
+            mem,
+            interrupt,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+        }
+    }
+
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.status & status::DRIVER_OK != 0 && self.status & status::DEVICE_NEEDS_RESET == 0
+    }
+
+    /// The device changed its configuration: bump the generation and tell the driver.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt.raise(INT_CONFIG);
+    }
+
+    /// Processes queue `index` if the device is active and the queue is ready.
+    pub fn process_queue(&mut self, index: usize) {
+        if !self.is_active() {
+            return;
+        }
+        if let Some(q) = self.queues.get_mut(index) {
+            if q.ready() {
+                self.device.process_queue(index, q, &self.mem);
+            }
+        }
+    }
+
+    /// Runs `f` on the device with queue `index` (for device-initiated queue work).
+    pub fn with_device_and_queue(
+        &mut self,
+        index: usize,
+        f: impl FnOnce(&mut D, &mut Queue, &GuestMemoryMmap),
+    ) {
+        if let Some(q) = self.queues.get_mut(index) {
+            if q.ready() {
+                f(&mut self.device, q, &self.mem);
+            }
+        }
+    }
+
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            self.device.read_config(offset - CONFIG_OFFSET, data);
+            return;
+        }
+        let q = self.queues.get(self.queue_sel as usize);
+        let v: u32 = match offset {
+            0x000 => MAGIC,
+            0x004 => VERSION,
+            0x008 => self.device.device_type(),
+            0x00c => VENDOR,
+            0x010 => match self.device_features_sel {
+                0 => self.device.device_features() as u32,
+                1 => (self.device.device_features() >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => q.map_or(0, |q| q.max_size() as u32),
+            0x044 => q.map_or(0, |q| q.ready() as u32),
+            0x060 => self.interrupt.status(),
+            0x070 => self.status,
+            0x0fc => self.config_generation,
+            _ => {
+                tracing::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        };
+        write_le(data, v);
+    }
+
+    /// Handles a register write. Returns the queue index for a QueueNotify write.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Option<usize> {
+        if offset >= CONFIG_OFFSET {
+            self.device.write_config(offset - CONFIG_OFFSET, data);
+            return None;
+        }
+        if data.len() != 4 {
+            tracing::warn!(
+                "virtio-mmio: {}-byte write to register {offset:#x} ignored (registers are 32-bit)",
+                data.len()
+            );
+            return None;
+        }
+        let v = u32::from_le_bytes(data.try_into().unwrap());
+        let queue_config_open =
+            self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0;
+        match offset {
+            0x014 => self.device_features_sel = v,
+            0x020 => {
+                if self.status & status::FEATURES_OK == 0 {
+                    match self.driver_features_sel {
+                        0 => {
+                            self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64
+                        }
+                        1 => {
+                            self.driver_features =
+                                (self.driver_features & 0xffff_ffff) | ((v as u64) << 32)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            0x024 => self.driver_features_sel = v,
+            0x030 => self.queue_sel = v,
+            0x038 | 0x044 | 0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if !queue_config_open => {
+                tracing::warn!("virtio-mmio: queue register {offset:#x} written outside feature negotiation; ignored");
+            }
+            0x038 => {
+                let max = self.selected().map_or(0, |q| q.max_size() as u32);
+                if v == 0 || v > max || !v.is_power_of_two() {
+                    tracing::warn!(
+                        "virtio-mmio: invalid queue size {v} (max {max}); queue stays unusable"
+                    );
+                    // An invalid size leaves the queue invalid, so activation fails loudly.
+                    if let Some(q) = self.selected() {
+                        q.set_size(0);
+                    }
+                } else if let Some(q) = self.selected() {
+                    q.set_size(v as u16);
+                }
+            }
+            0x044 => {
+                if let Some(q) = self.selected() {
+                    q.set_ready(v == 1);
+                }
+            }
+            0x050 => return Some(v as usize),
+            0x064 => self.interrupt.ack(v),
+            0x070 => self.write_status(v),
+            0x080 => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
+            0x084 => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
+            0x090 => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            0x094 => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            0x0a0 => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
+            0x0a4 => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            _ => tracing::debug!(
+                "virtio-mmio: write of {v:#x} to unknown register {offset:#x} ignored"
+            ),
+        }
+        None
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.selected() {
+            f(q);
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let new_bits = v & !self.status;
+        if new_bits & status::FEATURES_OK != 0 {
+            let offered = self.device.device_features();
+            if self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
+                tracing::error!(
+                    "virtio-mmio: driver features {:#x} not acceptable (offered {offered:#x}, VERSION_1 required); FEATURES_OK refused",
+                    self.driver_features
+                );
+                self.status = v & !status::FEATURES_OK;
+                return;
+            }
+        }
+        if new_bits & status::DRIVER_OK != 0 && self.status & status::FEATURES_OK != 0 {
+            let bad: Vec<usize> = self
+                .queues
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| q.ready() && !q.is_valid(&self.mem))
+                .map(|(i, _)| i)
+                .collect();
+            if !bad.is_empty() {
+                tracing::error!("virtio-mmio: queues {bad:?} have rings outside guest RAM or a bad size; device needs reset");
+                self.status = v | status::DEVICE_NEEDS_RESET;
+                self.config_changed();
+                return;
+            }
+            self.status = v;
+            self.device.activate(self.driver_features);
+            return;
+        }
+        self.status = v;
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.interrupt.ack(u32::MAX);
+    }
+}
+
+fn write_le(data: &mut [u8], v: u32) {
+    let b = v.to_le_bytes();
+    let n = data.len().min(4);
+    data[..n].copy_from_slice(&b[..n]);
+    for x in data.iter_mut().skip(n) {
+        *x = 0;
+    }
+}

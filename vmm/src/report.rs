@@ -1,0 +1,87 @@
+//! What the VMM reports about memory reclaim: balloon target and actual, device counters,
+//! guest statistics, gather statistics, KVM flush counters and host bytes held. Printed at
+//! the end of `vmm run` and returned by the control API's `stats`.
+
+use crate::devices::balloon::{BalloonCounters, BalloonDevice, GuestStats};
+use crate::memory::MemoryManager;
+use guest_mm::layout::PAGE_SIZE;
+use guest_mm::GatherStats;
+use serde::Serialize;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BalloonReport {
+    pub target_bytes: u64,
+    pub actual_bytes: u64,
+    pub guest_ram_bytes: u64,
+    pub host_bytes_held: u64,
+    pub strategy: String,
+    pub device: BalloonCounters,
+    pub guest: GuestStats,
+    pub gather: GatherStats,
+    pub kvm_remote_tlb_flush_requests: Option<u64>,
+    pub kvm_remote_tlb_flush: Option<u64>,
+}
+
+impl BalloonReport {
+    pub fn collect(dev: &BalloonDevice, mm: &MemoryManager) -> Self {
+        let t = dev.transport.lock().unwrap();
+        let b = t.device();
+        let gather = mm.gather.lock().unwrap();
+        Self {
+            target_bytes: b.num_pages() as u64 * PAGE_SIZE,
+            actual_bytes: b.actual() as u64 * PAGE_SIZE,
+            guest_ram_bytes: mm.ram.layout().total_bytes(),
+            host_bytes_held: mm.ram.host_bytes_held().unwrap_or(0),
+            strategy: gather.config().strategy.to_string(),
+            device: b.counters.clone(),
+            guest: b.guest_stats.clone(),
+            gather: gather.stats().clone(),
+            kvm_remote_tlb_flush_requests: mm.kvm_stat("remote_tlb_flush_requests"),
+            kvm_remote_tlb_flush: mm.kvm_stat("remote_tlb_flush"),
+        }
+    }
+
+    /// A few human lines; empty when the balloon was never used.
+    pub fn summary(&self) -> Vec<String> {
+        let d = &self.device;
+        if d.inflate_buffers + d.deflate_buffers + d.report_buffers == 0 {
+            return Vec::new();
+        }
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let g = &self.gather;
+        let reclaimed_gib = g.pages_reclaimed as f64 * PAGE_SIZE as f64 / (1u64 << 30) as f64;
+        let per_gib = |n: u64| {
+            if reclaimed_gib > 0.0 {
+                n as f64 / reclaimed_gib
+            } else {
+                0.0
+            }
+        };
+        vec![
+            format!(
+                "balloon: target {:.1} MiB, actual {:.1} MiB of {:.1} MiB guest RAM; host holds {:.1} MiB",
+                mib(self.target_bytes),
+                mib(self.actual_bytes),
+                mib(self.guest_ram_bytes),
+                mib(self.host_bytes_held)
+            ),
+            format!(
+                "balloon: {} inflate / {} deflate / {} report buffers; pages inflated {}, deflated {}, reported {}; invalid frames {}, malformed buffers {}",
+                d.inflate_buffers, d.deflate_buffers, d.report_buffers, d.pages_inflated, d.pages_deflated,
+                d.pages_reported, d.invalid_frames, d.malformed_buffers
+            ),
+            format!(
+                "gather ({}): {} batches, {} pages in {} ranges, {} host calls, {} KVM flush requests ({:.0} per GiB reclaimed)",
+                self.strategy, g.batches, g.pages_reclaimed, g.ranges, g.host_calls, g.kvm_flush_requests,
+                per_gib(g.kvm_flush_requests)
+            ),
+            format!(
+                "gather latency p50/p99 us: gather {}/{}, zap {}/{}, invalidate {}/{}, release {}/{}",
+                g.gather_us.percentile(50.0), g.gather_us.percentile(99.0),
+                g.zap_us.percentile(50.0), g.zap_us.percentile(99.0),
+                g.invalidate_us.percentile(50.0), g.invalidate_us.percentile(99.0),
+                g.release_us.percentile(50.0), g.release_us.percentile(99.0)
+            ),
+        ]
+    }
+}
