@@ -65,6 +65,9 @@ struct RunArgs {
     /// Seconds to wait for the driver to reach one balloon step.
     #[arg(long, default_value_t = 120)]
     balloon_step_timeout: u64,
+    /// Write the final balloon/gather/KVM report as JSON to this file.
+    #[arg(long)]
+    report_json: Option<PathBuf>,
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -90,9 +93,15 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         config.vcpus,
         format_size(config.memory)
     );
+    let report_json = args.report_json.clone();
     let report = vm.run()?;
     for line in report.balloon.summary() {
         eprintln!("{line}");
+    }
+    if let Some(path) = report_json {
+        let json = serde_json::to_string_pretty(&report.balloon)?;
+        std::fs::write(&path, json)
+            .with_context(|| format!("cannot write report to {}", path.display()))?;
     }
     let secs = report.elapsed.as_secs_f64();
     Ok(match report.outcome {

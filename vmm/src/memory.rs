@@ -18,18 +18,32 @@ pub struct MemoryManager {
 }
 
 impl MemoryManager {
-    pub fn new(ram: Arc<GuestRam>, vm_fd: &VmFd, config: GatherConfig) -> Self {
+    /// For a VM: flush counts come from the VM's KVM statistics.
+    pub fn for_vm(ram: Arc<GuestRam>, vm_fd: &VmFd, config: GatherConfig) -> Self {
+        let open = || match KvmStats::open(vm_fd) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("KVM statistics unavailable (KVM_GET_STATS_FD: {e}); flush counts will be missing");
+                None
+            }
+        };
+        Self::new(ram, config, open(), open())
+    }
+
+    /// `gather_stats` counts flushes for the gather; `kvm_stats` serves reports.
+    pub fn new(
+        ram: Arc<GuestRam>,
+        config: GatherConfig,
+        gather_stats: Option<KvmStats>,
+        kvm_stats: Option<KvmStats>,
+    ) -> Self {
         let map = Arc::new(Stage2Map::new(ram.layout().clone()));
         let readers = Readers::new();
         let backend = Arc::new(KvmMemfd::new(ram.clone()));
         let mut gather = Stage2Gather::new(config, map.clone(), backend, readers.clone());
-        match KvmStats::open(vm_fd) {
-            Ok(s) => gather = gather.with_flush_counter(Box::new(s)),
-            Err(e) => tracing::warn!(
-                "KVM statistics unavailable (KVM_GET_STATS_FD: {e}); flush counts will be missing"
-            ),
+        if let Some(s) = gather_stats {
+            gather = gather.with_flush_counter(Box::new(s));
         }
-        let kvm_stats = KvmStats::open(vm_fd).ok();
         Self {
             ram,
             map,

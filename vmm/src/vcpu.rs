@@ -133,12 +133,16 @@ pub fn run(mut vcpu: VcpuFd, index: u32, shared: Arc<VmShared>) {
             Ok(VcpuExit::MmioRead(addr, data))
                 if shared.balloon.is_some() && BalloonDevice::contains(addr) =>
             {
+                // Register accesses touch no guest memory. Quiesce before taking the device
+                // lock: its holder may be waiting in a grace period for this very thread.
+                reader.quiesce();
                 shared.balloon.as_ref().unwrap().mmio_read(addr, data);
                 Next::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data))
                 if shared.balloon.is_some() && BalloonDevice::contains(addr) =>
             {
+                reader.quiesce();
                 shared.balloon.as_ref().unwrap().mmio_write(addr, data);
                 Next::Continue
             }

@@ -91,7 +91,7 @@ impl Vm {
             .map_err(err("KVM_SET_TSS_ADDR"))?;
         vm_fd.create_irq_chip().map_err(err("KVM_CREATE_IRQCHIP"))?;
 
-        let memory = Arc::new(MemoryManager::new(ram.clone(), &vm_fd, config.gather));
+        let memory = Arc::new(MemoryManager::for_vm(ram.clone(), &vm_fd, config.gather));
         let balloon = BalloonDevice::attach(&vm_fd, memory.clone()).map_err(VmmError::Device)?;
         let steps = BalloonSteps::new(config.balloon_steps.clone(), config.balloon_step_timeout);
 

@@ -25,6 +25,8 @@
 mod attach;
 mod queues;
 pub mod steps;
+#[cfg(test)]
+mod tests;
 
 use crate::devices::virtio::{Interrupt, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
 use crate::memory::MemoryManager;

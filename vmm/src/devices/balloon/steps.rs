@@ -38,13 +38,16 @@ impl BalloonSteps {
                 }
                 let held = mm.ram.host_bytes_held().unwrap_or(0);
                 eprintln!(
-                    "balloon: step {} reached: balloon {} after {:.3}s; host bytes held {} -> {} ({})",
+                    "balloon: step {} reached: balloon {} after {:.3}s; host bytes held {} -> {} ({}) \
+                     [step={} target_bytes={target} seconds={:.3} held_before={held_before} held_after={held}]",
                     self.next,
                     format_size(target),
                     since.elapsed().as_secs_f64(),
                     format_size_approx(held_before),
                     format_size_approx(held),
                     signed_mib(held as i64 - held_before as i64),
+                    self.next,
+                    since.elapsed().as_secs_f64(),
                 );
                 self.current = None;
                 return;

@@ -220,8 +220,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.reset();
             return;
         }
-        let new_bits = v & !self.status;
-        if new_bits & status::FEATURES_OK != 0 {
+        if v & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0 {
             let offered = self.device.device_features();
             if self.driver_features & !offered != 0
                 || self.driver_features & VIRTIO_F_VERSION_1 == 0
@@ -230,11 +229,16 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     "virtio-mmio: driver features {:#x} not acceptable (offered {offered:#x}, VERSION_1 required); FEATURES_OK refused",
                     self.driver_features
                 );
-                self.status = v & !status::FEATURES_OK;
+                self.status = v & !(status::FEATURES_OK | status::DRIVER_OK);
                 return;
             }
         }
-        if new_bits & status::DRIVER_OK != 0 && self.status & status::FEATURES_OK != 0 {
+        if v & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0 {
+            if v & status::FEATURES_OK == 0 {
+                tracing::error!("virtio-mmio: DRIVER_OK without FEATURES_OK refused");
+                self.status = v & !status::DRIVER_OK;
+                return;
+            }
             let bad: Vec<usize> = self
                 .queues
                 .iter()

@@ -1,0 +1,383 @@
+//! The balloon device driven through its virtio-mmio registers and real split rings in a
+//! memfd-backed guest RAM, as a guest driver would: normal inflate/deflate/report/stats, and
+//! hostile buffers. Host calls go to the real KvmMemfd backend (madvise/fallocate on the
+//! memfd); no KVM is needed below the device. Canary pages check that nothing outside the
+//! named frames is touched.
+
+use super::*;
+use crate::devices::virtio::{status, MmioTransport};
+use guest_mm::{FrameState, GatherConfig, GuestRam, Strategy};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM: u64 = 64 << 20;
+const QSIZE: u16 = 16;
+/// Rings of queue q live at RING_BASE + q * 0x3000 (desc, avail, used pages).
+const RING_BASE: u64 = 0x10000;
+const BUF: u64 = 0x40000;
+const CANARY: std::ops::Range<u64> = 0x2000..0x2010;
+
+struct Harness {
+    t: MmioTransport<Balloon>,
+    mm: Arc<MemoryManager>,
+    avail_idx: [u16; 4],
+}
+
+fn reg(t: &mut MmioTransport<Balloon>, off: u64, v: u32) {
+    t.write(off, &v.to_le_bytes());
+}
+
+fn read_reg(t: &MmioTransport<Balloon>, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+impl Harness {
+    fn new(strategy: Strategy) -> Self {
+        let ram = Arc::new(GuestRam::new(MEM).unwrap());
+        let mm = Arc::new(MemoryManager::new(
+            ram.clone(),
+            GatherConfig::new(strategy),
+            None,
+            None,
+        ));
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let t = MmioTransport::new(
+            Balloon::new(mm.clone(), interrupt.clone()),
+            ram.memory().clone(),
+            interrupt,
+        );
+        let h = Self {
+            t,
+            mm,
+            avail_idx: [0; 4],
+        };
+        for g in CANARY {
+            h.fill(g, 0xcc);
+        }
+        // Populate the rings and the buffer page now, so that later host-byte counts only
+        // move with reclaim.
+        for g in (RING_BASE / 4096)..(RING_BASE / 4096 + 12) {
+            h.fill(g, 0);
+        }
+        h.fill(BUF / 4096, 0);
+        h
+    }
+
+    fn mem(&self) -> &vm_memory::GuestMemoryMmap {
+        self.mm.ram.memory()
+    }
+
+    fn fill(&self, gfn: u64, byte: u8) {
+        self.mem()
+            .write_slice(&[byte; 4096], GuestAddress(gfn * 4096))
+            .unwrap();
+    }
+
+    fn page_is(&self, gfn: u64, byte: u8) -> bool {
+        let mut b = [0u8; 4096];
+        self.mem()
+            .read_slice(&mut b, GuestAddress(gfn * 4096))
+            .unwrap();
+        b.iter().all(|&x| x == byte)
+    }
+
+    fn canary_intact(&self) -> bool {
+        CANARY.into_iter().all(|g| self.page_is(g, 0xcc))
+    }
+
+    /// Drives the driver side of initialisation; `rings` overrides queue 0's ring address.
+    fn init(&mut self, features: u64, ring0: Option<u64>) {
+        let t = &mut self.t;
+        reg(t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        reg(t, 0x24, 0);
+        reg(t, 0x20, features as u32);
+        reg(t, 0x24, 1);
+        reg(t, 0x20, (features >> 32) as u32);
+        reg(
+            t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        for q in 0..4u64 {
+            let base = if q == 0 {
+                ring0.unwrap_or(RING_BASE)
+            } else {
+                RING_BASE + q * 0x3000
+            };
+            reg(t, 0x30, q as u32);
+            reg(t, 0x38, QSIZE as u32);
+            for (lo, addr) in [(0x80, base), (0x90, base + 0x1000), (0xa0, base + 0x2000)] {
+                reg(t, lo, addr as u32);
+                reg(t, lo + 4, (addr >> 32) as u32);
+            }
+            reg(t, 0x44, 1);
+        }
+        reg(
+            t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+    }
+
+    /// Puts a chain of (addr, len, flags) descriptors on queue q and lets the device run.
+    /// Returns the used index afterwards.
+    fn submit(&mut self, q: usize, chain: &[(u64, u32, u16)]) -> u16 {
+        let base = RING_BASE + q as u64 * 0x3000;
+        for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+            let next = if i + 1 < chain.len() { 1 } else { 0 };
+            let d = base + (i as u64 % QSIZE as u64) * 16;
+            let mem = self.mem();
+            mem.write_obj(addr, GuestAddress(d)).unwrap();
+            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(flags | next, GuestAddress(d + 12)).unwrap();
+            mem.write_obj(((i + 1) % QSIZE as usize) as u16, GuestAddress(d + 14))
+                .unwrap();
+        }
+        let slot = self.avail_idx[q] % QSIZE;
+        self.mem()
+            .write_obj(0u16, GuestAddress(base + 0x1000 + 4 + slot as u64 * 2))
+            .unwrap();
+        self.avail_idx[q] += 1;
+        self.mem()
+            .write_obj(self.avail_idx[q], GuestAddress(base + 0x1002))
+            .unwrap();
+        self.t.process_queue(q);
+        self.mem()
+            .read_obj::<u16>(GuestAddress(base + 0x2002))
+            .unwrap()
+    }
+
+    fn pfn_buffer(&self, pfns: &[u32]) -> (u64, u32, u16) {
+        let bytes: Vec<u8> = pfns.iter().flat_map(|p| p.to_le_bytes()).collect();
+        self.mem().write_slice(&bytes, GuestAddress(BUF)).unwrap();
+        (BUF, bytes.len() as u32, 0)
+    }
+
+    fn counters(&self) -> BalloonCounters {
+        self.t.device().counters.clone()
+    }
+
+    fn state(&self, gfn: u64) -> FrameState {
+        self.mm.map.state(gfn).unwrap()
+    }
+}
+
+const ALL: u64 = VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_FREE_PAGE_REPORTING;
+
+#[test]
+fn inflate_reclaims_frames_and_deflate_returns_them() {
+    let mut h = Harness::new(Strategy::PerBuffer);
+    h.init(ALL, None);
+    assert!(h.t.is_active());
+    for g in 0x1000..0x1010 {
+        h.fill(g, 0xab);
+    }
+    let held = h.mm.ram.host_bytes_held().unwrap();
+    let pfns: Vec<u32> = (0x1000..0x1010).rev().collect();
+    let buf = h.pfn_buffer(&pfns);
+    assert_eq!(h.submit(INFLATE_Q, &[buf]), 1, "buffer acknowledged");
+    assert_eq!(held - h.mm.ram.host_bytes_held().unwrap(), 16 * 4096);
+    assert_eq!(h.state(0x1005), FrameState::Released);
+    assert!(h.page_is(0x1005, 0), "a reclaimed frame reads as zeros");
+    let buf = h.pfn_buffer(&pfns);
+    assert_eq!(h.submit(DEFLATE_Q, &[buf]), 1);
+    assert_eq!(h.state(0x1005), FrameState::Mapped);
+    let c = h.counters();
+    assert_eq!(
+        (c.pages_inflated, c.pages_deflated, c.invalid_frames),
+        (16, 16, 0)
+    );
+    assert!(h.canary_intact());
+}
+
+#[test]
+fn deflate_while_still_gathered_never_frees_the_frames() {
+    let mut h = Harness::new(Strategy::Gather);
+    h.init(ALL, None);
+    for g in 0x1000..0x1004 {
+        h.fill(g, 0x5a);
+    }
+    let held = h.mm.ram.host_bytes_held().unwrap();
+    let buf = h.pfn_buffer(&[0x1000, 0x1001, 0x1002, 0x1003]);
+    h.submit(INFLATE_Q, &[buf]);
+    assert_eq!(
+        h.state(0x1001),
+        FrameState::Gathered,
+        "acked before the batch is flushed"
+    );
+    let buf = h.pfn_buffer(&[0x1001, 0x1002]);
+    h.submit(DEFLATE_Q, &[buf]);
+    h.mm.gather.lock().unwrap().flush();
+    assert_eq!(h.state(0x1001), FrameState::Mapped);
+    assert_eq!(h.state(0x1000), FrameState::Released);
+    assert!(
+        h.page_is(0x1001, 0x5a) && h.page_is(0x1002, 0x5a),
+        "handed-back frames keep their data"
+    );
+    assert_eq!(held - h.mm.ram.host_bytes_held().unwrap(), 2 * 4096);
+}
+
+#[test]
+fn hostile_pfns_are_refused_one_by_one() {
+    let mut h = Harness::new(Strategy::PerBuffer);
+    h.init(ALL, None);
+    let beyond = (MEM / 4096) as u32;
+    let hole = (0xC000_0000u64 / 4096) as u32;
+    h.fill(0x1000, 1);
+    let buf = h.pfn_buffer(&[beyond, u32::MAX, hole, 0x1000, 0x1000]);
+    assert_eq!(
+        h.submit(INFLATE_Q, &[buf]),
+        1,
+        "the buffer still comes back"
+    );
+    let c = h.counters();
+    assert_eq!(c.pages_inflated, 1);
+    assert_eq!(
+        c.invalid_frames, 4,
+        "beyond RAM, u32::MAX, MMIO hole, duplicate"
+    );
+    assert!(h.canary_intact());
+    // The device keeps working afterwards.
+    let buf = h.pfn_buffer(&[0x1001]);
+    assert_eq!(h.submit(INFLATE_Q, &[buf]), 2);
+    assert_eq!(h.state(0x1001), FrameState::Released);
+}
+
+#[test]
+fn malformed_buffers_are_returned_unprocessed() {
+    let mut h = Harness::new(Strategy::PerBuffer);
+    h.init(ALL, None);
+    let (addr, _, _) = h.pfn_buffer(&[0x1000, 0x1001]);
+    // Length not a multiple of 4.
+    assert_eq!(h.submit(INFLATE_Q, &[(addr, 6, 0)]), 1);
+    // Device-writable descriptor on the inflate queue.
+    assert_eq!(h.submit(INFLATE_Q, &[(addr, 8, 2)]), 2);
+    // Buffer outside guest RAM.
+    assert_eq!(h.submit(INFLATE_Q, &[(0xC000_0000, 8, 0)]), 3);
+    assert_eq!(h.submit(INFLATE_Q, &[(u64::MAX - 3, 4, 0)]), 4);
+    // Read-only descriptor on the reporting queue, and an unaligned report.
+    assert_eq!(h.submit(REPORTING_Q, &[(0x200000, 0x200000, 0)]), 1);
+    assert_eq!(h.submit(REPORTING_Q, &[(0x200800, 0x1000, 2)]), 2);
+    let c = h.counters();
+    assert_eq!(c.malformed_buffers, 6);
+    assert_eq!(c.pages_inflated + c.pages_reported, 0);
+    assert_eq!(h.state(0x1000), FrameState::Mapped);
+    assert!(h.canary_intact());
+}
+
+#[test]
+fn a_descriptor_loop_is_cut_at_the_queue_size() {
+    let mut h = Harness::new(Strategy::PerBuffer);
+    h.init(ALL, None);
+    let (addr, len, _) = h.pfn_buffer(&[0x1000]);
+    // One descriptor whose `next` points at itself, forever.
+    let d = RING_BASE;
+    let mem = h.mem();
+    mem.write_obj(addr, GuestAddress(d)).unwrap();
+    mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+    mem.write_obj(1u16, GuestAddress(d + 12)).unwrap();
+    mem.write_obj(0u16, GuestAddress(d + 14)).unwrap();
+    mem.write_obj(0u16, GuestAddress(d + 0x1004)).unwrap();
+    mem.write_obj(1u16, GuestAddress(d + 0x1002)).unwrap();
+    h.t.process_queue(INFLATE_Q);
+    let c = h.counters();
+    assert_eq!(c.pages_inflated, 1);
+    assert_eq!(
+        c.invalid_frames,
+        QSIZE as u64 - 1,
+        "the repeats are duplicates"
+    );
+    assert_eq!(
+        h.mem().read_obj::<u16>(GuestAddress(d + 0x2002)).unwrap(),
+        1
+    );
+}
+
+#[test]
+fn rings_outside_guest_ram_make_the_device_need_a_reset() {
+    let mut h = Harness::new(Strategy::PerBuffer);
+    h.init(ALL, Some(0xC000_0000));
+    assert_ne!(read_reg(&h.t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+    assert!(!h.t.is_active());
+    h.t.process_queue(INFLATE_Q); // ignored, no panic
+    reg(&mut h.t, 0x70, 0);
+    assert_eq!(read_reg(&h.t, 0x70), 0, "a reset clears it");
+    h.init(ALL, None);
+    assert!(h.t.is_active());
+}
+
+#[test]
+fn features_not_offered_are_refused() {
+    let mut h = Harness::new(Strategy::PerBuffer);
+    h.init(ALL | 1 << 3, None);
+    assert_eq!(read_reg(&h.t, 0x70) & status::FEATURES_OK, 0);
+    assert!(!h.t.is_active());
+    let mut h = Harness::new(Strategy::PerBuffer);
+    h.init(F_STATS_VQ, None); // no VERSION_1: legacy drivers are not supported
+    assert!(!h.t.is_active());
+}
+
+#[test]
+fn free_page_reports_are_reclaimed_and_given_back() {
+    let mut h = Harness::new(Strategy::Gather);
+    h.init(ALL, None);
+    for g in 0x400..0x600 {
+        h.fill(g, 7);
+    }
+    let held = h.mm.ram.host_bytes_held().unwrap();
+    assert_eq!(h.submit(REPORTING_Q, &[(0x400000, 0x200000, 2)]), 1);
+    assert_eq!(held - h.mm.ram.host_bytes_held().unwrap(), 0x200000);
+    assert_eq!(
+        h.state(0x500),
+        FrameState::Mapped,
+        "reported frames are the guest's again"
+    );
+    assert_eq!(h.counters().pages_reported, 512);
+}
+
+#[test]
+fn stats_are_parsed_and_refreshed_on_request() {
+    let mut h = Harness::new(Strategy::Gather);
+    h.init(ALL, None);
+    let mut b = Vec::new();
+    for (tag, val) in [(4u16, 100u64), (5, 200), (6, 150)] {
+        b.extend(tag.to_le_bytes());
+        b.extend(val.to_le_bytes());
+    }
+    h.mem().write_slice(&b, GuestAddress(BUF)).unwrap();
+    assert_eq!(
+        h.submit(STATS_Q, &[(BUF, 30, 0)]),
+        0,
+        "the device keeps the stats buffer"
+    );
+    let s = &h.t.device().guest_stats;
+    assert_eq!(
+        (s.free_bytes, s.total_bytes, s.available_bytes),
+        (Some(100), Some(200), Some(150))
+    );
+    h.t.with_device_and_queue(STATS_Q, |d, q, m| d.request_stats(q, m));
+    assert_eq!(
+        h.mem()
+            .read_obj::<u16>(GuestAddress(RING_BASE + 2 * 0x3000 + 0x2002))
+            .unwrap(),
+        1
+    );
+}
+
+#[test]
+fn config_reports_target_and_validates_actual() {
+    let mut h = Harness::new(Strategy::Gather);
+    h.init(ALL, None);
+    h.t.device_mut().set_num_pages(1234);
+    assert_eq!(read_reg(&h.t, 0x100), 1234);
+    h.t.write(0x104, &500u32.to_le_bytes());
+    assert_eq!(h.t.device().actual(), 500);
+    h.t.write(0x104, &u32::MAX.to_le_bytes());
+    assert_eq!(
+        h.t.device().actual(),
+        500,
+        "actual larger than RAM is ignored"
+    );
+}
