@@ -10,7 +10,7 @@ use std::collections::HashMap;
 fn steps(stderr: &str) -> HashMap<u64, HashMap<String, f64>> {
     stderr
         .lines()
-        .filter(|l| l.starts_with("balloon: step") && l.contains("reached"))
+        .filter(|l| l.starts_with("vmm: balloon step") && l.contains("reached"))
         .filter_map(|l| l.split_once('[').map(|(_, kv)| kv.trim_end_matches(']')))
         .map(|kv| {
             let m: HashMap<String, f64> = kv

@@ -96,7 +96,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let report_json = args.report_json.clone();
     let report = vm.run()?;
     for line in report.balloon.summary() {
-        eprintln!("{line}");
+        vmm::report::say(&line);
     }
     if let Some(path) = report_json {
         let json = serde_json::to_string_pretty(&report.balloon)?;

@@ -8,6 +8,16 @@ use guest_mm::layout::PAGE_SIZE;
 use guest_mm::GatherStats;
 use serde::Serialize;
 
+/// Writes one line to stderr with a single write, so it never interleaves with the guest's
+/// serial output mid-line when both go to the same terminal or pipe.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let mut l = String::with_capacity(line.len() + 1);
+    l.push_str(line);
+    l.push('\n');
+    let _ = std::io::stderr().lock().write_all(l.as_bytes());
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct BalloonReport {
     pub target_bytes: u64,
@@ -59,24 +69,24 @@ impl BalloonReport {
         };
         vec![
             format!(
-                "balloon: target {:.1} MiB, actual {:.1} MiB of {:.1} MiB guest RAM; host holds {:.1} MiB",
+                "vmm: balloon target {:.1} MiB, actual {:.1} MiB of {:.1} MiB guest RAM; host holds {:.1} MiB",
                 mib(self.target_bytes),
                 mib(self.actual_bytes),
                 mib(self.guest_ram_bytes),
                 mib(self.host_bytes_held)
             ),
             format!(
-                "balloon: {} inflate / {} deflate / {} report buffers; pages inflated {}, deflated {}, reported {}; invalid frames {}, malformed buffers {}",
+                "vmm: balloon {} inflate / {} deflate / {} report buffers; pages inflated {}, deflated {}, reported {}; invalid frames {}, malformed buffers {}",
                 d.inflate_buffers, d.deflate_buffers, d.report_buffers, d.pages_inflated, d.pages_deflated,
                 d.pages_reported, d.invalid_frames, d.malformed_buffers
             ),
             format!(
-                "gather ({}): {} batches, {} pages in {} ranges, {} host calls, {} KVM flush requests ({:.0} per GiB reclaimed)",
+                "vmm: gather ({}): {} batches, {} pages in {} ranges, {} host calls, {} KVM flush requests ({:.0} per GiB reclaimed)",
                 self.strategy, g.batches, g.pages_reclaimed, g.ranges, g.host_calls, g.kvm_flush_requests,
                 per_gib(g.kvm_flush_requests)
             ),
             format!(
-                "gather latency p50/p99 us: gather {}/{}, zap {}/{}, invalidate {}/{}, release {}/{}",
+                "vmm: gather latency p50/p99 us: gather {}/{}, zap {}/{}, invalidate {}/{}, release {}/{}",
                 g.gather_us.percentile(50.0), g.gather_us.percentile(99.0),
                 g.zap_us.percentile(50.0), g.zap_us.percentile(99.0),
                 g.invalidate_us.percentile(50.0), g.invalidate_us.percentile(99.0),

@@ -140,7 +140,7 @@ pub fn handle(mm: &MemoryManager, mailbox_gpa: u64) {
     let flushes = before_flushes.zip(mm.flush_requests()).map(|(b, a)| a - b);
     let host_calls = gather.stats().host_calls - before_calls;
     let ranges = gather.stats().ranges - before_ranges;
-    eprintln!(
+    crate::report::say(&format!(
         "reclaim-probe: strategy={strategy} region_gfn={:#x} pages={} ranges={ranges} host_calls={host_calls} zap_calls={ranges} \
          kvm_flush_requests={} host_bytes_before={before_bytes} host_bytes_after={after_bytes} \
          freed={} invalid={invalid} elapsed_us={}",
@@ -149,7 +149,7 @@ pub fn handle(mm: &MemoryManager, mailbox_gpa: u64) {
         flushes.map_or("unavailable".into(), |f| f.to_string()),
         before_bytes.saturating_sub(after_bytes),
         elapsed.as_micros()
-    );
+    ));
     gather.return_frames(&frames);
     drop(gather);
 

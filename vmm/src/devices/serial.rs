@@ -17,14 +17,52 @@ impl Trigger for NoIrq {
     }
 }
 
+/// Passes output on a whole line at a time. vm-superio flushes after every byte; without
+/// this, the VMM's own stderr lines would land in the middle of the guest's lines.
+struct LineBuffered {
+    out: Box<dyn Write + Send>,
+    line: Vec<u8>,
+}
+
+const MAX_LINE: usize = 4096;
+
+impl Write for LineBuffered {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        if self.line.contains(&b'\n') || self.line.len() >= MAX_LINE {
+            self.out.write_all(&self.line)?;
+            self.out.flush()?;
+            self.line.clear();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineBuffered {
+    fn drop(&mut self) {
+        let _ = self.out.write_all(&self.line);
+        let _ = self.out.flush();
+    }
+}
+
 pub struct SerialPort {
-    uart: Serial<NoIrq, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<NoIrq, vm_superio::serial::NoEvents, LineBuffered>,
 }
 
 impl SerialPort {
     pub fn new(out: Box<dyn Write + Send>) -> Self {
         Self {
-            uart: Serial::new(NoIrq, out),
+            uart: Serial::new(
+                NoIrq,
+                LineBuffered {
+                    out,
+                    line: Vec::new(),
+                },
+            ),
         }
     }
 
@@ -38,9 +76,6 @@ impl SerialPort {
     pub fn write(&mut self, offset: u8, value: u8) {
         if let Err(e) = self.uart.write(offset, value) {
             tracing::warn!("serial write failed: {e:?}");
-        }
-        if offset == 0 && value == b'\n' {
-            let _ = self.uart.writer_mut().flush();
         }
     }
 

@@ -37,8 +37,8 @@ impl BalloonSteps {
                     tracing::debug!("balloon: flushed batch {} at step end", r.id);
                 }
                 let held = mm.ram.host_bytes_held().unwrap_or(0);
-                eprintln!(
-                    "balloon: step {} reached: balloon {} after {:.3}s; host bytes held {} -> {} ({}) \
+                crate::report::say(&format!(
+                    "vmm: balloon step {} reached: balloon {} after {:.3}s; host bytes held {} -> {} ({}) \
                      [step={} target_bytes={target} seconds={:.3} held_before={held_before} held_after={held}]",
                     self.next,
                     format_size(target),
@@ -48,18 +48,18 @@ impl BalloonSteps {
                     signed_mib(held as i64 - held_before as i64),
                     self.next,
                     since.elapsed().as_secs_f64(),
-                );
+                ));
                 self.current = None;
                 return;
             }
             if since.elapsed() > self.timeout {
-                eprintln!(
-                    "balloon: step {} not reached after {:?}: target {} actual {}",
+                crate::report::say(&format!(
+                    "vmm: balloon step {} not reached after {:?}: target {} actual {}",
                     self.next,
                     self.timeout,
                     format_size(target),
                     format_size_approx(actual)
-                );
+                ));
                 self.current = None;
             }
             return;
@@ -71,11 +71,11 @@ impl BalloonSteps {
                 t.config_changed();
             }
             let held = mm.ram.host_bytes_held().unwrap_or(0);
-            eprintln!(
-                "balloon: step {}: target {}",
+            crate::report::say(&format!(
+                "vmm: balloon step {}: target {}",
                 self.next,
                 format_size(target)
-            );
+            ));
             self.current = Some((target, Instant::now(), held));
         }
     }
