@@ -20,6 +20,8 @@ pub struct VmConfig {
     pub balloon_steps: Vec<u64>,
     /// How long to wait for the driver to reach one step.
     pub balloon_step_timeout: std::time::Duration,
+    /// Where to serve the control API, if anywhere.
+    pub api_sock: Option<PathBuf>,
 }
 
 /// Parses sizes such as `512M`, `2G`, `64KiB`, `4096` (bytes). Suffixes are powers of 1024.

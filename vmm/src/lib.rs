@@ -5,6 +5,7 @@
 //! and the exit port), `vcpu` (vCPU threads and exit handling), `vm` (putting it together and
 //! running until the guest's verdict), `guests` (finding the project's test guests).
 
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod devices;

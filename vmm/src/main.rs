@@ -26,6 +26,8 @@ enum Command {
     /// anything else or stops without a verdict, 2 for VMM errors (bad arguments, KVM
     /// unavailable, a guest crash), 128+N after signal N.
     Run(RunArgs),
+    /// Control the balloon of a running VM through its control socket.
+    Balloon(BalloonArgs),
     /// List the project's built test guests.
     Guests,
 }
@@ -68,6 +70,29 @@ struct RunArgs {
     /// Write the final balloon/gather/KVM report as JSON to this file.
     #[arg(long)]
     report_json: Option<PathBuf>,
+    /// Serve the control API on this Unix socket (mode 0600; protocol in docs/API.md).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct BalloonArgs {
+    /// The control socket of a running VM (`vmm run --api-sock PATH`).
+    #[arg(long)]
+    api_sock: PathBuf,
+    #[command(subcommand)]
+    action: BalloonAction,
+}
+
+#[derive(Subcommand)]
+enum BalloonAction {
+    /// Set the balloon target: how much guest memory to take back, e.g. 768M (0 deflates).
+    Set {
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Print target, actual, guest stats, gather stats, KVM flush counters and host bytes held.
+    Stats,
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -85,6 +110,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         balloon_steps: args.balloon_steps,
         balloon_step_timeout: Duration::from_secs(args.balloon_step_timeout),
+        api_sock: args.api_sock.clone(),
     };
     let vm = Vm::new(&config).with_context(|| format!("cannot start guest {}", guest.display()))?;
     eprintln!(
@@ -125,6 +151,27 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+fn balloon(args: BalloonArgs) -> anyhow::Result<ExitCode> {
+    let req = match args.action {
+        BalloonAction::Set { size } => serde_json::json!({ "cmd": "set", "target_bytes": size }),
+        BalloonAction::Stats => serde_json::json!({ "cmd": "stats" }),
+    };
+    let resp = vmm::api::request(&args.api_sock, &req).with_context(|| {
+        format!(
+            "cannot talk to the VM at {} (is `vmm run --api-sock` running?)",
+            args.api_sock.display()
+        )
+    })?;
+    if resp["ok"] != serde_json::Value::Bool(true) {
+        anyhow::bail!(
+            "the VM refused the request: {}",
+            resp["error"].as_str().unwrap_or("unknown error")
+        );
+    }
+    println!("{}", serde_json::to_string_pretty(&resp)?);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -136,6 +183,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Balloon(args) => balloon(args),
         Command::Guests => {
             println!("guest directory: {}", guests::guest_dir().display());
             for g in guests::available() {

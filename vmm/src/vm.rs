@@ -40,6 +40,7 @@ pub struct Vm {
     memory: Arc<MemoryManager>,
     balloon: Arc<BalloonDevice>,
     steps: BalloonSteps,
+    api_sock: Option<std::path::PathBuf>,
     vcpus: Vec<VcpuFd>,
     image: BootImage,
 }
@@ -119,6 +120,7 @@ impl Vm {
                 .map_err(err("KVM_SET_MP_STATE"))?;
             vcpus.push(vcpu);
         }
+        let api_sock = config.api_sock.clone();
         Ok(Self {
             _kvm: kvm,
             vm_fd,
@@ -126,6 +128,7 @@ impl Vm {
             memory,
             balloon,
             steps,
+            api_sock,
             vcpus,
             image,
         })
@@ -186,6 +189,11 @@ impl Vm {
             shared: shared.clone(),
             signal_fd,
         })));
+        if let Some(path) = &self.api_sock {
+            let api = crate::api::ApiServer::bind(path, self.balloon.clone(), self.memory.clone())
+                .map_err(|e| VmmError::Device(format!("control socket {}: {e}", path.display())))?;
+            events.add_subscriber(Arc::new(Mutex::new(api)));
+        }
         events.add_subscriber(Arc::new(Mutex::new(BalloonHandler {
             device: self.balloon.clone(),
         })));
