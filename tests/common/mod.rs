@@ -144,3 +144,62 @@ pub fn to_output(o: Output) -> Run {
         stderr: String::from_utf8_lossy(&o.stderr).into(),
     }
 }
+
+/// A minimal QMP client (QEMU's JSON control protocol) for the peer tests.
+pub struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    /// Connects (retrying while QEMU starts), reads the greeting, enters command mode.
+    pub fn connect(path: &Path, timeout: Duration) -> Qmp {
+        let start = Instant::now();
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() < timeout => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("cannot connect to QMP at {}: {e}", path.display()),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut q = Qmp {
+            reader: std::io::BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
+        let greeting = q.line();
+        assert!(
+            greeting.get("QMP").is_some(),
+            "not a QMP greeting: {greeting}"
+        );
+        let r = q.execute(serde_json::json!({ "execute": "qmp_capabilities" }));
+        assert!(r.get("return").is_some(), "{r}");
+        q
+    }
+
+    fn line(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut l = String::new();
+        self.reader.read_line(&mut l).expect("QMP read");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad QMP line {l:?}: {e}"))
+    }
+
+    /// Sends a command and returns its response, skipping asynchronous events.
+    pub fn execute(&mut self, cmd: serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        let mut s = cmd.to_string();
+        s.push('\n');
+        self.writer.write_all(s.as_bytes()).expect("QMP write");
+        loop {
+            let v = self.line();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+}

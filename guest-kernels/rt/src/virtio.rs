@@ -104,8 +104,26 @@ fn parse_hex_or_dec(s: &str) -> Option<u64> {
     }
 }
 
-/// Finds the first virtio-mmio device of `device_id` named on the command line.
+/// QEMU's microvm places its virtio-mmio transports here (512 bytes each) and names them on
+/// the command line only for Linux boot, not for PVH, so they are also probed directly.
+const MICROVM_MMIO_BASE: u64 = 0xfeb0_0000;
+const MICROVM_MMIO_SLOTS: u64 = 24;
+const MICROVM_MMIO_SIZE: u64 = 0x200;
+
+/// Finds the first virtio-mmio device of `device_id`: those named on the command line
+/// (`virtio_mmio.device=`), then QEMU microvm's transport slots.
 pub fn find(cmdline_str: &str, device_id: u32) -> Result<Device, VirtioError> {
+    find_on_cmdline(cmdline_str, device_id).or_else(|_| {
+        (0..MICROVM_MMIO_SLOTS)
+            .map(|i| Device {
+                base: MICROVM_MMIO_BASE + i * MICROVM_MMIO_SIZE,
+            })
+            .find(|d| d.read(0x00) == MAGIC && d.read(0x08) == device_id)
+            .ok_or(VirtioError::NotFound)
+    })
+}
+
+fn find_on_cmdline(cmdline_str: &str, device_id: u32) -> Result<Device, VirtioError> {
     for entry in cmdline_str.split_ascii_whitespace() {
         let Some(spec) = entry.strip_prefix("virtio_mmio.device=") else {
             continue;

@@ -383,7 +383,7 @@ fn main(cpu: &Cpu) -> Verdict {
         return verifier(cpu, cmdline::get_size(line, "touch").unwrap_or(16 << 20));
     }
     let verdict = drive(cpu).unwrap_or_else(|e| {
-        println!("balloon: driver error: {:?}", e);
+        println!("balloon: driver error: {:?} (command line: {})", e, line);
         DONE.store(true, Ordering::Release);
         Verdict::Fail
     });
