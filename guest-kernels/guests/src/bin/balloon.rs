@@ -10,7 +10,8 @@
 //!
 //! Command line: `changes=N` (finish after the balloon reached N new targets; default 2),
 //! `touch=SIZE` (per verifier vCPU, default 16M), `report=1`, `prefault=0` (skip touching all
-//! free memory once at start).
+//! free memory once at start), `fragment=1` (keep every other frame of the lower half of
+//! free memory, so inflates get scattered frames).
 #![no_std]
 #![no_main]
 
@@ -88,6 +89,33 @@ fn with_all_free_runs(max: u64, mut f: impl FnMut(&[(u64, u64)])) {
             frames::free(g);
         }
     }
+}
+
+/// Fragments the allocator: keeps every other frame of the lower half of free memory, so that
+/// later allocations (and so inflates) get scattered frames. Returns the frames kept.
+fn fragment() -> u64 {
+    let half = frames::free_count() / 2;
+    // SAFETY: only the driver vCPU uses RUNS.
+    #[allow(clippy::deref_addrof)] // a raw pointer avoids a reference to a `static mut`
+    let runs = unsafe { &mut (*(&raw mut RUNS)).0 };
+    let mut n = 0;
+    while n < runs.len() {
+        let Some(run) = frames::alloc_run(u64::MAX) else { break };
+        runs[n] = run;
+        n += 1;
+    }
+    let (mut seen, mut kept) = (0u64, 0u64);
+    for &(gfn, count) in &runs[..n] {
+        for g in gfn..gfn + count {
+            if seen < half && seen % 2 == 1 {
+                kept += 1;
+            } else {
+                frames::free(g);
+            }
+            seen += 1;
+        }
+    }
+    kept
 }
 
 /// Touches every free frame once so that the host really holds the guest's memory.
@@ -313,6 +341,10 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
     STARTED.wait(cpu.count);
     if cmdline::get_u64(line, "prefault") != Some(0) {
         prefault();
+    }
+    if cmdline::get_u64(line, "fragment") == Some(1) {
+        let kept = fragment();
+        println!("balloon: fragmented the allocator, keeping {} scattered frames", kept);
     }
     let dev = virtio::find(line, VIRTIO_ID_BALLOON)?;
     let wanted = F_STATS_VQ

@@ -1,0 +1,335 @@
+//! balloon-stress: runs a balloon scenario against the VMM and reports what happened.
+//!
+//! It boots the `balloon` test guest (a Linux-like virtio-balloon driver on vCPU 0, memory
+//! verifiers on the others) with a control socket, walks the balloon through a sequence of
+//! targets, samples target/actual/host memory while it waits for each, and ends with a
+//! summary, a JSON report and, with --plot, SVG charts. Exit status 1 if the guest saw any
+//! corruption or failed; 2 if the tool itself failed.
+
+mod plot;
+mod report;
+mod scenario;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use report::{Report, Sample, Step};
+use scenario::Pattern;
+use serde_json::{json, Value};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+use vmm::config::parse_size;
+
+/// Stress the virtio balloon of the VMM and report reclaim and refill behaviour.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// The vmm binary.
+    #[arg(long, default_value = "target/release/vmm")]
+    vmm: PathBuf,
+    /// vCPUs: vCPU 0 drives the balloon, the others verify memory the whole time.
+    #[arg(long, default_value_t = 2)]
+    vcpus: u32,
+    /// Guest RAM.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    memory: u64,
+    /// Memory each verifier vCPU keeps rewriting and checking (workload intensity).
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    touch: u64,
+    /// Balloon pattern.
+    #[arg(long, value_enum, default_value = "mixed")]
+    pattern: Pattern,
+    /// Cycles of the pattern (a step is one inflate+deflate, a sawtooth 4 inflates + 1 deflate).
+    #[arg(long, default_value_t = 5)]
+    cycles: u32,
+    /// Largest balloon, as a size (default: 75% of --memory, 50% with --fragment).
+    #[arg(long, value_parser = parse_size)]
+    max_balloon: Option<u64>,
+    /// Have the guest report its free memory in 2 MiB blocks at start (free page reporting).
+    #[arg(long)]
+    free_page_reporting: bool,
+    /// Fragment the guest allocator first: the driver then inflates scattered frames.
+    #[arg(long)]
+    fragment: bool,
+    /// Gather strategy: per-page, per-buffer or gather.
+    #[arg(long, default_value = "gather")]
+    strategy: String,
+    /// Gather batch bound in 4 KiB frames (passed to vmm --batch-pages).
+    #[arg(long)]
+    batch_pages: Option<u64>,
+    /// Gather latency window in ms (passed to vmm --batch-window-ms).
+    #[arg(long)]
+    batch_window_ms: Option<u64>,
+    /// Seconds to wait for one target before giving up on it.
+    #[arg(long, default_value_t = 120)]
+    step_timeout: u64,
+    /// Sampling interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    sample_ms: u64,
+    /// Random seed for the random-walk and mixed patterns.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "balloon-stress.json")]
+    json: PathBuf,
+    /// Render SVG charts into this directory.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// No progress bar (for logs and CI).
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn stats(sock: &Path) -> Result<Value> {
+    let r = vmm::api::request(sock, &json!({"cmd": "stats"})).context("stats request")?;
+    if r["ok"] != true {
+        bail!("stats refused: {r}");
+    }
+    Ok(r["stats"].clone())
+}
+
+fn sample(t0: Instant, s: &Value) -> Sample {
+    Sample {
+        t: t0.elapsed().as_secs_f64(),
+        target_bytes: s["target_bytes"].as_u64().unwrap_or(0),
+        actual_bytes: s["actual_bytes"].as_u64().unwrap_or(0),
+        host_bytes_held: s["host_bytes_held"].as_u64().unwrap_or(0),
+        ram_bytes: s["guest_ram_bytes"].as_u64().unwrap_or(0),
+    }
+}
+
+fn run(a: &Args) -> Result<(Report, bool)> {
+    let max = a.max_balloon.unwrap_or(if a.fragment {
+        a.memory / 2
+    } else {
+        a.memory / 4 * 3
+    });
+    let targets = scenario::targets(a.pattern, a.cycles, max, a.seed);
+    let dir = std::env::temp_dir().join(format!("balloon-stress-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("api.sock");
+    let guest_log = dir.join("guest.log");
+    let mut cmdline = format!("changes={} touch={}", targets.len(), a.touch);
+    if a.free_page_reporting {
+        cmdline.push_str(" report=1");
+    }
+    if a.fragment {
+        cmdline.push_str(" fragment=1");
+    }
+    let mut cmd = Command::new(&a.vmm);
+    cmd.args([
+        "run",
+        "--guest",
+        "balloon",
+        "--vcpus",
+        &a.vcpus.to_string(),
+        "--memory",
+        &a.memory.to_string(),
+    ])
+    .args([
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--reclaim-strategy",
+        &a.strategy,
+        "--cmdline",
+        &cmdline,
+    ]);
+    if let Some(b) = a.batch_pages {
+        cmd.args(["--batch-pages", &b.to_string()]);
+    }
+    if let Some(w) = a.batch_window_ms {
+        cmd.args(["--batch-window-ms", &w.to_string()]);
+    }
+    let command = format!("{cmd:?}");
+    let mut vm = cmd
+        .stdout(std::fs::File::create(&guest_log)?)
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", a.vmm.display()))?;
+    let t0 = Instant::now();
+    while !sock.exists() {
+        if let Some(st) = vm.try_wait()? {
+            let mut err = String::new();
+            vm.stderr.take().unwrap().read_to_string(&mut err)?;
+            bail!("the VMM exited ({st}) before serving its socket:\n{err}");
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("the VMM did not create {} within 30s", sock.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The driver fills the stats queue once it is ready, after touching its memory: start
+    // the scenario from there, so the host's numbers begin from a populated guest.
+    while stats(&sock)?["guest"]["updates"].as_u64().unwrap_or(0) == 0 {
+        if vm.try_wait()?.is_some() || t0.elapsed() > Duration::from_secs(120) {
+            bail!("the balloon driver never became ready");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(targets.len() as u64)
+    };
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg}").unwrap());
+    let mut samples = Vec::new();
+    let mut steps = Vec::new();
+    let mut from = 0u64;
+    for &target in &targets {
+        let before = stats(&sock)?;
+        let r = vmm::api::request(&sock, &json!({"cmd": "set", "target_bytes": target}))?;
+        if r["ok"] != true {
+            bail!("set {target} refused: {r}");
+        }
+        let start = Instant::now();
+        let mut last = sample(t0, &before);
+        let reached = loop {
+            std::thread::sleep(Duration::from_millis(a.sample_ms));
+            let s = sample(t0, &stats(&sock)?);
+            let rate = (last.host_bytes_held as f64 - s.host_bytes_held as f64)
+                / (1u64 << 20) as f64
+                / (s.t - last.t).max(1e-6);
+            bar.set_message(format!(
+                "target {} MiB, actual {} MiB, host {} MiB, reclaim {:+.0} MiB/s",
+                target >> 20,
+                s.actual_bytes >> 20,
+                s.host_bytes_held >> 20,
+                rate
+            ));
+            let done = s.actual_bytes == target;
+            last = s.clone();
+            samples.push(s);
+            if done {
+                break true;
+            }
+            if start.elapsed() > Duration::from_secs(a.step_timeout) {
+                break false;
+            }
+        };
+        let after = stats(&sock)?;
+        let flushes = after["kvm_remote_tlb_flush_requests"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(
+                before["kvm_remote_tlb_flush_requests"]
+                    .as_u64()
+                    .unwrap_or(0),
+            );
+        steps.push(Step {
+            target_bytes: target,
+            from_bytes: from,
+            seconds: start.elapsed().as_secs_f64(),
+            reached,
+            host_bytes_before: before["host_bytes_held"].as_u64().unwrap_or(0),
+            host_bytes_after: after["host_bytes_held"].as_u64().unwrap_or(0),
+            kvm_flush_requests: flushes,
+        });
+        from = target;
+        bar.inc(1);
+        if !reached {
+            break;
+        }
+    }
+    let final_stats = stats(&sock)?;
+    bar.finish_and_clear();
+
+    // The guest finishes by itself once it has reached every target.
+    let deadline = Instant::now() + Duration::from_secs(a.step_timeout);
+    let status = loop {
+        if let Some(st) = vm.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = vm.kill();
+            bail!("the guest did not finish after its last target");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(&guest_log).unwrap_or_default();
+    let verifier_errors: u64 = log
+        .lines()
+        .filter(|l| l.contains("verified its"))
+        .filter_map(|l| {
+            l.trim_end()
+                .strip_suffix(" errors")?
+                .rsplit(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    let reuse_errors: u64 = log
+        .lines()
+        .filter_map(|l| {
+            l.split("reuse errors ")
+                .nth(1)?
+                .split(';')
+                .next()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    let pass = status.success()
+        && verifier_errors == 0
+        && reuse_errors == 0
+        && steps.iter().all(|s| s.reached);
+    let report = Report {
+        command,
+        config: json!({
+            "vcpus": a.vcpus, "memory": a.memory, "touch": a.touch, "pattern": a.pattern, "cycles": a.cycles,
+            "max_balloon": max, "strategy": a.strategy, "free_page_reporting": a.free_page_reporting,
+            "fragment": a.fragment, "seed": a.seed,
+        }),
+        wall_seconds: t0.elapsed().as_secs_f64(),
+        steps,
+        samples,
+        final_stats,
+        guest_verifier_errors: verifier_errors,
+        guest_reuse_errors: reuse_errors,
+        guest_verdict_pass: status.success(),
+        summary: Value::Null,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((report, pass))
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    match run(&a) {
+        Ok((mut report, pass)) => {
+            for line in report.summarize() {
+                println!("{line}");
+            }
+            if let Err(e) = std::fs::write(&a.json, serde_json::to_string_pretty(&report).unwrap())
+            {
+                eprintln!("error: cannot write {}: {e}", a.json.display());
+                return ExitCode::from(2);
+            }
+            println!("report: {}", a.json.display());
+            if let Some(dir) = &a.plot {
+                match plot::write_all(dir, &report) {
+                    Ok(files) => println!("plots: {}", files.join(", ")),
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            if pass {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("FAIL: the guest saw corruption, failed, or a target was not reached");
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
