@@ -96,16 +96,16 @@ fn balloon_guest_inflates_and_deflates_against_qemus_device() {
         "changes=2 report=1",
     ]);
     let driver = std::thread::spawn(move || {
-        let mut qmp = common::Qmp::connect(&qmp_path, Duration::from_secs(30));
+        let mut qmp = vmm::qmp::Qmp::connect(&qmp_path, Duration::from_secs(30)).expect("QMP");
         // QMP's value is the guest's logical memory size: 128 MiB means a 128 MiB balloon.
-        let r = qmp.execute(
-            serde_json::json!({"execute": "balloon", "arguments": {"value": 128u64 << 20}}),
-        );
-        assert!(r.get("return").is_some(), "{r}");
+        qmp.execute("balloon", serde_json::json!({"value": 128u64 << 20}))
+            .expect("balloon");
         let start = std::time::Instant::now();
         loop {
-            let r = qmp.execute(serde_json::json!({"execute": "query-balloon"}));
-            if r["return"]["actual"] == 128u64 << 20 {
+            let r = qmp
+                .execute("query-balloon", serde_json::json!({}))
+                .expect("query-balloon");
+            if r["actual"] == 128u64 << 20 {
                 break;
             }
             assert!(
@@ -114,10 +114,8 @@ fn balloon_guest_inflates_and_deflates_against_qemus_device() {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let r = qmp.execute(
-            serde_json::json!({"execute": "balloon", "arguments": {"value": 256u64 << 20}}),
-        );
-        assert!(r.get("return").is_some(), "{r}");
+        qmp.execute("balloon", serde_json::json!({"value": 256u64 << 20}))
+            .expect("deflate");
     });
     let r = common::run_with_timeout(cmd, Duration::from_secs(120));
     driver.join().expect("QMP side failed");

@@ -16,9 +16,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use report::{Report, Sample, Step};
 use scenario::Pattern;
 use serde_json::{json, Value};
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 use vmm::config::parse_size;
 
@@ -82,6 +81,16 @@ struct Args {
     quiet: bool,
 }
 
+/// The balloon set after the scenario, which the guest counts as its last change.
+const FINISH_BALLOON: u64 = 4096;
+
+/// The last lines of a log, for error messages.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
 fn stats(sock: &Path) -> Result<Value> {
     let r = vmm::api::request(sock, &json!({"cmd": "stats"})).context("stats request")?;
     if r["ok"] != true {
@@ -101,17 +110,33 @@ fn sample(t0: Instant, s: &Value) -> Sample {
 }
 
 fn run(a: &Args) -> Result<(Report, bool)> {
+    let dir = std::env::temp_dir().join(format!("balloon-stress-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = scenario_run(a, &dir);
+    if result.is_err() {
+        eprintln!(
+            "--- guest output (tail) ---\n{}",
+            tail(&dir.join("guest.log"))
+        );
+        eprintln!("--- vmm log (tail) ---\n{}", tail(&dir.join("vmm.log")));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
     let max = a.max_balloon.unwrap_or(if a.fragment {
         a.memory / 2
     } else {
         a.memory / 4 * 3
     });
     let targets = scenario::targets(a.pattern, a.cycles, max, a.seed);
-    let dir = std::env::temp_dir().join(format!("balloon-stress-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
     let sock = dir.join("api.sock");
     let guest_log = dir.join("guest.log");
-    let mut cmdline = format!("changes={} touch={}", targets.len(), a.touch);
+    let vmm_log = dir.join("vmm.log");
+    // One more change than the scenario has: after the last target and the final statistics,
+    // a one-page balloon tells the guest to finish.
+    let mut cmdline = format!("changes={} touch={}", targets.len() + 1, a.touch);
     if a.free_page_reporting {
         cmdline.push_str(" report=1");
     }
@@ -145,15 +170,16 @@ fn run(a: &Args) -> Result<(Report, bool)> {
     let command = format!("{cmd:?}");
     let mut vm = cmd
         .stdout(std::fs::File::create(&guest_log)?)
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&vmm_log)?)
         .spawn()
         .with_context(|| format!("cannot start {}", a.vmm.display()))?;
     let t0 = Instant::now();
     while !sock.exists() {
         if let Some(st) = vm.try_wait()? {
-            let mut err = String::new();
-            vm.stderr.take().unwrap().read_to_string(&mut err)?;
-            bail!("the VMM exited ({st}) before serving its socket:\n{err}");
+            bail!(
+                "the VMM exited ({st}) before serving its socket:\n{}",
+                tail(&vmm_log)
+            );
         }
         if t0.elapsed() > Duration::from_secs(30) {
             bail!("the VMM did not create {} within 30s", sock.display());
@@ -236,6 +262,10 @@ fn run(a: &Args) -> Result<(Report, bool)> {
     }
     let final_stats = stats(&sock)?;
     bar.finish_and_clear();
+    vmm::api::request(
+        &sock,
+        &json!({"cmd": "set", "target_bytes": FINISH_BALLOON}),
+    )?;
 
     // The guest finishes by itself once it has reached every target.
     let deadline = Instant::now() + Duration::from_secs(a.step_timeout);
@@ -294,7 +324,6 @@ fn run(a: &Args) -> Result<(Report, bool)> {
         guest_verdict_pass: status.success(),
         summary: Value::Null,
     };
-    let _ = std::fs::remove_dir_all(&dir);
     Ok((report, pass))
 }
 

@@ -1,0 +1,306 @@
+//! peer-compare: the same balloon guest on this VMM (gather and per-page) and on QEMU, side by
+//! side in one run.
+//!
+//! Each repetition boots the `balloon` test guest once per VMM (interleaved, so machine noise
+//! spreads over all of them), inflates the balloon by the same amount, deflates it, and
+//! records: launch time (process start to the driver being ready), time for `actual` to reach
+//! the target, host memory returned (RssShmem of the VMM process: guest RAM is a shared memfd
+//! in both), and KVM `remote_tlb_flush_requests` during the inflate (our control API; QEMU's
+//! QMP `query-stats`). Prints medians and ratios as a Markdown table.
+//!
+//! One vCPU: the guests' PVH entry, which QEMU uses, starts only the boot vCPU.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::json;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use vmm::config::parse_size;
+use vmm::qmp::Qmp;
+
+/// Compare balloon inflation on this VMM and on QEMU with the same guest.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// The vmm binary.
+    #[arg(long, default_value = "target/release/vmm")]
+    vmm: PathBuf,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Guest RAM.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    memory: u64,
+    /// Balloon size to inflate to.
+    #[arg(long, default_value = "768M", value_parser = parse_size)]
+    balloon: u64,
+    /// Repetitions (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Peer {
+    Gather,
+    PerPage,
+    Qemu,
+}
+
+impl Peer {
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Gather => "this VMM, gather",
+            Peer::PerPage => "this VMM, per-page",
+            Peer::Qemu => "QEMU (microvm, virtio-balloon-device)",
+        }
+    }
+}
+
+struct Run {
+    launch_s: f64,
+    inflate_s: f64,
+    returned_bytes: u64,
+    flushes: u64,
+}
+
+fn rss_shmem(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("RssShmem:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Starts `cmd` and returns it with a channel that fires when the guest's driver is ready.
+fn spawn(mut cmd: Command) -> Result<(Child, mpsc::Receiver<()>)> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn")?;
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains("balloon: driver ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    Ok((child, rx))
+}
+
+fn wait_exit(child: &mut Child) -> Result<i32> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st.code().unwrap_or(-1));
+        }
+        if start.elapsed() > Duration::from_secs(180) {
+            let _ = child.kill();
+            bail!("guest did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn poll_until(mut f: impl FnMut() -> Result<bool>) -> Result<f64> {
+    let start = Instant::now();
+    while !f()? {
+        if start.elapsed() > Duration::from_secs(300) {
+            bail!("target not reached in 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn run_ours(a: &Args, strategy: &str, dir: &Path) -> Result<Run> {
+    let sock = dir.join(format!("vmm-{strategy}.sock"));
+    let mut cmd = Command::new(&a.vmm);
+    cmd.args([
+        "run",
+        "--guest",
+        "balloon",
+        "--vcpus",
+        "1",
+        "--memory",
+        &a.memory.to_string(),
+    ])
+    .args([
+        "--reclaim-strategy",
+        strategy,
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--cmdline",
+        "changes=2",
+    ]);
+    let t0 = Instant::now();
+    let (mut child, ready) = spawn(cmd)?;
+    ready
+        .recv_timeout(Duration::from_secs(120))
+        .context("driver never ready")?;
+    let launch_s = t0.elapsed().as_secs_f64();
+    let api = |req| vmm::api::request(&sock, &req).context("control API");
+    let before = api(json!({"cmd": "stats"}))?;
+    let rss_before = rss_shmem(child.id());
+    api(json!({"cmd": "set", "target_bytes": a.balloon}))?;
+    let inflate_s =
+        poll_until(|| Ok(api(json!({"cmd": "stats"}))?["stats"]["actual_bytes"] == a.balloon))?;
+    // Let a pending gather window close before measuring what the host got back.
+    std::thread::sleep(Duration::from_millis(50));
+    let after = api(json!({"cmd": "stats"}))?;
+    let rss_after = rss_shmem(child.id());
+    api(json!({"cmd": "set", "target_bytes": 0}))?;
+    let code = wait_exit(&mut child)?;
+    if code != 0 {
+        bail!("guest failed on this VMM ({strategy}): exit {code}");
+    }
+    let f = |v: &serde_json::Value| {
+        v["stats"]["kvm_remote_tlb_flush_requests"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    Ok(Run {
+        launch_s,
+        inflate_s,
+        returned_bytes: rss_before.saturating_sub(rss_after),
+        flushes: f(&after) - f(&before),
+    })
+}
+
+fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
+    let qmp_path = dir.join("qemu.qmp");
+    let _ = std::fs::remove_file(&qmp_path);
+    let mem = format!("{}M", a.memory >> 20);
+    let guest = vmm::guests::resolve("balloon")?;
+    let mut cmd = Command::new(&a.qemu);
+    cmd.args([
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,memory-backend=ram",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+    ])
+    .args([
+        "-m",
+        &mem,
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+    ])
+    .args([
+        "-object",
+        &format!("memory-backend-memfd,id=ram,size={mem},share=on"),
+    ])
+    .args([
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=1",
+        "-global",
+        "virtio-mmio.force-legacy=false",
+    ])
+    .args([
+        "-device",
+        "virtio-balloon-device",
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", qmp_path.display()),
+    ])
+    .args(["-kernel", guest.to_str().unwrap(), "-append", "changes=2"]);
+    let t0 = Instant::now();
+    let (mut child, ready) = spawn(cmd)?;
+    let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(30)).context("QMP")?;
+    ready
+        .recv_timeout(Duration::from_secs(120))
+        .context("driver never ready")?;
+    let launch_s = t0.elapsed().as_secs_f64();
+    let flushes_before = qmp.kvm_vm_stat("remote_tlb_flush_requests")?.unwrap_or(0);
+    let rss_before = rss_shmem(child.id());
+    let logical = a.memory - a.balloon;
+    qmp.execute("balloon", json!({ "value": logical }))?;
+    let inflate_s =
+        poll_until(|| Ok(qmp.execute("query-balloon", json!({}))?["actual"] == logical))?;
+    std::thread::sleep(Duration::from_millis(50));
+    let rss_after = rss_shmem(child.id());
+    let flushes_after = qmp.kvm_vm_stat("remote_tlb_flush_requests")?.unwrap_or(0);
+    qmp.execute("balloon", json!({ "value": a.memory }))?;
+    let code = wait_exit(&mut child)?;
+    if code != 33 {
+        bail!("guest failed on QEMU: exit {code}");
+    }
+    Ok(Run {
+        launch_s,
+        inflate_s,
+        returned_bytes: rss_before.saturating_sub(rss_after),
+        flushes: flushes_after - flushes_before,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let dir = std::env::temp_dir().join(format!("peer-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let peers = [Peer::Gather, Peer::PerPage, Peer::Qemu];
+    let mut runs: Vec<Vec<Run>> = peers.iter().map(|_| Vec::new()).collect();
+    for rep in 0..a.reps {
+        for (i, &p) in peers.iter().enumerate() {
+            eprintln!("rep {}/{}: {}", rep + 1, a.reps, p.name());
+            let r = match p {
+                Peer::Gather => run_ours(&a, "gather", &dir)?,
+                Peer::PerPage => run_ours(&a, "per-page", &dir)?,
+                Peer::Qemu => run_qemu(&a, &dir)?,
+            };
+            runs[i].push(r);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let gib = a.balloon as f64 / (1u64 << 30) as f64;
+    let med = |i: usize, f: fn(&Run) -> f64| median(runs[i].iter().map(f).collect());
+    let qemu = peers.iter().position(|&p| p == Peer::Qemu).unwrap();
+    println!(
+        "command: peer-compare --memory {} --balloon {} --reps {} (1 vCPU; medians)\n",
+        a.memory >> 20,
+        a.balloon >> 20,
+        a.reps
+    );
+    println!("| VMM | launch s | inflate s | MiB/s | host MiB returned | KVM flush requests | per GiB | speed vs QEMU | flushes vs QEMU |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, p) in peers.iter().enumerate() {
+        let inflate = med(i, |r| r.inflate_s);
+        let flushes = med(i, |r| r.flushes as f64);
+        println!(
+            "| {} | {:.2} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.0}x fewer |",
+            p.name(),
+            med(i, |r| r.launch_s),
+            inflate,
+            a.balloon as f64 / (1u64 << 20) as f64 / inflate,
+            med(i, |r| r.returned_bytes as f64) / (1u64 << 20) as f64,
+            flushes,
+            flushes / gib,
+            med(qemu, |r| r.inflate_s) / inflate,
+            med(qemu, |r| r.flushes as f64) / flushes.max(1.0),
+        );
+    }
+    Ok(())
+}
