@@ -342,10 +342,6 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
     if cmdline::get_u64(line, "prefault") != Some(0) {
         prefault();
     }
-    if cmdline::get_u64(line, "fragment") == Some(1) {
-        let kept = fragment();
-        println!("balloon: fragmented the allocator, keeping {} scattered frames", kept);
-    }
     let dev = virtio::find(line, VIRTIO_ID_BALLOON)?;
     let wanted = F_STATS_VQ
         | F_DEFLATE_ON_OOM
@@ -356,6 +352,11 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
         };
     let features = dev.negotiate(wanted)?;
     let mut d = Driver::new(dev, features)?;
+    // Fragment only now: the driver's own structures need contiguous frames.
+    if cmdline::get_u64(line, "fragment") == Some(1) {
+        let kept = fragment();
+        println!("balloon: fragmented the allocator, keeping {} scattered frames", kept);
+    }
     dev.driver_ok()?;
     println!(
         "balloon: driver ready at {:#x}, features {:#x}",
