@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 markers=target/tmp/kvm-tests
 rm -rf "$markers"
 status=0
-cargo test --workspace --locked "$@" || status=$?
+cargo test --workspace --locked --no-fail-fast "$@" || status=$?
 count() { { find "$markers/$1" -type f 2>/dev/null || true; } | wc -l; }
 ran=$(count ran)
 skipped=$(count skipped)

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 #[test]
@@ -14,30 +13,7 @@ fn qemu_boots_memtouch_through_pvh() {
         eprintln!("SKIPPED: qemu-system-x86_64 not installed");
         return;
     };
-    let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=off",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-m",
-        "256M",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=1",
-        "-kernel",
-        common::guest("memtouch").to_str().unwrap(),
-        "-append",
-        "rounds=2 bytes=64M",
-    ]);
+    let cmd = common::qemu_microvm(&qemu, "256M", &[], "memtouch", "rounds=2 bytes=64M");
     let r = common::run_with_timeout(cmd, Duration::from_secs(120));
     assert_eq!(
         r.status,
@@ -65,36 +41,14 @@ fn balloon_guest_inflates_and_deflates_against_qemus_device() {
     };
     let qmp_path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("qemu-balloon-qmp.sock");
     let _ = std::fs::remove_file(&qmp_path);
-    let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=off",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-m",
-        "256M",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=1",
-        "-global",
-        "virtio-mmio.force-legacy=false",
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_path.display());
+    let extra = [
         "-device",
         "virtio-balloon-device,free-page-reporting=on",
         "-qmp",
-        &format!("unix:{},server=on,wait=off", qmp_path.display()),
-        "-kernel",
-        common::guest("balloon").to_str().unwrap(),
-        "-append",
-        "changes=2 report=1",
-    ]);
+        qmp_arg.as_str(),
+    ];
+    let cmd = common::qemu_microvm(&qemu, "256M", &extra, "balloon", "changes=2 report=1");
     let driver = std::thread::spawn(move || {
         let mut qmp = vmm::qmp::Qmp::connect(&qmp_path, Duration::from_secs(30)).expect("QMP");
         // QMP's value is the guest's logical memory size: 128 MiB means a 128 MiB balloon.

@@ -144,3 +144,47 @@ pub fn to_output(o: Output) -> Run {
         stderr: String::from_utf8_lossy(&o.stderr).into(),
     }
 }
+
+/// QEMU's microvm with the project's conventions: KVM, 1 vCPU, serial on stdio, the exit port
+/// as isa-debug-exit, modern virtio-mmio; `extra` arguments go before `-kernel`.
+pub fn qemu_microvm(
+    qemu: &Path,
+    memory: &str,
+    extra: &[&str],
+    guest: &str,
+    append: &str,
+) -> Command {
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-M",
+        "microvm,x-option-roms=off,rtc=off",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        memory,
+    ])
+    .args([
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+    ])
+    .args([
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=1",
+        "-global",
+        "virtio-mmio.force-legacy=false",
+    ])
+    .args(extra)
+    .args(["-kernel", guest_path_str(guest).as_str(), "-append", append]);
+    cmd
+}
+
+fn guest_path_str(name: &str) -> String {
+    guest(name).to_str().unwrap().to_string()
+}

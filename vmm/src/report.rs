@@ -8,6 +8,20 @@ use guest_mm::layout::PAGE_SIZE;
 use guest_mm::GatherStats;
 use serde::Serialize;
 
+/// The median of `v` (the mean of the middle two for an even count; 0 for none).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 /// Writes one line to stderr with a single write, so it never interleaves with the guest's
 /// serial output mid-line when both go to the same terminal or pipe.
 pub fn say(line: &str) {

@@ -38,3 +38,25 @@ pub fn check(gfn: u64, salt: u64, zero: bool) -> u64 {
     }
     bad
 }
+
+/// Fills `[base, base + n)` with the pattern for `salt`, then keeps checking and rewriting it
+/// until `stop` is set. Returns (rounds, words that did not match).
+pub fn rewrite_until(
+    base: u64,
+    n: u64,
+    salt: u64,
+    stop: &core::sync::atomic::AtomicBool,
+) -> (u64, u64) {
+    for g in base..base + n {
+        fill(g, salt);
+    }
+    let (mut rounds, mut errors) = (0, 0);
+    while !stop.load(core::sync::atomic::Ordering::Acquire) {
+        for g in base..base + n {
+            errors += check(g, salt, false);
+            fill(g, salt);
+        }
+        rounds += 1;
+    }
+    (rounds, errors)
+}

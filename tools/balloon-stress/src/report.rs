@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 use serde_json::Value;
+use vmm::report::median;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Sample {
@@ -39,19 +40,6 @@ pub struct Report {
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 fn pct(h: &Value, p: f64) -> u64 {
     // Same rule as guest_mm::Histogram::percentile: upper bound of the bucket.

@@ -16,14 +16,19 @@ fn vmm_binary() -> PathBuf {
 }
 
 #[test]
-fn short_mixed_scenario_passes_and_writes_report_and_plots() {
-    if std::fs::OpenOptions::new()
+fn short_sawtooth_scenario_passes_and_writes_report_and_plots() {
+    let name = "short_sawtooth_scenario_passes_and_writes_report_and_plots";
+    let markers = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kvm-tests");
+    let kvm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .is_err()
-    {
-        println!("SKIPPED: /dev/kvm not available");
+        .is_ok();
+    let kind = if kvm { "ran" } else { "skipped" };
+    std::fs::create_dir_all(markers.join(kind)).unwrap();
+    std::fs::write(markers.join(kind).join(name), b"").unwrap();
+    if !kvm {
+        println!("SKIPPED: /dev/kvm not available ({name})");
         return;
     }
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("balloon-stress-short");
@@ -72,11 +77,13 @@ fn short_mixed_scenario_passes_and_writes_report_and_plots() {
     let steps = rep["steps"].as_array().unwrap();
     assert_eq!(steps.len(), 5, "sawtooth: 4 inflates and a deflate");
     assert!(steps.iter().all(|s| s["reached"] == true), "{rep}");
-    assert!(
-        rep["summary"]["mib_reclaimed"].as_f64().unwrap() > 150.0,
-        "{}",
-        rep["summary"]
-    );
+    // The balloon peaked at 192 MiB (75% of 256 MiB). Host bytes may fall by less: free
+    // page reporting already returned the guest's untouched free memory.
+    let inflated = rep["final_stats"]["device"]["pages_inflated"]
+        .as_u64()
+        .unwrap()
+        * 4096;
+    assert!(inflated >= 192 << 20, "{}", rep["final_stats"]["device"]);
     assert!(
         rep["final_stats"]["device"]["pages_reported"]
             .as_u64()

@@ -20,6 +20,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use vmm::config::parse_size;
 use vmm::qmp::Qmp;
+use vmm::report::median;
 
 /// Compare balloon inflation on this VMM and on QEMU with the same guest.
 #[derive(Parser)]
@@ -247,16 +248,6 @@ fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn main() -> Result<()> {
     let a = Args::parse();
     let dir = std::env::temp_dir().join(format!("peer-compare-{}", std::process::id()));
@@ -284,13 +275,13 @@ fn main() -> Result<()> {
         a.balloon >> 20,
         a.reps
     );
-    println!("| VMM | launch s | inflate s | MiB/s | host MiB returned | KVM flush requests | per GiB | speed vs QEMU | flushes vs QEMU |");
+    println!("| VMM | launch s | inflate s | MiB/s | host MiB returned | KVM flush requests | per GiB | speed vs QEMU | QEMU flushes / these |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, p) in peers.iter().enumerate() {
         let inflate = med(i, |r| r.inflate_s);
         let flushes = med(i, |r| r.flushes as f64);
         println!(
-            "| {} | {:.2} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.0}x fewer |",
+            "| {} | {:.2} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.0}x |",
             p.name(),
             med(i, |r| r.launch_s),
             inflate,

@@ -10,6 +10,7 @@ use clap::Parser;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
+use vmm::report::median;
 
 /// Measure per-page, per-buffer and gather reclaim on KVM with the reclaimcheck guest.
 #[derive(Parser)]
@@ -68,16 +69,6 @@ fn run_once(a: &Args, strategy: &str, pattern: &str) -> Result<HashMap<String, f
         .filter_map(|kv| kv.split_once('='))
         .filter_map(|(k, v)| v.parse::<f64>().ok().map(|v| (k.to_string(), v)))
         .collect())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn main() -> Result<()> {

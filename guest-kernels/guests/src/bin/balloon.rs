@@ -41,18 +41,7 @@ fn verifier(cpu: &Cpu, bytes: u64) -> Verdict {
         println!("balloon: cpu {} cannot allocate {} pages", cpu.id, pages);
         return Verdict::Fail;
     };
-    let salt = 0x1000 + cpu.id as u64;
-    for g in base..base + n {
-        pattern::fill(g, salt);
-    }
-    let (mut rounds, mut errors) = (0u64, 0u64);
-    while !DONE.load(Ordering::Acquire) {
-        for g in base..base + n {
-            errors += pattern::check(g, salt, false);
-            pattern::fill(g, salt);
-        }
-        rounds += 1;
-    }
+    let (rounds, errors) = pattern::rewrite_until(base, n, 0x1000 + cpu.id as u64, &DONE);
     println!(
         "balloon: cpu {} verified its {} pages {} times, {} errors",
         cpu.id, n, rounds, errors
@@ -100,7 +89,9 @@ fn fragment() -> u64 {
     let runs = unsafe { &mut (*(&raw mut RUNS)).0 };
     let mut n = 0;
     while n < runs.len() {
-        let Some(run) = frames::alloc_run(u64::MAX) else { break };
+        let Some(run) = frames::alloc_run(u64::MAX) else {
+            break;
+        };
         runs[n] = run;
         n += 1;
     }
@@ -355,7 +346,10 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
     // Fragment only now: the driver's own structures need contiguous frames.
     if cmdline::get_u64(line, "fragment") == Some(1) {
         let kept = fragment();
-        println!("balloon: fragmented the allocator, keeping {} scattered frames", kept);
+        println!(
+            "balloon: fragmented the allocator, keeping {} scattered frames",
+            kept
+        );
     }
     dev.driver_ok()?;
     println!(

@@ -15,12 +15,12 @@
 #![no_main]
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use rt::pattern::{check, fill};
 use rt::sync::Barrier;
 use rt::{arch, bootinfo, cmdline, frames, println, Cpu, Verdict};
 
 const PROBE_PORT: u16 = 0xf6;
 const MAGIC: u64 = u64::from_le_bytes(*b"RECLAIM1");
-const WORDS: usize = 512;
 
 #[repr(C, align(4096))]
 struct Mailbox {
@@ -49,39 +49,8 @@ static READY: Barrier = Barrier::new();
 static DONE: AtomicBool = AtomicBool::new(false);
 static OTHER_ERRORS: AtomicU64 = AtomicU64::new(0);
 
-fn pattern(addr: u64, salt: u64) -> u64 {
-    (addr ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
-}
-
 fn page(gfn: u64) -> *mut u64 {
     (gfn * frames::PAGE_SIZE) as *mut u64
-}
-
-fn fill(gfn: u64, salt: u64) {
-    let p = page(gfn);
-    for w in 0..WORDS {
-        // SAFETY: the frame is ours and identity mapped.
-        unsafe { p.add(w).write_volatile(pattern(p.add(w) as u64, salt)) };
-    }
-}
-
-/// Number of words of `gfn` that do not hold the pattern (or zero, if `zero`).
-fn check(gfn: u64, salt: u64, zero: bool) -> u64 {
-    let p = page(gfn);
-    let mut bad = 0;
-    for w in 0..WORDS {
-        // SAFETY: as in `fill`.
-        let got = unsafe { p.add(w).read_volatile() };
-        let want = if zero {
-            0
-        } else {
-            pattern(p.wrapping_add(w) as u64, salt)
-        };
-        if got != want {
-            bad += 1;
-        }
-    }
-    bad
 }
 
 fn take_run(pages: u64) -> Option<u64> {
@@ -117,15 +86,7 @@ fn other_vcpu(cpu: &Cpu, bytes: u64) -> Verdict {
         fill(g, salt);
     }
     READY.wait(cpu.count);
-    let mut rounds = 0u64;
-    let mut errors = 0;
-    while !DONE.load(Ordering::Acquire) {
-        for g in base..base + pages {
-            errors += check(g, salt, false);
-            fill(g, salt);
-        }
-        rounds += 1;
-    }
+    let (rounds, errors) = rt::pattern::rewrite_until(base, pages, salt, &DONE);
     println!(
         "reclaimcheck: cpu {} rewrote its {} pages {} times, {} errors",
         cpu.id, pages, rounds, errors
