@@ -13,7 +13,7 @@ fn stop_mid_inflate(signal: i32, test: &str) {
     let sock = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{test}.sock"));
     let mut vm = Command::new(common::VMM)
         .args([
-            "run", "--guest", "balloon", "--vcpus", "2", "--memory", "1G",
+            "run", "--guest", "balloon", "--vcpus", "2", "--memory", "512M",
         ])
         .args([
             "--api-sock",
