@@ -381,3 +381,15 @@ fn config_reports_target_and_validates_actual() {
         "actual larger than RAM is ignored"
     );
 }
+
+#[test]
+fn oversized_buffers_are_refused_whole() {
+    let mut h = Harness::new(Strategy::PerBuffer);
+    h.init(ALL, None);
+    let pfns: Vec<u32> = (0x1000..0x1000 + MAX_BUFFER_PFNS as u32 + 1).collect();
+    let buf = h.pfn_buffer(&pfns);
+    assert_eq!(h.submit(INFLATE_Q, &[buf]), 1);
+    let c = h.counters();
+    assert_eq!((c.malformed_buffers, c.pages_inflated), (1, 0));
+    assert!(h.canary_intact());
+}
