@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, property tests, and integration tests that boot
 # real guests on /dev/kvm (and on QEMU, when installed). Ends with how many KVM tests ran.
+# FUZZ_SECONDS=N adds a fuzz run of N seconds per target (CI sets 60; see docs/FUZZING.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 ./setup.sh
@@ -14,5 +15,8 @@ skipped=$(count skipped)
 echo "KVM tests: $ran ran, $skipped skipped"
 if [ "$skipped" -gt 0 ]; then
     echo "WARNING: $skipped KVM test(s) did not run because /dev/kvm is not available"
+fi
+if [ "${FUZZ_SECONDS:-0}" -gt 0 ]; then
+    ./vmm/fuzz/run.sh "$FUZZ_SECONDS" || status=$?
 fi
 exit $status

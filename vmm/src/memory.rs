@@ -4,7 +4,7 @@
 
 use guest_mm::gather::{FlushCounter, GatherConfig};
 use guest_mm::kvm_stats::KvmStats;
-use guest_mm::{GuestRam, KvmMemfd, Readers, Stage2Gather, Stage2Map};
+use guest_mm::{GuestRam, KvmMemfd, Readers, Stage2Backend, Stage2Gather, Stage2Map};
 use kvm_ioctls::VmFd;
 use std::sync::{Arc, Mutex};
 
@@ -37,9 +37,20 @@ impl MemoryManager {
         gather_stats: Option<KvmStats>,
         kvm_stats: Option<KvmStats>,
     ) -> Self {
+        let backend = Arc::new(KvmMemfd::new(ram.clone()));
+        Self::with_backend(ram, config, backend, gather_stats, kvm_stats)
+    }
+
+    /// With another stage-2 backend (fuzzing wraps the KVM one to check every call).
+    pub fn with_backend(
+        ram: Arc<GuestRam>,
+        config: GatherConfig,
+        backend: Arc<dyn Stage2Backend>,
+        gather_stats: Option<KvmStats>,
+        kvm_stats: Option<KvmStats>,
+    ) -> Self {
         let map = Arc::new(Stage2Map::new(ram.layout().clone()));
         let readers = Readers::new();
-        let backend = Arc::new(KvmMemfd::new(ram.clone()));
         let mut gather = Stage2Gather::new(config, map.clone(), backend, readers.clone());
         if let Some(s) = gather_stats {
             gather = gather.with_flush_counter(Box::new(s));
