@@ -18,7 +18,11 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
         return;
     }
-    let strategy = [guest_mm::Strategy::PerPage, guest_mm::Strategy::PerBuffer, guest_mm::Strategy::Gather][data[0] as usize % 3];
+    let strategy = [
+        guest_mm::Strategy::PerPage,
+        guest_mm::Strategy::PerBuffer,
+        guest_mm::Strategy::Gather,
+    ][data[0] as usize % 3];
     let mut t = Target::new(strategy);
     // Driver initialisation with all features and four queues at fixed rings.
     reg(&mut t, 0x70, 3);
@@ -43,9 +47,13 @@ fuzz_target!(|data: &[u8]| {
     // followed by processing one queue.
     for chunk in data[1..].chunks(64) {
         let q = chunk[0] as u64 % 4;
-        let where_ = [RINGS + q * 0x3000, RINGS + q * 0x3000 + 0x1000, 0x40000][chunk[0] as usize / 4 % 3];
+        let where_ =
+            [RINGS + q * 0x3000, RINGS + q * 0x3000 + 0x1000, 0x40000][chunk[0] as usize / 4 % 3];
         let off = (chunk.get(1).copied().unwrap_or(0) as u64) * 8;
-        let _ = t.mm.ram.memory().write_slice(&chunk[chunk.len().min(2)..], GuestAddress(where_ + off));
+        let _ =
+            t.mm.ram
+                .memory()
+                .write_slice(&chunk[chunk.len().min(2)..], GuestAddress(where_ + off));
         t.t.process_queue(q as usize);
         let _ = t.mm.gather.lock().unwrap().poll();
         t.check();

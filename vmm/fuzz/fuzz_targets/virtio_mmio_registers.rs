@@ -25,7 +25,10 @@ fuzz_target!(|data: &[u8]| {
             _ => {
                 // Guest memory write anywhere in RAM (rings, buffers, PFN lists).
                 let gpa = (val as u64 * 4) % RAM;
-                let _ = t.mm.ram.memory().write_obj(u32::from_le_bytes([op[1], op[2], op[7], op[0]]), GuestAddress(gpa & !3));
+                let _ = t.mm.ram.memory().write_obj(
+                    u32::from_le_bytes([op[1], op[2], op[7], op[0]]),
+                    GuestAddress(gpa & !3),
+                );
             }
         }
         let _ = t.mm.gather.lock().unwrap().poll();

@@ -4,7 +4,9 @@
 
 use guest_mm::gfn::GfnRange;
 use guest_mm::layout::PAGE_SIZE;
-use guest_mm::{BackendError, FrameState, GatherConfig, GuestRam, KvmMemfd, Stage2Backend, Strategy};
+use guest_mm::{
+    BackendError, FrameState, GatherConfig, GuestRam, KvmMemfd, Stage2Backend, Strategy,
+};
 use std::sync::Arc;
 use vmm::devices::balloon::Balloon;
 use vmm::devices::virtio::{Interrupt, MmioTransport};
@@ -21,9 +23,16 @@ struct Checked {
 
 impl Checked {
     fn check(&self, r: GfnRange) {
-        let gpa = r.start.checked_mul(PAGE_SIZE).expect("gfn overflow reached the backend");
+        let gpa = r
+            .start
+            .checked_mul(PAGE_SIZE)
+            .expect("gfn overflow reached the backend");
         let len = r.count * PAGE_SIZE;
-        let inside = self.ram.layout().range_of(gpa).is_some_and(|rr| gpa + len <= rr.end());
+        let inside = self
+            .ram
+            .layout()
+            .range_of(gpa)
+            .is_some_and(|rr| gpa + len <= rr.end());
         assert!(inside && r.count > 0, "host call outside guest RAM: {r:?}");
     }
 }
@@ -50,10 +59,23 @@ pub struct Target {
 impl Target {
     pub fn new(strategy: Strategy) -> Self {
         let ram = Arc::new(GuestRam::new(RAM).unwrap());
-        let backend = Arc::new(Checked { inner: KvmMemfd::new(ram.clone()), ram: ram.clone() });
-        let mm = Arc::new(MemoryManager::with_backend(ram.clone(), GatherConfig::new(strategy), backend, None, None));
+        let backend = Arc::new(Checked {
+            inner: KvmMemfd::new(ram.clone()),
+            ram: ram.clone(),
+        });
+        let mm = Arc::new(MemoryManager::with_backend(
+            ram.clone(),
+            GatherConfig::new(strategy),
+            backend,
+            None,
+            None,
+        ));
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        let t = MmioTransport::new(Balloon::new(mm.clone(), irq.clone()), ram.memory().clone(), irq);
+        let t = MmioTransport::new(
+            Balloon::new(mm.clone(), irq.clone()),
+            ram.memory().clone(),
+            irq,
+        );
         Self { t, mm }
     }
 
@@ -61,19 +83,38 @@ impl Target {
     pub fn check(&self) {
         let ram_pages = RAM / PAGE_SIZE;
         let map = &self.mm.map;
-        let total: u64 = [FrameState::Mapped, FrameState::Gathered, FrameState::Zapped, FrameState::Released]
-            .iter()
-            .map(|&s| map.count(s))
-            .sum();
+        let total: u64 = [
+            FrameState::Mapped,
+            FrameState::Gathered,
+            FrameState::Zapped,
+            FrameState::Released,
+        ]
+        .iter()
+        .map(|&s| map.count(s))
+        .sum();
         assert_eq!(total, ram_pages, "every RAM frame is in exactly one state");
-        assert_eq!(map.count(FrameState::Zapped), 0, "no frame is left between zap and release");
+        assert_eq!(
+            map.count(FrameState::Zapped),
+            0,
+            "no frame is left between zap and release"
+        );
         let g = self.mm.gather.lock().unwrap();
         let s = g.stats();
-        assert_eq!(map.count(FrameState::Gathered), g.pending_pages(), "gathered frames are the pending batch");
-        assert!(s.pages_reclaimed >= map.count(FrameState::Released), "released frames were all reclaimed");
+        assert_eq!(
+            map.count(FrameState::Gathered),
+            g.pending_pages(),
+            "gathered frames are the pending batch"
+        );
+        assert!(
+            s.pages_reclaimed >= map.count(FrameState::Released),
+            "released frames were all reclaimed"
+        );
         drop(g);
         let held = self.mm.ram.host_bytes_held().unwrap();
         assert!(held <= RAM, "the memfd holds more than guest RAM: {held}");
-        assert!(self.t.device().actual() as u64 <= ram_pages, "actual above RAM");
+        assert!(
+            self.t.device().actual() as u64 <= ram_pages,
+            "actual above RAM"
+        );
     }
 }
