@@ -186,6 +186,9 @@ impl Batch {
                     for g in r.iter() {
                         let _ = p.map.ungather(g);
                     }
+                    // Not reclaimed: keep the batch's accounting to what was.
+                    self.report.pages -= r.count;
+                    self.report.ranges -= 1;
                 }
             }
         }
@@ -610,6 +613,66 @@ mod tests {
         assert_eq!(r.repopulated, 2);
         assert_eq!(r.invalid, vec![FrameError::NotReleased(13)]);
         assert_eq!(g.map().state(10), Ok(FrameState::Mapped));
+    }
+
+    /// Fails zaps of ranges that start at an odd frame, and every release.
+    struct Failing;
+
+    impl Stage2Backend for Failing {
+        fn name(&self) -> &'static str {
+            "failing"
+        }
+        fn zap(&self, r: GfnRange) -> Result<(), BackendError> {
+            if r.start % 2 == 1 {
+                let err = std::io::Error::from_raw_os_error(libc::EIO);
+                return Err(BackendError::HostCall {
+                    call: "madvise(MADV_DONTNEED)",
+                    start: r.start,
+                    count: r.count,
+                    err,
+                });
+            }
+            Ok(())
+        }
+        fn release(&self, r: GfnRange) -> Result<(), BackendError> {
+            let err = std::io::Error::from_raw_os_error(libc::ENOSPC);
+            Err(BackendError::HostCall {
+                call: "fallocate(PUNCH_HOLE)",
+                start: r.start,
+                count: r.count,
+                err,
+            })
+        }
+    }
+
+    #[test]
+    fn failed_host_calls_are_reported_with_context_and_never_dropped() {
+        let map = Arc::new(Stage2Map::new(Layout::new(64 << 20).unwrap()));
+        let mut g = Stage2Gather::new(
+            GatherConfig::new(Strategy::PerPage),
+            map.clone(),
+            Arc::new(Failing),
+            Readers::new(),
+        );
+        let out = g.add_buffer(&[10, 11]);
+        let report = &out.flushed[0];
+        // Frame 11's zap failed: it stays with the guest. Frame 10 was zapped, but its release
+        // failed: it is gone from stage 2, and the error says the host did not get it back.
+        assert_eq!(map.state(11), Ok(FrameState::Mapped));
+        assert_eq!(map.state(10), Ok(FrameState::Released));
+        assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
+        assert!(report
+            .errors
+            .iter()
+            .any(|e| e.contains("madvise(MADV_DONTNEED) on guest frames 0xb+1 failed")));
+        assert!(report
+            .errors
+            .iter()
+            .any(|e| e.contains("fallocate(PUNCH_HOLE) on guest frames 0xa+1 failed")));
+        assert_eq!(g.stats().host_call_errors, 2);
+        assert_eq!((report.pages, g.stats().pages_reclaimed), (1, 1), "only frame 10 was reclaimed");
+        // Frame 11 can be offered again.
+        assert_eq!(g.add_buffer(&[11]).accepted, 1);
     }
 
     #[test]
