@@ -47,17 +47,9 @@ fn inflate_768m_of_a_1g_guest_then_deflate_to_zero() {
         json.to_str().unwrap(),
     ]);
     assert_eq!(r.status, Some(0), "{}", r.all());
-    assert!(
-        r.stdout.contains("balloon: reached 196608 pages (768 MiB)"),
-        "{}",
-        r.all()
-    );
-    assert!(
-        r.stdout.contains("balloon: reached 0 pages (0 MiB)"),
-        "{}",
-        r.all()
-    );
-    assert!(r.stdout.contains("reuse errors 0"), "{}", r.all());
+    r.assert_stdout_has(&["balloon: reached 196608 pages (768 MiB)"]);
+    r.assert_stdout_has(&["balloon: reached 0 pages (0 MiB)"]);
+    r.assert_stdout_has(&["reuse errors 0"]);
     assert!(
         r.stdout.contains("balloon: cpu 1 verified its 4096 pages")
             && r.stdout.contains(", 0 errors"),
@@ -113,7 +105,7 @@ fn free_page_reporting_returns_memory_to_the_host() {
         json.to_str().unwrap(),
     ]);
     assert_eq!(r.status, Some(0), "{}", r.all());
-    assert!(r.stdout.contains("balloon: reported"), "{}", r.all());
+    r.assert_stdout_has(&["balloon: reported"]);
     let rep = report(&json);
     let reported = rep["device"]["pages_reported"].as_u64().unwrap() * 4096;
     assert!(

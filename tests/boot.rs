@@ -24,7 +24,7 @@ fn memtouch_passes_on(vcpus: u32, test: &str) {
         "no '{verdict}' in output\n{}",
         r.all()
     );
-    assert!(r.stdout.contains("errors=0"), "{}", r.all());
+    r.assert_stdout_has(&["errors=0"]);
     for cpu in 0..vcpus {
         let line = format!("memtouch: cpu {cpu} touched");
         assert!(
@@ -67,11 +67,7 @@ fn memtouch_touches_ram_above_4g() {
         "rounds=1",
     ]);
     assert_eq!(r.status, Some(0), "{}", r.all());
-    assert!(
-        r.stdout.contains("memtouch: PASS vcpus=2 rounds=1"),
-        "{}",
-        r.all()
-    );
+    r.assert_stdout_has(&["memtouch: PASS vcpus=2 rounds=1"]);
 }
 
 #[test]
@@ -100,7 +96,7 @@ fn guest_exception_is_reported_by_the_guest_and_fails() {
     require_kvm!("guest_exception_is_reported_by_the_guest_and_fails");
     let r = common::vmm(&["run", "--guest", "faulty", "--cmdline", "mode=exception"]);
     assert_eq!(r.status, Some(1), "{}", r.all());
-    assert!(r.stdout.contains("rt: EXCEPTION vector=6"), "{}", r.all());
+    r.assert_stdout_has(&["rt: EXCEPTION vector=6"]);
 }
 
 #[test]

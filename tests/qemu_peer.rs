@@ -79,20 +79,12 @@ fn balloon_guest_inflates_and_deflates_against_qemus_device() {
         "QEMU did not exit with the pass code\n{}",
         r.all()
     );
-    assert!(
-        r.stdout.contains("balloon: reached 32768 pages (128 MiB)"),
-        "{}",
-        r.all()
-    );
-    assert!(
-        r.stdout.contains("balloon: reached 0 pages (0 MiB)"),
-        "{}",
-        r.all()
-    );
+    r.assert_stdout_has(&["balloon: reached 32768 pages (128 MiB)"]);
+    r.assert_stdout_has(&["balloon: reached 0 pages (0 MiB)"]);
     assert!(
         r.stdout.contains("balloon: reported"),
         "free page reporting against QEMU\n{}",
         r.all()
     );
-    assert!(r.stdout.contains("reuse errors 0"), "{}", r.all());
+    r.assert_stdout_has(&["reuse errors 0"]);
 }

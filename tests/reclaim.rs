@@ -48,7 +48,7 @@ fn reclaim_with(strategy: &str, test: &str) -> HashMap<String, String> {
         strategy,
     ]);
     assert_eq!(r.status, Some(0), "{}", r.all());
-    assert!(r.stdout.contains("reclaimcheck: PASS"), "{}", r.all());
+    r.assert_stdout_has(&["reclaimcheck: PASS"]);
     assert!(
         r.stdout
             .contains("not_zero=0 corrupted=0 reuse_errors=0 unlisted=0"),

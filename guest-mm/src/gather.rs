@@ -670,7 +670,11 @@ mod tests {
             .iter()
             .any(|e| e.contains("fallocate(PUNCH_HOLE) on guest frames 0xa+1 failed")));
         assert_eq!(g.stats().host_call_errors, 2);
-        assert_eq!((report.pages, g.stats().pages_reclaimed), (1, 1), "only frame 10 was reclaimed");
+        assert_eq!(
+            (report.pages, g.stats().pages_reclaimed),
+            (1, 1),
+            "only frame 10 was reclaimed"
+        );
         // Frame 11 can be offered again.
         assert_eq!(g.add_buffer(&[11]).accepted, 1);
     }

@@ -57,6 +57,17 @@ pub struct Run {
 }
 
 impl Run {
+    /// Asserts that stdout holds every one of `needles`, showing all output if not.
+    pub fn assert_stdout_has(&self, needles: &[&str]) {
+        for n in needles {
+            assert!(
+                self.stdout.contains(n),
+                "no '{n}' in stdout\n{}",
+                self.all()
+            );
+        }
+    }
+
     pub fn all(&self) -> String {
         format!(
             "--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -145,8 +156,8 @@ pub fn to_output(o: Output) -> Run {
     }
 }
 
-/// QEMU's microvm with the project's conventions: KVM, 1 vCPU, serial on stdio, the exit port
-/// as isa-debug-exit, modern virtio-mmio; `extra` arguments go before `-kernel`.
+/// QEMU's microvm with the project's conventions (`vmm::qmp::microvm_args`); `extra`
+/// arguments go before `-kernel`.
 pub fn qemu_microvm(
     qemu: &Path,
     memory: &str,
@@ -155,33 +166,12 @@ pub fn qemu_microvm(
     append: &str,
 ) -> Command {
     let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=off",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-m",
-        memory,
-    ])
-    .args([
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-    ])
-    .args([
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=1",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-    ])
-    .args(extra)
-    .args(["-kernel", guest_path_str(guest).as_str(), "-append", append]);
+    cmd.args(vmm::qmp::microvm_args(memory)).args(extra).args([
+        "-kernel",
+        guest_path_str(guest).as_str(),
+        "-append",
+        append,
+    ]);
     cmd
 }
 

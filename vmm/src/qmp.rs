@@ -1,11 +1,41 @@
-//! A minimal QMP client (QEMU's JSON control protocol), for comparing against QEMU as a peer
-//! VMM in tests and benchmarks.
+//! QEMU as a peer VMM for tests and benchmarks: the microvm command line our guests boot
+//! under, and a minimal QMP client (QEMU's JSON control protocol).
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+/// QEMU arguments for booting the project's guests: microvm with KVM, one vCPU (the PVH
+/// entry starts only the boot vCPU), serial on stdio, the exit port as isa-debug-exit, and
+/// modern virtio-mmio. Add devices, then `-kernel` and `-append`.
+pub fn microvm_args(memory: &str) -> Vec<String> {
+    [
+        "-M",
+        "microvm,x-option-roms=off,rtc=off",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        memory,
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=1",
+        "-global",
+        "virtio-mmio.force-legacy=false",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
 
 pub struct Qmp {
     reader: BufReader<UnixStream>,

@@ -183,42 +183,19 @@ fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
     let mem = format!("{}M", a.memory >> 20);
     let guest = vmm::guests::resolve("balloon")?;
     let mut cmd = Command::new(&a.qemu);
-    cmd.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=off,memory-backend=ram",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-    ])
-    .args([
-        "-m",
-        &mem,
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-    ])
-    .args([
-        "-object",
-        &format!("memory-backend-memfd,id=ram,size={mem},share=on"),
-    ])
-    .args([
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=1",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-    ])
-    .args([
-        "-device",
-        "virtio-balloon-device",
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", qmp_path.display()),
-    ])
-    .args(["-kernel", guest.to_str().unwrap(), "-append", "changes=2"]);
+    cmd.args(vmm::qmp::microvm_args(&mem))
+        .args(["-machine", "memory-backend=ram"])
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=ram,size={mem},share=on"),
+        ])
+        .args([
+            "-device",
+            "virtio-balloon-device",
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp_path.display()),
+        ])
+        .args(["-kernel", guest.to_str().unwrap(), "-append", "changes=2"]);
     let t0 = Instant::now();
     let (mut child, ready) = spawn(cmd)?;
     let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(30)).context("QMP")?;
