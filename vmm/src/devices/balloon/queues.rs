@@ -26,46 +26,57 @@ pub enum BufferError {
     Empty,
 }
 
-/// Reads an inflate/deflate buffer: device-readable descriptors of little-endian u32 PFNs.
-pub fn pfn_buffer(
+/// Reads a chain of device-readable descriptors whose lengths are multiples of `unit` bytes,
+/// `max` entries of `unit` bytes in all, into one byte vector.
+fn read_entries(
     chain: Chain,
     mem: &GuestMemoryMmap,
+    unit: u32,
     max: usize,
-) -> Result<Vec<u64>, BufferError> {
-    let mut pfns = Vec::new();
+) -> Result<Vec<u8>, BufferError> {
+    let mut bytes = Vec::new();
     let mut any = false;
     for (index, d) in chain.enumerate() {
         any = true;
         if d.is_write_only() {
             return Err(BufferError::WrongDirection { index });
         }
-        if !d.len().is_multiple_of(4) {
+        if !d.len().is_multiple_of(unit) {
             return Err(BufferError::BadLength {
                 index,
                 len: d.len(),
-                unit: 4,
+                unit,
             });
         }
-        if pfns.len() + d.len() as usize / 4 > max {
+        if (bytes.len() + d.len() as usize) / unit as usize > max {
             return Err(BufferError::TooLarge { max });
         }
-        let mut bytes = vec![0u8; d.len() as usize];
-        mem.read_slice(&mut bytes, d.addr())
+        let start = bytes.len();
+        bytes.resize(start + d.len() as usize, 0);
+        mem.read_slice(&mut bytes[start..], d.addr())
             .map_err(|_| BufferError::OutsideRam {
                 index,
                 addr: d.addr().0,
                 len: d.len(),
             })?;
-        pfns.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as u64),
-        );
     }
     if !any {
         return Err(BufferError::Empty);
     }
-    Ok(pfns)
+    Ok(bytes)
+}
+
+/// Reads an inflate/deflate buffer: device-readable descriptors of little-endian u32 PFNs.
+pub fn pfn_buffer(
+    chain: Chain,
+    mem: &GuestMemoryMmap,
+    max: usize,
+) -> Result<Vec<u64>, BufferError> {
+    let bytes = read_entries(chain, mem, 4, max)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as u64)
+        .collect())
 }
 
 /// Reads a free-page-report buffer: device-writable descriptors, each naming a free,
@@ -98,31 +109,17 @@ pub fn reported_frames(chain: Chain, layout: &Layout) -> Result<Vec<u64>, Buffer
 
 /// Reads a stats buffer: device-readable, 10-byte entries of (le16 tag, le64 value).
 pub fn stats_buffer(chain: Chain, mem: &GuestMemoryMmap) -> Result<Vec<(u16, u64)>, BufferError> {
-    let mut out = Vec::new();
-    for (index, d) in chain.enumerate() {
-        if d.is_write_only() {
-            return Err(BufferError::WrongDirection { index });
-        }
-        if !d.len().is_multiple_of(10) || d.len() > 4096 {
-            return Err(BufferError::BadLength {
-                index,
-                len: d.len(),
-                unit: 10,
-            });
-        }
-        let mut bytes = vec![0u8; d.len() as usize];
-        mem.read_slice(&mut bytes, d.addr())
-            .map_err(|_| BufferError::OutsideRam {
-                index,
-                addr: d.addr().0,
-                len: d.len(),
-            })?;
-        out.extend(bytes.chunks_exact(10).map(|c| {
+    let bytes = read_entries(chain, mem, 10, MAX_STATS)?;
+    Ok(bytes
+        .chunks_exact(10)
+        .map(|c| {
             (
                 u16::from_le_bytes([c[0], c[1]]),
                 u64::from_le_bytes(c[2..10].try_into().unwrap()),
             )
-        }));
-    }
-    Ok(out)
+        })
+        .collect())
 }
+
+/// More statistics than any driver sends (virtio 1.2 defines 10 tags).
+const MAX_STATS: usize = 64;
