@@ -58,12 +58,12 @@ impl KvmMemfd {
             start: range.start,
             count: range.count,
         };
-        let gpa = range.start.checked_mul(PAGE_SIZE).ok_or_else(outside)?;
-        let len = range.count.checked_mul(PAGE_SIZE).ok_or_else(outside)?;
-        let r = *self.ram.layout().range_of(gpa).ok_or_else(outside)?;
-        if range.count == 0 || gpa.checked_add(len).is_none_or(|end| end > r.end()) {
-            return Err(outside());
-        }
+        let r = *self
+            .ram
+            .layout()
+            .range_of_frames(range.start, range.count)
+            .ok_or_else(outside)?;
+        let (gpa, len) = (range.start * PAGE_SIZE, range.count * PAGE_SIZE);
         let off_in_range = gpa - r.gpa;
         // SAFETY: off_in_range + len <= r.size, so the pointer stays inside the mapping.
         let host = unsafe { self.ram.host_addr(&r).add(off_in_range as usize) };

@@ -87,6 +87,17 @@ impl Layout {
     pub fn range_of(&self, gpa: u64) -> Option<&RamRange> {
         self.ranges.iter().find(|r| r.contains(gpa))
     }
+
+    /// The one RAM range holding all of frames `[gfn, gfn + count)`, if `count > 0` and they
+    /// lie inside a single range (never across the MMIO hole or past the end). Overflow-safe
+    /// for any guest-supplied values.
+    pub fn range_of_frames(&self, gfn: u64, count: u64) -> Option<&RamRange> {
+        let gpa = gfn.checked_mul(PAGE_SIZE)?;
+        let end = count
+            .checked_mul(PAGE_SIZE)
+            .and_then(|len| gpa.checked_add(len))?;
+        self.range_of(gpa).filter(|r| count > 0 && end <= r.end())
+    }
 }
 
 #[cfg(test)]
@@ -117,6 +128,22 @@ mod tests {
         assert_eq!(l.total_bytes(), 4 << 30);
         assert!(l.range_of(MMIO_HOLE_START).is_none());
         assert!(l.range_of(MMIO_HOLE_END - 1).is_none());
+    }
+
+    #[test]
+    fn frame_ranges_must_lie_inside_one_ram_range() {
+        let l = Layout::new(4 << 30).unwrap();
+        let hole = MMIO_HOLE_START / PAGE_SIZE;
+        assert_eq!(l.range_of_frames(0, 16).map(|r| r.gpa), Some(0));
+        assert_eq!(l.range_of_frames(hole - 1, 1).map(|r| r.gpa), Some(0));
+        assert!(l.range_of_frames(hole - 1, 2).is_none(), "across the hole");
+        assert!(l.range_of_frames(5, 0).is_none(), "empty");
+        assert!(
+            l.range_of_frames(l.end() / PAGE_SIZE - 1, 2).is_none(),
+            "past the end"
+        );
+        assert!(l.range_of_frames(u64::MAX, 1).is_none());
+        assert!(l.range_of_frames(1, u64::MAX).is_none());
     }
 
     #[test]

@@ -72,16 +72,7 @@ pub fn scattered_frames(start: Gfn, pages: u64, limit: u64) -> Vec<Gfn> {
 }
 
 fn in_ram(mm: &MemoryManager, gfn: u64, pages: u64) -> bool {
-    let Some(gpa) = gfn.checked_mul(PAGE_SIZE) else {
-        return false;
-    };
-    let Some(len) = pages.checked_mul(PAGE_SIZE) else {
-        return false;
-    };
-    match mm.ram.layout().range_of(gpa) {
-        Some(r) => pages > 0 && gpa.checked_add(len).is_some_and(|end| end <= r.end()),
-        None => false,
-    }
+    mm.ram.layout().range_of_frames(gfn, pages).is_some()
 }
 
 /// Handles a write of `mailbox_gpa` to the probe port.

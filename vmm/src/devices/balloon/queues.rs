@@ -93,10 +93,8 @@ pub fn reported_frames(chain: Chain, layout: &Layout) -> Result<Vec<u64>, Buffer
         if !addr.is_multiple_of(PAGE_SIZE) || !(len as u64).is_multiple_of(PAGE_SIZE) {
             return Err(BufferError::Unaligned { addr, len });
         }
-        let inside = layout
-            .range_of(addr)
-            .is_some_and(|r| addr + len as u64 <= r.end());
-        if !inside || len == 0 {
+        let pages = len as u64 / PAGE_SIZE;
+        if layout.range_of_frames(addr / PAGE_SIZE, pages).is_none() {
             return Err(BufferError::OutsideRam { index, addr, len });
         }
         frames.extend((addr / PAGE_SIZE)..((addr + len as u64) / PAGE_SIZE));
