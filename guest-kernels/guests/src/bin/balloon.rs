@@ -195,6 +195,16 @@ impl Driver {
         self.dev.config_write(4, self.held as u32);
     }
 
+    /// The descriptor for the first `n` PFNs of our buffer page.
+    fn pfn_desc(&self, n: usize) -> Desc {
+        Desc {
+            addr: self.buffer as u64,
+            len: (n * 4) as u32,
+            flags: 0,
+            next: 0,
+        }
+    }
+
     fn inflate_some(&mut self, want: u64) -> Result<bool, virtio::VirtioError> {
         let mut n = 0;
         while (n as u64) < want && n < PFNS_PER_BUFFER && self.held + (n as u64) < self.list_cap {
@@ -206,12 +216,7 @@ impl Driver {
         if n == 0 {
             return Ok(false);
         }
-        self.inflate.call(&[Desc {
-            addr: self.buffer as u64,
-            len: (n * 4) as u32,
-            flags: 0,
-            next: 0,
-        }])?;
+        self.inflate.call(&[self.pfn_desc(n)])?;
         for i in 0..n {
             // SAFETY: held + i < list_cap.
             unsafe {
@@ -236,12 +241,7 @@ impl Driver {
                 self.buffer.add(i).write_volatile(pfn);
             }
         }
-        self.deflate.call(&[Desc {
-            addr: self.buffer as u64,
-            len: (n * 4) as u32,
-            flags: 0,
-            next: 0,
-        }])?;
+        self.deflate.call(&[self.pfn_desc(n)])?;
         for i in 0..n {
             // SAFETY: our buffer page.
             let pfn = unsafe { self.buffer.add(i).read_volatile() } as u64;
