@@ -13,7 +13,7 @@ mod scenario;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use report::{Report, Sample, Step};
+use report::{Report, Sample, Soak, Step};
 use scenario::Pattern;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -49,6 +49,16 @@ struct Args {
     /// Have the guest report its free memory in 2 MiB blocks at start (free page reporting).
     #[arg(long)]
     free_page_reporting: bool,
+    /// Soak mode: the guest also reports its free memory after every target it reaches
+    /// (`report=each`); the run takes the host bytes held once the driver is ready (baseline)
+    /// and again once the balloon is back at zero and the last report is done (end), and
+    /// fails if the end exceeds the baseline by more than --soak-slack.
+    #[arg(long)]
+    soak: bool,
+    /// How far above the baseline the soak's end may be (2 MiB reporting blocks that happen
+    /// to be partly in use at the end).
+    #[arg(long, default_value = "8M", value_parser = parse_size)]
+    soak_slack: u64,
     /// Fragment the guest allocator first: the driver then inflates scattered frames.
     #[arg(long)]
     fragment: bool,
@@ -109,6 +119,38 @@ fn sample(t0: Instant, s: &Value) -> Sample {
     }
 }
 
+/// Host bytes held once the guest's free page reports have stopped coming (no new report
+/// buffer for a second): the soak's baseline and end points.
+fn settled_host_bytes(sock: &Path, vm: &mut std::process::Child) -> Result<u64> {
+    let reports = |s: &Value| s["device"]["report_buffers"].as_u64().unwrap_or(0);
+    let mut last = stats(sock)?;
+    let t0 = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = stats(sock)?;
+        if reports(&now) == reports(&last) && reports(&now) > 0 {
+            return Ok(now["host_bytes_held"].as_u64().unwrap_or(0));
+        }
+        if vm.try_wait()?.is_some() || t0.elapsed() > Duration::from_secs(120) {
+            bail!("the guest's free page reports never settled");
+        }
+        last = now;
+    }
+}
+
+/// Pages the verifier vCPUs checked: "cpu C verified its N pages R times, E errors".
+fn verified_pages(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| {
+            let rest = l.split("verified its ").nth(1)?;
+            let mut w = rest.split(' ');
+            let pages: u64 = w.next()?.parse().ok()?;
+            let times: u64 = w.nth(1)?.parse().ok()?;
+            Some(pages * times)
+        })
+        .sum()
+}
+
 fn run(a: &Args) -> Result<(Report, bool)> {
     let dir = std::env::temp_dir().join(format!("balloon-stress-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -137,7 +179,9 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
     // One more change than the scenario has: after the last target and the final statistics,
     // a one-page balloon tells the guest to finish.
     let mut cmdline = format!("changes={} touch={}", targets.len() + 1, a.touch);
-    if a.free_page_reporting {
+    if a.soak {
+        cmdline.push_str(" report=each");
+    } else if a.free_page_reporting {
         cmdline.push_str(" report=1");
     }
     if a.fragment {
@@ -195,6 +239,12 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    let baseline = if a.soak {
+        Some(settled_host_bytes(&sock, &mut vm)?)
+    } else {
+        None
+    };
 
     let bar = if a.quiet {
         ProgressBar::hidden()
@@ -260,6 +310,11 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
             break;
         }
     }
+    let end = if a.soak {
+        Some(settled_host_bytes(&sock, &mut vm)?)
+    } else {
+        None
+    };
     let final_stats = stats(&sock)?;
     bar.finish_and_clear();
     vmm::api::request(
@@ -304,16 +359,30 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
                 .ok()
         })
         .sum();
+    let soak = baseline.zip(end).map(|(baseline, end)| {
+        let deflated = final_stats["device"]["pages_deflated"]
+            .as_u64()
+            .unwrap_or(0);
+        Soak {
+            cycles: a.cycles,
+            baseline_host_bytes: baseline,
+            end_host_bytes: end,
+            slack_bytes: a.soak_slack,
+            pages_verified: verified_pages(&log) + deflated,
+            back_to_baseline: end <= baseline + a.soak_slack,
+        }
+    });
     let pass = status.success()
         && verifier_errors == 0
         && reuse_errors == 0
-        && steps.iter().all(|s| s.reached);
+        && steps.iter().all(|s| s.reached)
+        && soak.as_ref().is_none_or(|s| s.back_to_baseline);
     let report = Report {
         command,
         config: json!({
             "vcpus": a.vcpus, "memory": a.memory, "touch": a.touch, "pattern": a.pattern, "cycles": a.cycles,
             "max_balloon": max, "strategy": a.strategy, "free_page_reporting": a.free_page_reporting,
-            "fragment": a.fragment, "seed": a.seed,
+            "fragment": a.fragment, "seed": a.seed, "soak": a.soak,
         }),
         wall_seconds: t0.elapsed().as_secs_f64(),
         steps,
@@ -322,6 +391,7 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
         guest_verifier_errors: verifier_errors,
         guest_reuse_errors: reuse_errors,
         guest_verdict_pass: status.success(),
+        soak,
         summary: Value::Null,
     };
     Ok((report, pass))
@@ -352,7 +422,7 @@ fn main() -> ExitCode {
             if pass {
                 ExitCode::SUCCESS
             } else {
-                eprintln!("FAIL: the guest saw corruption, failed, or a target was not reached");
+                eprintln!("FAIL: the guest saw corruption, failed, a target was not reached, or (--soak) host memory did not return to its baseline");
                 ExitCode::from(1)
             }
         }

@@ -25,6 +25,19 @@ pub struct Step {
     pub kvm_flush_requests: u64,
 }
 
+/// The soak's end-to-end check (`--soak`).
+#[derive(Debug, Serialize)]
+pub struct Soak {
+    pub cycles: u32,
+    pub baseline_host_bytes: u64,
+    pub end_host_bytes: u64,
+    pub slack_bytes: u64,
+    /// Page checks by the guest: verifier rounds times their pages, plus every deflated page
+    /// written and checked before reuse.
+    pub pages_verified: u64,
+    pub back_to_baseline: bool,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub command: String,
@@ -36,6 +49,7 @@ pub struct Report {
     pub guest_verifier_errors: u64,
     pub guest_reuse_errors: u64,
     pub guest_verdict_pass: bool,
+    pub soak: Option<Soak>,
     pub summary: Value,
 }
 
@@ -126,7 +140,7 @@ impl Report {
                 s["latency_us"][p]["p50"], s["latency_us"][p]["p90"], s["latency_us"][p]["p99"]
             )
         };
-        vec![
+        let mut lines = vec![
             format!(
                 "steps: {} ({} not reached) in {:.1}s; reclaimed {:.1} MiB, returned {:.1} MiB",
                 self.steps.len(),
@@ -158,6 +172,19 @@ impl Report {
                     "FAIL"
                 }
             ),
-        ]
+        ];
+        if let Some(k) = &self.soak {
+            lines.push(format!(
+                "soak: {} cycles, {} pages verified, host bytes held {} MiB at baseline, {} MiB at the end ({:+.1} MiB, slack {} MiB): {}",
+                k.cycles,
+                k.pages_verified,
+                k.baseline_host_bytes >> 20,
+                k.end_host_bytes >> 20,
+                (k.end_host_bytes as f64 - k.baseline_host_bytes as f64) / MIB,
+                k.slack_bytes >> 20,
+                if k.back_to_baseline { "back to baseline" } else { "ABOVE BASELINE" }
+            ));
+        }
+        lines
     }
 }

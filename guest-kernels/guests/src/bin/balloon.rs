@@ -9,7 +9,9 @@
 //! rewrites and verifies its own share the whole time.
 //!
 //! Command line: `changes=N` (finish after the balloon reached N new targets; default 2),
-//! `touch=SIZE` (per verifier vCPU, default 16M), `report=1`, `prefault=0` (skip touching all
+//! `touch=SIZE` (per verifier vCPU, default 16M), `report=1` (report free memory once, at
+//! start), `report=each` (also after every target reached, as Linux reports periodically),
+//! `prefault=0` (skip touching all
 //! free memory once at start), `fragment=1` (keep every other frame of the lower half of
 //! free memory, so inflates get scattered frames).
 #![no_std]
@@ -334,9 +336,10 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
         prefault();
     }
     let dev = virtio::find(line, VIRTIO_ID_BALLOON)?;
+    let report_each = cmdline::get(line, "report") == Some("each");
     let wanted = F_STATS_VQ
         | F_DEFLATE_ON_OOM
-        | if cmdline::get_u64(line, "report") == Some(1) {
+        | if report_each || cmdline::get_u64(line, "report") == Some(1) {
             F_REPORTING
         } else {
             0
@@ -367,6 +370,7 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
     }
     let mut reached = 0u64;
     let mut last_reached = 0u64;
+    let mut reported_total = 0u64;
     let mut stuck_reported = false;
     while reached < changes {
         d.send_stats();
@@ -391,6 +395,9 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
                 target >> 8,
                 frames::free_count()
             );
+            if report_each && features & F_REPORTING != 0 {
+                reported_total += d.report_free()?;
+            }
         } else {
             core::hint::spin_loop();
         }
@@ -398,8 +405,8 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
     DONE.store(true, Ordering::Release);
     let ok = d.reuse_errors == 0;
     println!(
-        "balloon: {} targets reached; inflated {} deflated {} pages; reuse errors {}; stats buffers {}",
-        reached, d.inflated, d.deflated, d.reuse_errors, d.stats_sent
+        "balloon: {} targets reached; inflated {} deflated {} pages; reuse errors {}; stats buffers {}; pages reported after targets {}",
+        reached, d.inflated, d.deflated, d.reuse_errors, d.stats_sent, reported_total
     );
     Ok(if ok { Verdict::Pass } else { Verdict::Fail })
 }
