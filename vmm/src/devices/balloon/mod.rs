@@ -17,6 +17,10 @@
 //! Free page reporting: reported ranges are reclaimed at once (gather, zap, invalidate,
 //! release) before the buffer is returned, and become the guest's again on return.
 //!
+//! The frames holding the active queues' rings are marked device-mapped in the stage-2 map
+//! from DRIVER_OK until reset, so a driver that puts them in the balloon has them refused
+//! rather than reclaimed under the device.
+//!
 //! Malformed buffers (wrong direction, length not a multiple of 4, more than
 //! MAX_BUFFER_PFNS frames, addresses outside RAM) are logged with detail and returned
 //! unprocessed with used length 0; invalid frames inside a good buffer are logged and skipped.
@@ -31,6 +35,7 @@ mod tests;
 use crate::devices::virtio::{Interrupt, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
 use crate::memory::MemoryManager;
 use guest_mm::layout::PAGE_SIZE;
+use guest_mm::stage2_map::DEVICE_MAPPED;
 use guest_mm::Reader;
 use serde::Serialize;
 use std::sync::Arc;
@@ -83,6 +88,9 @@ pub struct Balloon {
     actual: u32,
     acked: u64,
     stats_head: Option<u16>,
+    /// Frames holding the active queues' rings, marked DEVICE_MAPPED in the stage-2 map so
+    /// that a driver that balloons them is refused (`FrameError::DeviceMapped`).
+    ring_frames: Vec<u64>,
     pub guest_stats: GuestStats,
     pub counters: BalloonCounters,
 }
@@ -98,6 +106,7 @@ impl Balloon {
             actual: 0,
             acked: 0,
             stats_head: None,
+            ring_frames: Vec::new(),
             guest_stats: GuestStats::default(),
             counters: BalloonCounters::default(),
         }
@@ -276,6 +285,24 @@ impl VirtioDevice for Balloon {
         self.actual = 0;
         self.acked = 0;
         self.stats_head = None;
+    }
+
+    fn set_rings(&mut self, rings: &[std::ops::Range<u64>]) {
+        // The transport validated the rings (inside RAM) before handing them over; frames
+        // the map does not know are skipped all the same.
+        let map = &self.memory.map;
+        for &g in &self.ring_frames {
+            let _ = map.clear_bits(g, DEVICE_MAPPED);
+        }
+        let mut frames: Vec<u64> = rings
+            .iter()
+            .filter(|r| r.start < r.end)
+            .flat_map(|r| (r.start / PAGE_SIZE)..r.end.div_ceil(PAGE_SIZE))
+            .collect();
+        frames.sort_unstable();
+        frames.dedup();
+        frames.retain(|&g| map.set_bits(g, DEVICE_MAPPED).is_ok());
+        self.ring_frames = frames;
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) {

@@ -309,6 +309,45 @@ fn rings_outside_guest_ram_make_the_device_need_a_reset() {
 }
 
 #[test]
+fn overlapping_rings_make_the_device_need_a_reset() {
+    let mut h = Harness::new(Strategy::PerBuffer);
+    // Queue 0's rings placed exactly over queue 1's.
+    h.init(ALL, Some(RING_BASE + 0x3000));
+    assert_ne!(read_reg(&h.t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+    assert!(!h.t.is_active());
+    reg(&mut h.t, 0x70, 0);
+    // A few bytes are enough: queue 0's used ring (134 bytes) ends 6 bytes into queue 1's
+    // descriptor table; every ring stays aligned, so only the overlap is wrong.
+    h.init(ALL, Some(RING_BASE + 0x1000 - 0x80));
+    assert_eq!(h.t.queue_rings_for_test(0)[2].end, RING_BASE + 0x3000 + 6);
+    assert_ne!(read_reg(&h.t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+    reg(&mut h.t, 0x70, 0);
+    h.init(ALL, None);
+    assert!(h.t.is_active(), "a reset and a clean layout recover");
+}
+
+#[test]
+fn ring_frames_are_refused_while_the_device_uses_them() {
+    let mut h = Harness::new(Strategy::PerBuffer);
+    h.init(ALL, None);
+    let ring = |q: u64, page: u64| (RING_BASE / 4096 + q * 3 + page) as u32;
+    // Queue 1's descriptor table, queue 0's used ring, and one ordinary frame.
+    let buf = h.pfn_buffer(&[ring(1, 0), ring(0, 2), 0x1000]);
+    assert_eq!(h.submit(INFLATE_Q, &[buf]), 1);
+    let c = h.counters();
+    assert_eq!(c.pages_inflated, 1);
+    assert_eq!(c.invalid_frames, 2);
+    assert_eq!(h.state(ring(1, 0) as u64), FrameState::Mapped);
+    assert_eq!(h.state(ring(0, 2) as u64), FrameState::Mapped);
+    // The queue still works: its used ring was not reclaimed under it.
+    let buf = h.pfn_buffer(&[0x1001]);
+    assert_eq!(h.submit(INFLATE_Q, &[buf]), 2);
+    // After a reset the frames are ordinary guest memory again.
+    reg(&mut h.t, 0x70, 0);
+    assert_eq!(h.mm.map.bits(ring(1, 0) as u64), Ok(0));
+}
+
+#[test]
 fn features_not_offered_are_refused() {
     let mut h = Harness::new(Strategy::PerBuffer);
     h.init(ALL | 1 << 3, None);

@@ -2,9 +2,12 @@
 //! the guest is validated: queue addresses must describe rings inside guest RAM before the
 //! device is activated (else DEVICE_NEEDS_RESET), queue sizes must be powers of two within the
 //! maximum, features the device did not offer are refused (FEATURES_OK is not set), and
-//! queue configuration is frozen once DRIVER_OK is set.
+//! queue configuration is frozen once DRIVER_OK is set. Rings that overlap each other (within a
+//! queue or across queues) also make the device need a reset; the rings of an activated device
+//! are handed to it (`VirtioDevice::set_rings`) so that it can protect them.
 
 use super::{status, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
+use std::ops::Range;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -102,6 +105,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     pub fn num_queues(&self) -> usize {
         self.queues.len()
+    }
+
+    /// Queue `index`'s ring byte ranges as the transport checks them (tests).
+    #[cfg(test)]
+    pub fn queue_rings_for_test(&self, index: usize) -> [Range<u64>; 3] {
+        ring_ranges(&self.queues[index])
     }
 
     fn selected(&mut self) -> Option<&mut Queue> {
@@ -252,7 +261,24 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.config_changed();
                 return;
             }
+            let rings: Vec<(usize, Range<u64>)> = self
+                .queues
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| q.ready())
+                .flat_map(|(i, q)| ring_ranges(q).map(|r| (i, r)))
+                .collect();
+            if let Some((a, b)) = first_overlap(&rings) {
+                tracing::error!(
+                    "virtio-mmio: rings of queues {a} and {b} overlap; device needs reset"
+                );
+                self.status = v | status::DEVICE_NEEDS_RESET;
+                self.config_changed();
+                return;
+            }
             self.status = v;
+            let ranges: Vec<Range<u64>> = rings.into_iter().map(|(_, r)| r).collect();
+            self.device.set_rings(&ranges);
             self.device.activate(self.driver_features);
             return;
         }
@@ -260,6 +286,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn reset(&mut self) {
+        self.device.set_rings(&[]);
         self.device.reset();
         for q in &mut self.queues {
             q.reset();
@@ -269,6 +296,30 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.queue_sel = 0;
         self.interrupt.ack(u32::MAX);
     }
+}
+
+/// The guest-physical bytes of a queue's descriptor table, available ring and used ring
+/// (the sizes virtio-queue validates; no event-index fields beyond them are negotiated).
+fn ring_ranges(q: &Queue) -> [Range<u64>; 3] {
+    let n = q.size() as u64;
+    let span = |start: u64, len: u64| start..start.saturating_add(len);
+    [
+        span(q.desc_table(), 16 * n),
+        span(q.avail_ring(), 6 + 2 * n),
+        span(q.used_ring(), 6 + 8 * n),
+    ]
+}
+
+/// The queues of the first two rings (of the same queue or of two) that share a byte, if any.
+/// A driver that places one ring over another would have the device read its own writes as
+/// descriptors or ring entries; such a layout is refused at DRIVER_OK.
+fn first_overlap(rings: &[(usize, Range<u64>)]) -> Option<(usize, usize)> {
+    rings.iter().enumerate().find_map(|(i, (qa, a))| {
+        rings[i + 1..]
+            .iter()
+            .find(|(_, b)| a.start < b.end && b.start < a.end)
+            .map(|(qb, _)| (*qa, *qb))
+    })
 }
 
 fn write_le(data: &mut [u8], v: u32) {

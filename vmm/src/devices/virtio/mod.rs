@@ -70,6 +70,10 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, acked_features: u64);
     /// The driver reset the device.
     fn reset(&mut self);
+    /// The guest-physical byte ranges of the rings the device uses from now on: those of the
+    /// ready queues at activation, none after a reset. A device that can hand guest memory
+    /// back to the host must never reclaim these frames under itself.
+    fn set_rings(&mut self, _rings: &[std::ops::Range<u64>]) {}
     /// Processes the available buffers of queue `index`.
     fn process_queue(
         &mut self,
