@@ -309,6 +309,37 @@ fn rings_outside_guest_ram_make_the_device_need_a_reset() {
 }
 
 #[test]
+fn only_a_reset_clears_needs_reset_or_other_status_bits() {
+    let mut h = Harness::new(Strategy::PerBuffer);
+    h.init(ALL, Some(0xC000_0000));
+    let all = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+    // Writing DRIVER_OK again does not activate the refused rings.
+    reg(&mut h.t, 0x70, all);
+    assert_ne!(read_reg(&h.t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+    assert!(!h.t.is_active());
+    reg(&mut h.t, 0x70, all | status::FAILED);
+    assert_ne!(
+        read_reg(&h.t, 0x70) & status::FAILED,
+        0,
+        "FAILED may be added"
+    );
+    reg(&mut h.t, 0x70, 0);
+    h.init(ALL, None);
+    assert!(h.t.is_active());
+    // Dropping DRIVER_OK / FEATURES_OK without a reset is refused; the device stays active
+    // with the features it was activated with, and the queue registers stay frozen.
+    reg(&mut h.t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+    assert_eq!(read_reg(&h.t, 0x70), all);
+    reg(&mut h.t, 0x24, 0);
+    reg(&mut h.t, 0x20, u32::MAX);
+    reg(&mut h.t, 0x70, all);
+    assert!(h.t.is_active());
+    let buf = h.pfn_buffer(&[0x1000]);
+    assert_eq!(h.submit(INFLATE_Q, &[buf]), 1);
+    assert_eq!(h.counters().pages_inflated, 1);
+}
+
+#[test]
 fn overlapping_rings_make_the_device_need_a_reset() {
     let mut h = Harness::new(Strategy::PerBuffer);
     // Queue 0's rings placed exactly over queue 1's.

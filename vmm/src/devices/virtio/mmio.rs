@@ -229,6 +229,26 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.reset();
             return;
         }
+        // DEVICE_NEEDS_RESET is cleared only by a reset: otherwise a driver whose activation
+        // was refused could write DRIVER_OK again and be accepted with the rings that were
+        // refused. Only FAILED may still be added.
+        if self.status & status::DEVICE_NEEDS_RESET != 0 {
+            tracing::warn!(
+                "virtio-mmio: status {v:#x} written while the device needs a reset; only FAILED is taken"
+            );
+            self.status |= v & status::FAILED;
+            return;
+        }
+        // A driver never clears a status bit except by a reset (virtio 1.2 §2.1.2); dropping
+        // DRIVER_OK or FEATURES_OK would reopen feature and queue registers under a live
+        // device, so such a write is refused and the status stays.
+        let cleared = self.status & !v;
+        if cleared != 0 {
+            tracing::warn!(
+                "virtio-mmio: status write {v:#x} would clear bits {cleared:#x} without a reset; ignored"
+            );
+            return;
+        }
         if v & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0 {
             let offered = self.device.device_features();
             if self.driver_features & !offered != 0
