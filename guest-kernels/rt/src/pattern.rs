@@ -9,6 +9,11 @@ fn value(addr: u64, salt: u64) -> u64 {
     (addr ^ salt).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
 }
 
+/// The pattern's value for the word at `addr` (never zero).
+pub fn word(addr: u64, salt: u64) -> u64 {
+    value(addr, salt)
+}
+
 fn page(gfn: u64) -> *mut u64 {
     (gfn * PAGE_SIZE) as *mut u64
 }

@@ -182,6 +182,23 @@ impl Queue {
             // SAFETY: fresh frames we own.
             unsafe { core::ptr::write_bytes(p as *mut u8, 0, frames::PAGE_SIZE as usize) };
         }
+        Self::with_rings(dev, index, size, [d, a, u])
+    }
+
+    /// Sets up queue `index` with `size` entries and its rings (descriptor table, available
+    /// ring, used ring) at the given guest-physical addresses, which the caller provides and
+    /// has zeroed; nothing is checked or touched here (hostile tests place rings anywhere).
+    pub fn with_rings(
+        dev: Device,
+        index: u16,
+        size: u16,
+        rings: [u64; 3],
+    ) -> Result<Self, VirtioError> {
+        dev.write(0x30, index as u32);
+        if dev.read(0x34) == 0 {
+            return Err(VirtioError::NoQueue(index));
+        }
+        let [d, a, u] = rings;
         dev.write(0x38, size as u32);
         dev.write(0x80, d as u32);
         dev.write(0x84, (d >> 32) as u32);
@@ -203,6 +220,26 @@ impl Queue {
         })
     }
 
+    /// Guest-physical addresses of the descriptor table, available ring and used ring.
+    pub fn rings(&self) -> [u64; 3] {
+        [self.desc as u64, self.avail as u64, self.used as u64]
+    }
+
+    /// The driver's available index (how many buffers it has made available).
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// (id, len) of the used element the device returned last.
+    pub fn last_used(&self) -> (u32, u32) {
+        let slot = self.last_used.wrapping_sub(1) % self.size;
+        // SAFETY: used->ring[slot] lies within the used ring (slot < size).
+        unsafe {
+            let e = (self.used as *mut u32).add(1 + 2 * slot as usize);
+            (e.read_volatile(), e.add(1).read_volatile())
+        }
+    }
+
     pub fn size(&self) -> u16 {
         self.size
     }
@@ -219,11 +256,26 @@ impl Queue {
             // SAFETY: i < size; the descriptor table is ours.
             unsafe { self.desc.add(i).write_volatile(d) };
         }
+        self.publish(0);
+    }
+
+    /// Writes `descs` verbatim (flags and `next` as given, so they may loop or point
+    /// anywhere) at descriptor indices 0.., makes `head` available and notifies the device.
+    pub fn submit_raw(&mut self, descs: &[Desc], head: u16) {
+        let n = descs.len().min(self.size as usize);
+        for (i, d) in descs[..n].iter().enumerate() {
+            // SAFETY: i < size; the descriptor table is ours.
+            unsafe { self.desc.add(i).write_volatile(*d) };
+        }
+        self.publish(head);
+    }
+
+    fn publish(&mut self, head: u16) {
         // SAFETY: ring slot within the avail ring page.
         unsafe {
             self.avail
                 .add(2 + (self.avail_idx % self.size) as usize)
-                .write_volatile(0)
+                .write_volatile(head)
         };
         fence(Ordering::SeqCst);
         self.avail_idx = self.avail_idx.wrapping_add(1);
