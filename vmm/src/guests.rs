@@ -13,7 +13,7 @@ pub fn guest_dir() -> PathBuf {
 
 /// The project's test guests that exist in `guest_dir()`.
 pub fn available() -> Vec<String> {
-    const NAMES: &[&str] = &["memtouch", "balloon", "reclaimcheck", "faulty"];
+    const NAMES: &[&str] = &["memtouch", "balloon", "reclaimcheck", "faulty", "hostile"];
     NAMES
         .iter()
         .filter(|n| guest_dir().join(n).is_file())
