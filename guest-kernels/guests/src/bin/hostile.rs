@@ -44,7 +44,8 @@ const HOLE_LAST: u32 = 0xFFFFF;
 static REGION: AtomicU64 = AtomicU64::new(0);
 static GO: AtomicBool = AtomicBool::new(false);
 static STOP: AtomicBool = AtomicBool::new(false);
-static ROUNDS: AtomicU64 = AtomicU64::new(0);
+/// Rounds each writer vCPU completed over its share of the region.
+static ROUNDS: [AtomicU64; rt::MAX_CPUS] = [const { AtomicU64::new(0) }; rt::MAX_CPUS];
 static WRITERS_DONE: AtomicU64 = AtomicU64::new(0);
 static WRITER_ERRORS: AtomicU64 = AtomicU64::new(0);
 
@@ -584,8 +585,10 @@ impl Driver {
         }
         REGION.store(base, Ordering::Release);
         GO.store(true, Ordering::Release);
-        // Every writer has filled its share once.
-        if !wait_for(10_000, || ROUNDS.load(Ordering::Acquire) >= writers) {
+        // Every writer has filled its share once (each one: a vCPU thread may be descheduled
+        // while another runs many rounds).
+        let rounds = |i: u64| ROUNDS[i as usize].load(Ordering::Acquire);
+        if !wait_for(10_000, || (1..=writers).all(|i| rounds(i) >= 1)) {
             return Err("writers did not start");
         }
         let mut victims = [0u32; (REGION_PAGES / VICTIM_EVERY) as usize];
@@ -595,8 +598,13 @@ impl Driver {
         self.inflate(&victims)?;
         // Let the batch be reclaimed under the writers and them run on over it.
         sleep_ms(50);
-        let r = ROUNDS.load(Ordering::Acquire);
-        if !wait_for(10_000, || ROUNDS.load(Ordering::Acquire) >= r + 2 * writers) {
+        let mut before = [0u64; rt::MAX_CPUS];
+        for i in 1..=writers {
+            before[i as usize] = rounds(i);
+        }
+        if !wait_for(10_000, || {
+            (1..=writers).all(|i| rounds(i) >= before[i as usize] + 2)
+        }) {
             return Err("writers stalled");
         }
         STOP.store(true, Ordering::Release);
@@ -618,7 +626,7 @@ impl Driver {
             "hostile: written: {} frames inflated while {} vCPUs rewrote them ({} writer rounds); the other {} pages kept their pattern ({} writer errors, {} bad words); victims deflated and reused; device alive",
             victims.len(),
             writers,
-            ROUNDS.load(Ordering::Acquire),
+            (1..=writers).map(rounds).sum::<u64>(),
             REGION_PAGES - victims.len() as u64,
             errors,
             bad
@@ -708,7 +716,7 @@ fn writer(cpu: &Cpu) -> Verdict {
             pattern::fill(base + i, salt);
         }
         first = false;
-        ROUNDS.fetch_add(1, Ordering::AcqRel);
+        ROUNDS[cpu.id].fetch_add(1, Ordering::AcqRel);
     }
     WRITER_ERRORS.fetch_add(errors, Ordering::AcqRel);
     WRITERS_DONE.fetch_add(1, Ordering::AcqRel);
