@@ -1,0 +1,134 @@
+//! The model as a stage-2 backend: the unchanged `Stage2Gather` drives it through the same
+//! `Stage2Backend` trait it uses for KVM. `zap` returns only when every vCPU has taken and
+//! acknowledged the flush (KVM's `madvise` returns after its remote TLB flush); `release`
+//! drops the reverse map, writes back and frees.
+//!
+//! The machine sits behind one shuttle mutex and condition variable, so every step of every
+//! thread is a scheduling point that shuttle can interleave.
+
+use crate::machine::{Machine, Op};
+use guest_mm::{BackendError, GfnRange, Stage2Backend};
+use shuttle::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
+
+/// The machine and two wake-ups: acknowledgements (for flush senders) and releases (for
+/// vCPUs waiting out a fault). Waking only the threads an event concerns keeps the number of
+/// schedules, and so shuttle's exhaustive search, small.
+pub struct Shared {
+    machine: Mutex<Machine>,
+    acked: Condvar,
+    released: Condvar,
+}
+
+impl Shared {
+    pub fn new(m: Machine) -> Arc<Self> {
+        Arc::new(Self {
+            machine: Mutex::new(m),
+            acked: Condvar::new(),
+            released: Condvar::new(),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Machine> {
+        self.machine.lock().unwrap()
+    }
+
+    /// Waits until flush request `id` is acknowledged by every vCPU it was sent to.
+    fn wait_acks<'a>(&self, mut m: MutexGuard<'a, Machine>, id: u64) -> MutexGuard<'a, Machine> {
+        while !m.acknowledged(id) {
+            m = self.acked.wait(m).unwrap();
+        }
+        m
+    }
+}
+
+pub struct ModelBackend {
+    shared: Arc<Shared>,
+}
+
+impl ModelBackend {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    fn check(&self, m: &Machine, r: GfnRange) -> Result<(), BackendError> {
+        if r.count == 0 || r.start.checked_add(r.count).is_none_or(|e| e > m.frames()) {
+            return Err(BackendError::OutsideRam {
+                start: r.start,
+                count: r.count,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Stage2Backend for ModelBackend {
+    fn name(&self) -> &'static str {
+        "stage2-model"
+    }
+
+    fn zap(&self, r: GfnRange) -> Result<(), BackendError> {
+        let mut m = self.shared.lock();
+        self.check(&m, r)?;
+        let id = m.zap(r.start, r.count);
+        // The free-before-flush order frees inside zap: waiting vCPUs may go on.
+        self.shared.released.notify_all();
+        drop(self.shared.wait_acks(m, id));
+        Ok(())
+    }
+
+    fn release(&self, r: GfnRange) -> Result<(), BackendError> {
+        let mut m = self.shared.lock();
+        self.check(&m, r)?;
+        m.release(r.start, r.count);
+        self.shared.released.notify_all();
+        Ok(())
+    }
+}
+
+/// A vCPU thread: runs its instructions, answering IPIs after each. A fault on a frame being
+/// reclaimed exits guest mode until the release; after the last instruction the vCPU leaves
+/// guest mode (in the same step, to keep the exhaustive search small).
+pub fn vcpu(shared: &Shared, cpu: usize, ops: &[Op]) {
+    for (i, &op) in ops.iter().enumerate() {
+        let mut m = shared.lock();
+        loop {
+            if m.execute(cpu, op) {
+                let acked = if i + 1 == ops.len() {
+                    m.exit_guest(cpu)
+                } else {
+                    m.service(cpu)
+                };
+                if acked > 0 {
+                    shared.acked.notify_all();
+                }
+                break;
+            }
+            m.exit_guest(cpu);
+            shared.acked.notify_all();
+            m = shared.released.wait(m).unwrap();
+            m.enter_guest(cpu);
+        }
+    }
+    if ops.is_empty() {
+        shared.lock().exit_guest(cpu);
+    }
+}
+
+/// Frames one writeback pass handles at most.
+const WRITEBACK_BATCH: usize = 16;
+
+/// The host's writeback: `rounds` passes over the guest's dirty frames, each cleaned through
+/// its reverse map (folio_mkclean) and written to the backing store. The lock is held for a
+/// pass except while waiting for acknowledgements.
+pub fn writeback(shared: &Shared, rounds: usize) {
+    for _ in 0..rounds {
+        let mut m = shared.lock();
+        for h in m.writeback_candidates(WRITEBACK_BATCH) {
+            if let Some(id) = m.mkclean(h) {
+                m = shared.wait_acks(m, id);
+            }
+            m.write_back(h);
+        }
+    }
+}
