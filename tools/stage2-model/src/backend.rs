@@ -6,7 +6,7 @@
 //! The machine sits behind one shuttle mutex and condition variable, so every step of every
 //! thread is a scheduling point that shuttle can interleave.
 
-use crate::machine::{Machine, Op};
+use crate::machine::{Machine, Op, Order};
 use guest_mm::{BackendError, GfnRange, Stage2Backend};
 use shuttle::sync::{Condvar, Mutex, MutexGuard};
 use std::sync::Arc;
@@ -18,6 +18,7 @@ pub struct Shared {
     machine: Mutex<Machine>,
     acked: Condvar,
     released: Condvar,
+    written: Condvar,
 }
 
 impl Shared {
@@ -26,6 +27,7 @@ impl Shared {
             machine: Mutex::new(m),
             acked: Condvar::new(),
             released: Condvar::new(),
+            written: Condvar::new(),
         })
     }
 
@@ -37,6 +39,18 @@ impl Shared {
     fn wait_acks<'a>(&self, mut m: MutexGuard<'a, Machine>, id: u64) -> MutexGuard<'a, Machine> {
         while !m.acknowledged(id) {
             m = self.acked.wait(m).unwrap();
+        }
+        m
+    }
+
+    /// Waits until no frame of `r` is under writeback (freeing waits for the I/O).
+    fn wait_writeback<'a>(
+        &self,
+        mut m: MutexGuard<'a, Machine>,
+        r: GfnRange,
+    ) -> MutexGuard<'a, Machine> {
+        while m.writeback_pending(r.start, r.count) {
+            m = self.written.wait(m).unwrap();
         }
         m
     }
@@ -70,6 +84,9 @@ impl Stage2Backend for ModelBackend {
     fn zap(&self, r: GfnRange) -> Result<(), BackendError> {
         let mut m = self.shared.lock();
         self.check(&m, r)?;
+        if m.order() == Order::FreeBeforeFlush {
+            m = self.shared.wait_writeback(m, r);
+        }
         let id = m.zap(r.start, r.count);
         // The free-before-flush order frees inside zap: waiting vCPUs may go on.
         self.shared.released.notify_all();
@@ -80,6 +97,7 @@ impl Stage2Backend for ModelBackend {
     fn release(&self, r: GfnRange) -> Result<(), BackendError> {
         let mut m = self.shared.lock();
         self.check(&m, r)?;
+        m = self.shared.wait_writeback(m, r);
         m.release(r.start, r.count);
         self.shared.released.notify_all();
         Ok(())
@@ -125,10 +143,14 @@ pub fn writeback(shared: &Shared, rounds: usize) {
     for _ in 0..rounds {
         let mut m = shared.lock();
         for h in m.writeback_candidates(WRITEBACK_BATCH) {
-            if let Some(id) = m.mkclean(h) {
+            let (flush, writing) = m.mkclean(h);
+            if let Some(id) = flush {
                 m = shared.wait_acks(m, id);
             }
-            m.write_back(h);
+            if writing {
+                m.write_back(h);
+                shared.written.notify_all();
+            }
         }
     }
 }

@@ -24,7 +24,7 @@
 use crate::ept::{Ept, ACCESSED, DIRTY, LARGE_FRAMES};
 use crate::host::{HostFrames, Owner};
 use crate::tlb::{Tlb, TlbEntry};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// The order in which the model's backend performs reclaim. Only `Correct` is reachable from
 /// the gather's types; the others exist in the model alone, to prove the checker can fail.
@@ -114,8 +114,13 @@ impl Counters {
     }
 }
 
-/// How many recent steps a violation report shows.
-const TRACE_TAIL: usize = 48;
+/// How many recent steps a violation report shows (`STAGE2_MODEL_TRACE` overrides).
+fn trace_tail() -> usize {
+    std::env::var("STAGE2_MODEL_TRACE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48)
+}
 
 pub struct MachineConfig {
     pub vcpus: usize,
@@ -138,10 +143,12 @@ pub struct Machine {
     last_writer: Vec<Option<usize>>,
     mailbox: Vec<Vec<Request>>,
     in_guest: Vec<bool>,
+    under_writeback: BTreeSet<u64>,
     outstanding: BTreeMap<u64, usize>,
     next_request: u64,
     order: Order,
     trace: VecDeque<String>,
+    trace_tail: usize,
     pub counters: Counters,
 }
 
@@ -179,12 +186,18 @@ impl Machine {
             last_writer: vec![None; c.frames as usize],
             mailbox: vec![Vec::new(); c.vcpus],
             in_guest: vec![true; c.vcpus],
+            under_writeback: BTreeSet::new(),
             outstanding: BTreeMap::new(),
             next_request: 0,
             order: c.order,
             trace: VecDeque::new(),
+            trace_tail: trace_tail(),
             counters: Counters::default(),
         }
+    }
+
+    pub fn order(&self) -> Order {
+        self.order
     }
 
     pub fn frames(&self) -> u64 {
@@ -205,7 +218,7 @@ impl Machine {
     }
 
     fn step(&mut self, line: String) {
-        if self.trace.len() == TRACE_TAIL {
+        if self.trace.len() >= self.trace_tail {
             self.trace.pop_front();
         }
         self.trace.push_back(line);
@@ -442,6 +455,11 @@ impl Machine {
         for g in start..start + count {
             match self.slots[g as usize] {
                 Slot::Invalidating(Some(h)) => {
+                    if self.under_writeback.contains(&h) {
+                        self.violation(format!(
+                            "{who} frees host frame {h:#x} of gfn {g:#x} while it is under writeback"
+                        ));
+                    }
                     self.rmap[h as usize] = None;
                     if self.host.is_dirty(h) {
                         self.backing[g as usize] = self.host.content(h);
@@ -494,41 +512,67 @@ impl Machine {
             .collect()
     }
 
-    /// folio_mkclean, first half: walk the frame's rmap; for the mapping found, move the
-    /// leaf's dirty bit into the host's flag, clear it, and flush the TLBs that may cache it.
-    /// Returns the flush to wait for, or None if the rmap had no mapping (nothing to flush).
-    pub fn mkclean(&mut self, h: u64) -> Option<u64> {
+    /// Writeback, first half (Linux's `folio_clear_dirty_for_io`): walk the frame's rmap;
+    /// for the mapping found, move the leaf's dirty bit into the host's flag, clear it and
+    /// flush the TLBs that may cache it (`folio_mkclean`); then, if the frame is dirty, clear
+    /// the flag and mark the frame under writeback. A write made after this re-dirties the
+    /// frame (through a fresh walk, taken by the next zap or writeback), so it is never lost.
+    /// Returns the flush to wait for (None if the rmap had no mapping: nothing to flush) and
+    /// whether the frame is now under writeback.
+    pub fn mkclean(&mut self, h: u64) -> (Option<u64>, bool) {
         let Owner::Guest(g) = self.host.owner(h) else {
-            return None;
+            return (None, false);
         };
-        let Some(g2) = self.rmap[h as usize] else {
+        let flush = match self.rmap[h as usize] {
+            Some(mapped) => {
+                debug_assert_eq!(g, mapped);
+                if self.ept.clean(g) {
+                    self.host.set_dirty(h, true);
+                }
+                Some(self.post_flush(g, 1, "writeback (rmap walk)"))
+            }
+            None => {
+                self.step(format!(
+                    "writeback: rmap of host frame {h:#x} (gfn {g:#x}) is empty: nothing to clean or flush"
+                ));
+                None
+            }
+        };
+        let writing = self.host.is_dirty(h);
+        if writing {
+            self.host.set_dirty(h, false);
+            self.under_writeback.insert(h);
             self.step(format!(
-                "writeback: rmap of host frame {h:#x} (gfn {g:#x}) is empty: nothing to clean or flush"
+                "writeback: host frame {h:#x} (gfn {g:#x}) marked clean, under writeback"
             ));
-            return None;
-        };
-        debug_assert_eq!(g, g2);
-        if self.ept.clean(g) {
-            self.host.set_dirty(h, true);
         }
-        Some(self.post_flush(g, 1, "writeback (rmap walk)"))
+        (flush, writing)
     }
 
-    /// Writeback, second half: a frame still dirty and still the guest's is written to the
-    /// backing store and marked clean.
+    /// Writeback, second half, once the flush is acknowledged: the frame's content goes to
+    /// the backing store (the I/O), and the frame may be freed again.
     pub fn write_back(&mut self, h: u64) {
-        let Owner::Guest(g) = self.host.owner(h) else {
+        if !self.under_writeback.remove(&h) {
             return;
-        };
-        if self.host.is_dirty(h) {
-            let v = self.host.content(h);
-            self.backing[g as usize] = v;
-            self.host.set_dirty(h, false);
-            self.counters.writebacks += 1;
-            self.step(format!(
-                "writeback: host frame {h:#x} (gfn {g:#x}) = {v:#x} written back, marked clean"
-            ));
         }
+        let Owner::Guest(g) = self.host.owner(h) else {
+            self.violation(format!("host frame {h:#x} was freed while under writeback"));
+        };
+        let v = self.host.content(h);
+        self.backing[g as usize] = v;
+        self.counters.writebacks += 1;
+        self.step(format!(
+            "writeback: host frame {h:#x} (gfn {g:#x}) = {v:#x} written to the backing store"
+        ));
+    }
+
+    /// Whether a frame of `[start, start+count)` is under writeback: freeing waits for it
+    /// (Linux's `folio_wait_writeback`).
+    pub fn writeback_pending(&self, start: u64, count: u64) -> bool {
+        (start..start + count).any(|g| match self.slots[g as usize] {
+            Slot::Backed(h) | Slot::Invalidating(Some(h)) => self.under_writeback.contains(&h),
+            _ => false,
+        })
     }
 
     /// End of an execution: every guest frame shows its last write and is backed consistently.
@@ -554,5 +598,68 @@ impl Machine {
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(order: Order) -> Machine {
+        Machine::new(&MachineConfig {
+            vcpus: 1,
+            frames: 4,
+            large_pages: false,
+            tlb_sets: 2,
+            tlb_ways: 2,
+            order,
+        })
+    }
+
+    /// The sequence the first 8-vCPU device run found when the model's writeback cleared the
+    /// host's dirty flag after copying the frame instead of before: a zap re-dirtied the frame
+    /// between the two, the copy took the flag with it, and a write through the zap's not yet
+    /// flushed TLB entry was lost. With `folio_clear_dirty_for_io` semantics it is kept.
+    #[test]
+    fn a_frame_redirtied_while_under_writeback_is_written_back_again_at_release() {
+        let mut m = machine(Order::Correct);
+        assert!(m.execute(0, Op::Write(1, 1)));
+        let (flush, writing) = m.mkclean(1);
+        assert!(writing);
+        m.service(0);
+        assert!(m.acknowledged(flush.unwrap()));
+        assert!(
+            m.execute(0, Op::Write(1, 2)),
+            "a fresh walk sets the dirty bit again"
+        );
+        let zap = m.zap(1, 1);
+        m.write_back(1);
+        assert!(
+            m.execute(0, Op::Write(1, 3)),
+            "the zap's flush is not taken yet"
+        );
+        assert_eq!(m.counters.stale_hits, 1);
+        m.service(0);
+        assert!(m.acknowledged(zap));
+        m.release(1, 1);
+        assert!(
+            m.execute(0, Op::Read(1)),
+            "faults the frame back in from the backing store"
+        );
+        m.check_final();
+    }
+
+    #[test]
+    #[should_panic(expected = "lost write: host frame 0x1 of gfn 0x1 is freed as clean")]
+    fn without_the_rmap_writeback_cannot_flush_and_the_stale_write_is_lost() {
+        let mut m = machine(Order::EarlyRmapDrop);
+        assert!(m.execute(0, Op::Write(1, 1)));
+        m.zap(1, 1);
+        let (flush, writing) = m.mkclean(1);
+        assert!(flush.is_none() && writing);
+        m.write_back(1);
+        assert!(m.execute(0, Op::Write(1, 2)));
+        m.service(0);
+        m.release(1, 1);
     }
 }

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use guest_mm::Strategy;
 use stage2_model::explore::{explore, Scenario, Search};
 use stage2_model::machine::Order;
+use stage2_model::scale::{self, CostModel, Pattern};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -68,6 +69,32 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Simulate a balloon taking a quarter of the guest's memory through the unchanged
+    /// gather, for every vCPU count, memory size and strategy; print a markdown table of
+    /// invalidations, IPIs and modeled time per GiB (cost constants measured on KVM).
+    Scale {
+        /// vCPU counts.
+        #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096")]
+        vcpus: Vec<u64>,
+        /// Guest memory sizes in GiB.
+        #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096")]
+        memory_gib: Vec<u64>,
+        /// Fraction of the vCPUs in guest mode during the reclaim (they get IPIs).
+        #[arg(long, default_value_t = 1.0)]
+        busy: f64,
+        /// contiguous or scattered free memory.
+        #[arg(long, value_enum, default_value = "scattered")]
+        pattern: PatternArg,
+        /// Also write every row as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PatternArg {
+    Contiguous,
+    Scattered,
 }
 
 fn main() -> ExitCode {
@@ -139,5 +166,87 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Cmd::Scale {
+            vcpus,
+            memory_gib,
+            busy,
+            pattern,
+            json,
+        } => {
+            anyhow::ensure!((0.0..=1.0).contains(&busy), "--busy must be within 0..=1");
+            anyhow::ensure!(
+                memory_gib.iter().all(|&m| (1..=65536).contains(&m)),
+                "--memory-gib must be 1 to 65536"
+            );
+            let pattern = match pattern {
+                PatternArg::Contiguous => Pattern::Contiguous,
+                PatternArg::Scattered => Pattern::Scattered,
+            };
+            let cost = CostModel::MEASURED_PVM;
+            let strategies = [Strategy::PerPage, Strategy::PerBuffer, Strategy::Gather];
+            let mut rows = Vec::new();
+            println!(
+                "pattern {pattern:?}, {busy} of the vCPUs in guest mode, cost model {}",
+                serde_json::to_string(&cost)?
+            );
+            println!();
+            println!("| vCPUs | memory | reclaimed | invalidations per GiB (per-page / per-buffer / gather) | IPIs per GiB (per-page / per-buffer / gather) | modeled ms per GiB (per-page / per-buffer / gather) | modeled total s, gather | gather, one flush per batch: ms per GiB |");
+            println!("|---:|---:|---:|---|---|---|---:|---:|");
+            for &m in &memory_gib {
+                let t = Instant::now();
+                let gathered: Vec<_> = strategies
+                    .iter()
+                    .map(|&s| scale::gather(m << 30, s, pattern))
+                    .collect();
+                eprintln!(
+                    "memory {m} GiB gathered in {:.1}s",
+                    t.elapsed().as_secs_f64()
+                );
+                for &v in &vcpus {
+                    let r: Vec<_> = gathered
+                        .iter()
+                        .map(|&g| scale::row(g, v, busy, &cost))
+                        .collect();
+                    let col = |f: &dyn Fn(&scale::Row) -> f64| {
+                        r.iter()
+                            .map(|x| human(f(x)))
+                            .collect::<Vec<_>>()
+                            .join(" / ")
+                    };
+                    println!(
+                        "| {v} | {m} GiB | {:.0} GiB | {} | {} | {} | {:.2} | {} |",
+                        r[2].reclaimed_gib,
+                        col(&|x| x.invalidations_per_gib),
+                        col(&|x| x.ipis_per_gib),
+                        col(&|x| x.modeled_ms_per_gib),
+                        r[2].modeled_seconds,
+                        human(r[2].one_flush_per_batch_ms_per_gib)
+                    );
+                    rows.extend(r);
+                }
+            }
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&rows)?)?;
+                eprintln!("rows: {}", p.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// 3 significant digits, with k/M/G for large counts.
+fn human(x: f64) -> String {
+    let (v, unit) = match x {
+        x if x >= 1e9 => (x / 1e9, "G"),
+        x if x >= 1e6 => (x / 1e6, "M"),
+        x if x >= 1e4 => (x / 1e3, "k"),
+        x => (x, ""),
+    };
+    if v >= 100.0 {
+        format!("{v:.0}{unit}")
+    } else if v >= 10.0 {
+        format!("{v:.1}{unit}")
+    } else {
+        format!("{v:.2}{unit}")
     }
 }
