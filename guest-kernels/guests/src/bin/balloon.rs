@@ -385,7 +385,13 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
             }
         } else if target < d.held {
             d.deflate_some(d.held - target)?;
-        } else if target != last_reached {
+        } else if target == last_reached {
+            core::hint::spin_loop();
+        }
+        // Count a target as soon as `held` meets it: once `actual` says so the host may set
+        // the next target at once, and a target seen only on the next poll would be missed
+        // (the guest would then wait for one change too many).
+        if d.held == target && target != last_reached {
             reached += 1;
             last_reached = target;
             stuck_reported = false;
@@ -398,8 +404,6 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
             if report_each && features & F_REPORTING != 0 {
                 reported_total += d.report_free()?;
             }
-        } else {
-            core::hint::spin_loop();
         }
     }
     DONE.store(true, Ordering::Release);
