@@ -195,3 +195,26 @@ fn help_lists_every_run_option() {
         assert!(r.stdout.contains(opt), "--help lacks {opt}\n{}", r.all());
     }
 }
+
+#[test]
+fn a_report_on_a_full_disk_is_an_error_with_context_not_a_silent_drop() {
+    if !common::kvm_or_skip("a_report_on_a_full_disk_is_an_error_with_context_not_a_silent_drop") {
+        return;
+    }
+    // Every write to /dev/full fails with ENOSPC, as on a full disk: the guest passes, but the
+    // run must still fail and say which file and why.
+    assert_error(
+        &[
+            "run",
+            "--guest",
+            "memtouch",
+            "--vcpus",
+            "1",
+            "--memory",
+            "64M",
+            "--report-json",
+            "/dev/full",
+        ],
+        "cannot write report to /dev/full: No space left on device",
+    );
+}
