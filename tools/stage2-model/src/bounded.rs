@@ -22,27 +22,22 @@ pub struct PreemptionBounded {
     step: usize,
     preemptions: usize,
     executions: usize,
-    limit: Option<usize>,
 }
 
 impl PreemptionBounded {
-    pub fn new(bound: usize, limit: Option<usize>) -> Self {
+    pub fn new(bound: usize) -> Self {
         Self {
             bound,
             levels: Vec::new(),
             step: 0,
             preemptions: 0,
             executions: 0,
-            limit,
         }
     }
 }
 
 impl Scheduler for PreemptionBounded {
     fn new_execution(&mut self) -> Option<Schedule> {
-        if self.limit.is_some_and(|l| self.executions >= l) {
-            return None;
-        }
         if self.executions > 0 {
             // Backtrack: the deepest choice that still has an untried option.
             while self

@@ -13,7 +13,7 @@ use crate::bounded::PreemptionBounded;
 use crate::machine::{Counters, Machine, MachineConfig, Op, Order};
 use guest_mm::{GatherConfig, Layout, Readers, Stage2Gather, Stage2Map, Strategy, PAGE_SIZE};
 use rand::RngCore;
-use shuttle::scheduler::{DfsScheduler, PctScheduler, RandomScheduler};
+use shuttle::scheduler::{PctScheduler, RandomScheduler};
 use std::sync::{Arc, Mutex as StdMutex};
 
 /// What the guest and the VMM do in one execution.
@@ -40,16 +40,11 @@ pub struct Scenario {
     pub large_pages: bool,
     pub tlb_sets: usize,
     pub tlb_ways: usize,
-    #[serde(serialize_with = "crate::explore::strategy_name")]
     pub strategy: Strategy,
     pub max_batch_pages: u64,
     pub order: Order,
     pub writeback_rounds: usize,
     pub workload: Workload,
-}
-
-fn strategy_name<S: serde::Serializer>(s: &Strategy, ser: S) -> Result<S::Ok, S::Error> {
-    ser.collect_str(s)
 }
 
 impl Scenario {
@@ -91,19 +86,20 @@ impl Scenario {
     }
 }
 
-/// A tiny deterministic generator seeded from shuttle's random source, so a schedule's
-/// workload replays with it.
-struct XorShift(u64);
+/// A tiny deterministic generator (xorshift64). The random workload seeds it from shuttle's
+/// random source, so a schedule's workload replays with it; the scale simulation from a
+/// constant.
+pub(crate) struct XorShift(pub(crate) u64);
 
 impl XorShift {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
@@ -232,12 +228,8 @@ pub fn execution(s: &Scenario) -> Counters {
 /// How to search the schedules.
 #[derive(Clone, Copy, Debug)]
 pub enum Search {
-    /// Every schedule (depth-first) with at most `preemptions` preemptions (unbounded if
-    /// None), stopping after `limit` schedules if given.
-    Exhaustive {
-        preemptions: Option<usize>,
-        limit: Option<usize>,
-    },
+    /// Every schedule (depth-first) with at most `preemptions` preemptions.
+    Exhaustive { preemptions: usize },
     /// Uniformly random choices at every scheduling point.
     Random { schedules: usize, seed: u64 },
     /// Probabilistic concurrency testing: random priorities with `depth` change points.
@@ -265,14 +257,9 @@ pub fn explore(s: Scenario, search: Search) -> Summary {
     };
     let config = shuttle::Config::new();
     let executions = match search {
-        Search::Exhaustive {
-            preemptions: None,
-            limit,
-        } => shuttle::Runner::new(DfsScheduler::new(limit, false), config).run(f),
-        Search::Exhaustive {
-            preemptions: Some(bound),
-            limit,
-        } => shuttle::Runner::new(PreemptionBounded::new(bound, limit), config).run(f),
+        Search::Exhaustive { preemptions } => {
+            shuttle::Runner::new(PreemptionBounded::new(preemptions), config).run(f)
+        }
         Search::Random { schedules, seed } => {
             shuttle::Runner::new(RandomScheduler::new_from_seed(seed, schedules), config).run(f)
         }

@@ -14,6 +14,7 @@
 //! The gather's behaviour (ranges, calls) does not depend on the vCPU count, so each memory
 //! size and strategy is gathered once and the flush costs are applied per vCPU count.
 
+use crate::explore::XorShift;
 use guest_mm::{
     BackendError, GatherConfig, GfnRange, Layout, Readers, Stage2Backend, Stage2Gather, Stage2Map,
     Strategy, PAGE_SIZE,
@@ -93,7 +94,7 @@ impl Stage2Backend for Counting {
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Gathered {
     pub memory_bytes: u64,
-    pub strategy: &'static str,
+    pub strategy: Strategy,
     pub pattern: Pattern,
     pub pages: u64,
     pub zaps: u64,
@@ -118,13 +119,8 @@ pub fn gather(memory: u64, strategy: Strategy, pattern: Pattern) -> Gathered {
         Readers::new(),
     );
     let want = memory / PAGE_SIZE / 4;
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        1 + rng % n
-    };
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut next = move |n: u64| 1 + rng.below(n);
     let mut buf = Vec::with_capacity(BUFFER);
     let mut given = 0;
     'ranges: for r in layout.ranges() {
@@ -159,11 +155,7 @@ pub fn gather(memory: u64, strategy: Strategy, pattern: Pattern) -> Gathered {
     let batches = g.stats().batches;
     Gathered {
         memory_bytes: memory,
-        strategy: match strategy {
-            Strategy::PerPage => "per-page",
-            Strategy::PerBuffer => "per-buffer",
-            Strategy::Gather => "gather",
-        },
+        strategy,
         pattern,
         pages: backend.pages.load(Ordering::Relaxed),
         zaps: backend.zaps.load(Ordering::Relaxed),

@@ -49,10 +49,7 @@ fn violation_of(s: Scenario, search: Search) -> String {
 }
 
 fn exhaustive(preemptions: usize) -> Search {
-    Search::Exhaustive {
-        preemptions: Some(preemptions),
-        limit: None,
-    }
+    Search::Exhaustive { preemptions }
 }
 
 #[test]

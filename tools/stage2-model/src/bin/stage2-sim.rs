@@ -135,10 +135,7 @@ fn run(cli: Cli) -> Result<()> {
                         matches!(config, Config::Small),
                         "the exhaustive search needs --config small (fixed workload)"
                     );
-                    Search::Exhaustive {
-                        preemptions: Some(preemptions),
-                        limit: None,
-                    }
+                    Search::Exhaustive { preemptions }
                 }
                 SearchKind::Random => Search::Random { schedules, seed },
                 SearchKind::Pct => Search::Pct {
