@@ -23,10 +23,6 @@ fn steps(stderr: &str) -> HashMap<u64, HashMap<String, f64>> {
         .collect()
 }
 
-fn report(path: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 #[test]
 fn inflate_768m_of_a_1g_guest_then_deflate_to_zero() {
     require_kvm!("inflate_768m_of_a_1g_guest_then_deflate_to_zero");
@@ -68,7 +64,7 @@ fn inflate_768m_of_a_1g_guest_then_deflate_to_zero() {
     );
     let deflate = &s[&2];
     assert_eq!(deflate["target_bytes"], 0.0);
-    let rep = report(&json);
+    let rep = common::read_json(&json);
     assert_eq!(rep["actual_bytes"], 0);
     assert_eq!(rep["device"]["pages_inflated"], 196608);
     assert_eq!(rep["device"]["pages_deflated"], 196608);
@@ -106,7 +102,7 @@ fn free_page_reporting_returns_memory_to_the_host() {
     ]);
     assert_eq!(r.status, Some(0), "{}", r.all());
     r.assert_stdout_has(&["balloon: reported"]);
-    let rep = report(&json);
+    let rep = common::read_json(&json);
     let reported = rep["device"]["pages_reported"].as_u64().unwrap() * 4096;
     assert!(
         reported >= 400 << 20,

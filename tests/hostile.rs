@@ -89,8 +89,7 @@ fn every_attack_from_inside_has_its_defined_outcome() {
     }
     // ... and counted it: at least what the guest knows it sent (resets make some more).
     let (min_invalid, min_malformed) = expected(&r.stdout);
-    let rep: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rep = common::read_json(&json);
     let dev = &rep["device"];
     assert!(min_invalid > 600 && min_malformed >= 6, "{}", r.all());
     assert!(

@@ -178,3 +178,10 @@ pub fn qemu_microvm(
 fn guest_path_str(name: &str) -> String {
     guest(name).to_str().unwrap().to_string()
 }
+
+/// A JSON file the VMM or a tool wrote (`--report-json`, `--json`).
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}

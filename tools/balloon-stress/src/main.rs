@@ -138,17 +138,22 @@ fn settled_host_bytes(sock: &Path, vm: &mut std::process::Child) -> Result<u64> 
     }
 }
 
-/// Pages the verifier vCPUs checked: "cpu C verified its N pages R times, E errors".
-fn verified_pages(log: &str) -> u64 {
+/// The verifier vCPUs' final lines, "cpu C verified its N pages R times, E errors", summed:
+/// (page checks N×R, errors E).
+fn verifier_totals(log: &str) -> (u64, u64) {
     log.lines()
-        .filter_map(|l| {
-            let rest = l.split("verified its ").nth(1)?;
-            let mut w = rest.split(' ');
-            let pages: u64 = w.next()?.parse().ok()?;
-            let times: u64 = w.nth(1)?.parse().ok()?;
-            Some(pages * times)
+        .filter_map(|l| l.split("verified its ").nth(1))
+        .fold((0, 0), |(checks, errors), rest| {
+            let w: Vec<&str> = rest.trim_end().split(' ').collect();
+            let num = |i: usize| w.get(i).and_then(|v| v.parse::<u64>().ok());
+            let line_checks = num(0).zip(num(2)).map_or(0, |(pages, times)| pages * times);
+            let line_errors = rest
+                .trim_end()
+                .strip_suffix(" errors")
+                .and_then(|r| r.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+            (checks + line_checks, errors + line_errors)
         })
-        .sum()
 }
 
 fn run(a: &Args) -> Result<(Report, bool)> {
@@ -335,18 +340,7 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
         std::thread::sleep(Duration::from_millis(50));
     };
     let log = std::fs::read_to_string(&guest_log).unwrap_or_default();
-    let verifier_errors: u64 = log
-        .lines()
-        .filter(|l| l.contains("verified its"))
-        .filter_map(|l| {
-            l.trim_end()
-                .strip_suffix(" errors")?
-                .rsplit(' ')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
+    let (verifier_checks, verifier_errors) = verifier_totals(&log);
     let reuse_errors: u64 = log
         .lines()
         .filter_map(|l| {
@@ -368,7 +362,7 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
             baseline_host_bytes: baseline,
             end_host_bytes: end,
             slack_bytes: a.soak_slack,
-            pages_verified: verified_pages(&log) + deflated,
+            pages_verified: verifier_checks + deflated,
             back_to_baseline: end <= baseline + a.soak_slack,
         }
     });
@@ -430,5 +424,19 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verifier_totals;
+
+    #[test]
+    fn verifier_lines_give_page_checks_and_errors() {
+        let log = "balloon: reached 8192 pages (32 MiB), free frames 1\n\
+                   balloon: cpu 1 verified its 8192 pages 2510 times, 0 errors\n\
+                   balloon: cpu 2 verified its 100 pages 3 times, 7 errors\n";
+        assert_eq!(verifier_totals(log), (8192 * 2510 + 300, 7));
+        assert_eq!(verifier_totals(""), (0, 0));
     }
 }
