@@ -14,6 +14,42 @@ fn chart_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plotting failed: {e:?}")
 }
 
+/// The charts here: f64 on both axes, drawn to SVG.
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// One line series with its legend entry.
+fn labelled_line(
+    c: &mut Chart,
+    name: &str,
+    color: RGBColor,
+    points: impl IntoIterator<Item = (f64, f64)>,
+) -> Result<()> {
+    c.draw_series(LineSeries::new(points, color))
+        .map_err(chart_err)?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    Ok(())
+}
+
+/// Draws the legend and writes the chart's file; returns its path.
+fn legend_and_save<'a, 'b: 'a>(
+    c: &mut Chart<'a, 'b>,
+    root: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    path: &Path,
+) -> Result<String> {
+    c.configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .map_err(chart_err)?;
+    root.present().map_err(chart_err)?;
+    Ok(path.display().to_string())
+}
+
 /// Writes host-vs-target.svg, reclaim-rate.svg, phase-latency.svg and flushes-per-step.svg.
 pub fn write_all(dir: &Path, r: &Report) -> Result<Vec<String>> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -56,18 +92,9 @@ fn host_vs_target(path: &Path, s: &[Sample]) -> Result<String> {
         }),
     ];
     for (name, color, f) in series {
-        c.draw_series(LineSeries::new(s.iter().map(|x| (x.t, f(x))), color))
-            .map_err(chart_err)?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        labelled_line(&mut c, name, color, s.iter().map(|x| (x.t, f(x))))?;
     }
-    c.configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()
-        .map_err(chart_err)?;
-    root.present().map_err(chart_err)?;
-    Ok(path.display().to_string())
+    legend_and_save(&mut c, &root, path)
 }
 
 fn reclaim_rate(path: &Path, s: &[Sample]) -> Result<String> {
@@ -137,23 +164,16 @@ fn phase_latency(path: &Path, r: &Report) -> Result<String> {
         .draw()
         .map_err(chart_err)?;
     for ((name, b), color) in phases.iter().zip(&buckets).zip(colors) {
-        c.draw_series(LineSeries::new(
+        labelled_line(
+            &mut c,
+            name.trim_end_matches("_us"),
+            color,
             b.iter()
                 .enumerate()
                 .map(|(i, &v)| (i as f64 + 0.5, v as f64)),
-            color,
-        ))
-        .map_err(chart_err)?
-        .label(name.trim_end_matches("_us"))
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        )?;
     }
-    c.configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()
-        .map_err(chart_err)?;
-    root.present().map_err(chart_err)?;
-    Ok(path.display().to_string())
+    legend_and_save(&mut c, &root, path)
 }
 
 fn flushes_per_step(path: &Path, r: &Report) -> Result<String> {
