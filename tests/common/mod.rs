@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: running the `vmm` binary with a timeout, KVM
-//! availability (with the loud SKIPPED line and the markers .ci/run counts), QEMU lookup.
+//! availability (with the loud SKIPPED line and the markers .ci/run counts), QEMU that starts.
 #![allow(dead_code)]
 
 use std::io::Read;
@@ -139,13 +139,25 @@ pub fn guest(name: &str) -> PathBuf {
     p
 }
 
-/// The QEMU binary, if installed.
-pub fn qemu() -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("qemu-system-x86_64"))
-            .find(|p| p.is_file())
-    })
+/// The QEMU binary, after QEMU has booted a tiny guest here once (per test binary). QEMU is
+/// installed by ./setup.sh, so a QEMU that is missing or cannot start fails the test with
+/// QEMU's own message and what to do; it is not a skip.
+pub fn qemu_that_starts() -> PathBuf {
+    static CHECK: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    CHECK
+        .get_or_init(|| {
+            let qemu = std::env::var_os("PATH")
+                .and_then(|paths| {
+                    std::env::split_paths(&paths)
+                        .map(|d| d.join("qemu-system-x86_64"))
+                        .find(|p| p.is_file())
+                })
+                .ok_or("qemu-system-x86_64 is not installed: run ./setup.sh (it installs Debian's qemu-system-x86)")?;
+            vmm::qemu::check_starts(&qemu, &guest("memtouch")).map_err(|e| e.to_string())?;
+            Ok(qemu)
+        })
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub fn to_output(o: Output) -> Run {
@@ -156,7 +168,7 @@ pub fn to_output(o: Output) -> Run {
     }
 }
 
-/// QEMU's microvm with the project's conventions (`vmm::qmp::microvm_args`); `extra`
+/// QEMU's microvm with the project's conventions (`vmm::qemu::microvm_args`); `extra`
 /// arguments go before `-kernel`.
 pub fn qemu_microvm(
     qemu: &Path,
@@ -166,7 +178,7 @@ pub fn qemu_microvm(
     append: &str,
 ) -> Command {
     let mut cmd = Command::new(qemu);
-    cmd.args(vmm::qmp::microvm_args(memory)).args(extra).args([
+    cmd.args(vmm::qemu::microvm_args(memory)).args(extra).args([
         "-kernel",
         guest_path_str(guest).as_str(),
         "-append",

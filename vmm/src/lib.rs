@@ -13,6 +13,7 @@ pub mod error;
 pub mod guests;
 pub mod kvm;
 pub mod memory;
+pub mod qemu;
 pub mod qmp;
 pub mod report;
 pub mod signals;

@@ -1,41 +1,10 @@
-//! QEMU as a peer VMM for tests and benchmarks: the microvm command line our guests boot
-//! under, and a minimal QMP client (QEMU's JSON control protocol).
+//! A minimal QMP client (QEMU's JSON control protocol) for tests and benchmarks that drive
+//! QEMU as a peer VMM. Starting QEMU and reporting its failures is `crate::qemu`'s job.
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::time::{Duration, Instant};
-
-/// QEMU arguments for booting the project's guests: microvm with KVM, one vCPU (the PVH
-/// entry starts only the boot vCPU), serial on stdio, the exit port as isa-debug-exit, and
-/// modern virtio-mmio. Add devices, then `-kernel` and `-append`.
-pub fn microvm_args(memory: &str) -> Vec<String> {
-    [
-        "-M",
-        "microvm,x-option-roms=off,rtc=off",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-m",
-        memory,
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=1",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
+use std::time::Duration;
 
 pub struct Qmp {
     reader: BufReader<UnixStream>,
@@ -43,18 +12,9 @@ pub struct Qmp {
 }
 
 impl Qmp {
-    /// Connects (retrying while QEMU starts), reads the greeting, enters command mode.
-    pub fn connect(path: &Path, timeout: Duration) -> std::io::Result<Qmp> {
-        let start = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(_) if start.elapsed() < timeout => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                Err(e) => return Err(e),
-            }
-        };
+    /// Reads QEMU's greeting on a connected QMP socket and enters command mode. Connect
+    /// through [`crate::qemu::QemuProcess::connect_qmp`], which reports why QEMU died.
+    pub fn handshake(stream: UnixStream) -> std::io::Result<Qmp> {
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut q = Qmp {
             reader: BufReader::new(stream.try_clone()?),
@@ -70,7 +30,12 @@ impl Qmp {
 
     fn line(&mut self) -> std::io::Result<Value> {
         let mut l = String::new();
-        self.reader.read_line(&mut l)?;
+        if self.reader.read_line(&mut l)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "QEMU closed the QMP connection",
+            ));
+        }
         serde_json::from_str(&l).map_err(|e| invalid(format!("bad QMP line {l:?}: {e}")))
     }
 
@@ -91,14 +56,14 @@ impl Qmp {
         }
     }
 
-    /// KVM's VM-wide statistic `name` through `query-stats`, if QEMU reports it.
-    pub fn kvm_vm_stat(&mut self, name: &str) -> std::io::Result<Option<u64>> {
-        let r = self.execute("query-stats", json!({ "target": "vm" }))?;
-        Ok(r.as_array()
+    /// KVM statistic `name` in a `query-stats` reply, if QEMU reports it.
+    pub fn stat(reply: &Value, name: &str) -> Option<u64> {
+        reply
+            .as_array()
             .into_iter()
             .flatten()
             .flat_map(|p| p["stats"].as_array().into_iter().flatten())
-            .find_map(|s| (s["name"] == name).then(|| s["value"].as_u64()).flatten()))
+            .find_map(|s| (s["name"] == name).then(|| s["value"].as_u64()).flatten())
     }
 }
 

@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use vmm::config::parse_size;
+use vmm::qemu::{self, QemuProcess};
 use vmm::qmp::Qmp;
 use vmm::report::median;
 
@@ -183,7 +184,7 @@ fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
     let mem = format!("{}M", a.memory >> 20);
     let guest = vmm::guests::resolve("balloon")?;
     let mut cmd = Command::new(&a.qemu);
-    cmd.args(vmm::qmp::microvm_args(&mem))
+    cmd.args(qemu::microvm_args(&mem))
         .args(["-machine", "memory-backend=ram"])
         .args([
             "-object",
@@ -197,26 +198,25 @@ fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
         ])
         .args(["-kernel", guest.to_str().unwrap(), "-append", "changes=2"]);
     let t0 = Instant::now();
-    let (mut child, ready) = spawn(cmd)?;
-    let mut qmp = Qmp::connect(&qmp_path, Duration::from_secs(30)).context("QMP")?;
-    ready
-        .recv_timeout(Duration::from_secs(120))
-        .context("driver never ready")?;
+    let mut vm = QemuProcess::spawn(cmd)?;
+    let mut qmp = vm.connect_qmp(&qmp_path, Duration::from_secs(30))?;
+    vm.wait_for_stdout("balloon: driver ready", Duration::from_secs(120))?;
     let launch_s = t0.elapsed().as_secs_f64();
-    let flushes_before = qmp.kvm_vm_stat("remote_tlb_flush_requests")?.unwrap_or(0);
-    let rss_before = rss_shmem(child.id());
+    let pid = vm.id();
+    // Every QMP failure carries QEMU's exit status and stderr if QEMU is gone.
+    let mut execute =
+        |cmd: &str, args: serde_json::Value| qmp.execute(cmd, args).map_err(|e| vm.qmp_error(e));
+    let flushes_before = qemu_flushes(&mut execute)?;
+    let rss_before = rss_shmem(pid);
     let logical = a.memory - a.balloon;
-    qmp.execute("balloon", json!({ "value": logical }))?;
-    let inflate_s =
-        poll_until(|| Ok(qmp.execute("query-balloon", json!({}))?["actual"] == logical))?;
+    execute("balloon", json!({ "value": logical }))?;
+    let inflate_s = poll_until(|| Ok(execute("query-balloon", json!({}))?["actual"] == logical))?;
     std::thread::sleep(Duration::from_millis(50));
-    let rss_after = rss_shmem(child.id());
-    let flushes_after = qmp.kvm_vm_stat("remote_tlb_flush_requests")?.unwrap_or(0);
-    qmp.execute("balloon", json!({ "value": a.memory }))?;
-    let code = wait_exit(&mut child)?;
-    if code != 33 {
-        bail!("guest failed on QEMU: exit {code}");
-    }
+    let rss_after = rss_shmem(pid);
+    let flushes_after = qemu_flushes(&mut execute)?;
+    execute("balloon", json!({ "value": a.memory }))?;
+    vm.wait_pass(Duration::from_secs(180))
+        .context("the balloon guest on QEMU")?;
     Ok(Run {
         launch_s,
         inflate_s,
@@ -225,8 +225,19 @@ fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
     })
 }
 
+/// KVM's `remote_tlb_flush_requests` for QEMU's VM, through QMP `query-stats`.
+fn qemu_flushes(
+    execute: &mut impl FnMut(&str, serde_json::Value) -> Result<serde_json::Value, qemu::QemuError>,
+) -> Result<u64> {
+    let r = execute("query-stats", json!({ "target": "vm" }))?;
+    Ok(Qmp::stat(&r, "remote_tlb_flush_requests").unwrap_or(0))
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
+    // QEMU boots a tiny guest first, so a QEMU that cannot start here fails now with its own
+    // message rather than in the middle of the first repetition.
+    qemu::check_starts(&a.qemu, &vmm::guests::resolve("memtouch")?)?;
     let dir = std::env::temp_dir().join(format!("peer-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let peers = [Peer::Gather, Peer::PerPage, Peer::Qemu];
