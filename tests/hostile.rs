@@ -101,7 +101,19 @@ fn every_attack_from_inside_has_its_defined_outcome() {
         dev["malformed_buffers"].as_u64().unwrap() >= min_malformed,
         "{rep}"
     );
-    // Everything the guest gave away it took back; nothing is left in the balloon.
-    assert_eq!(dev["pages_inflated"], dev["pages_deflated"], "{rep}");
+    // Everything the guest gave away came back, through a deflate or a reset (which empties
+    // the balloon: the reset attack leaves 256 inflated frames pending in the batch, and up
+    // to 256 more from the inflate in flight).
+    let count = |k: &str| dev[k].as_u64().unwrap();
+    assert_eq!(
+        count("pages_inflated"),
+        count("pages_deflated") + count("pages_returned_by_reset"),
+        "{rep}"
+    );
+    assert!(
+        (256..=512).contains(&count("pages_returned_by_reset")),
+        "{rep}"
+    );
+    assert_eq!(rep["frames_in_balloon"], 0, "{rep}");
     assert_eq!(rep["gather"]["host_call_errors"], 0, "{rep}");
 }

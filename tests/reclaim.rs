@@ -1,5 +1,6 @@
 //! The Stage2Gather on real KVM: a guest populates memory; the host reclaims a scattered set
-//! of its frames through each strategy (the reclaim probe, port 0xf6). The memfd's allocated
+//! of its frames through each strategy (the reclaim probe, port 0xf6, a test device enabled
+//! with --reclaim-probe). The memfd's allocated
 //! bytes fall by exactly the reclaimed amount, the reclaimed frames read zero inside the
 //! guest while every other frame keeps its pattern, and KVM's remote_tlb_flush_requests grow
 //! by at most one per zap call.
@@ -13,14 +14,8 @@ use std::collections::HashMap;
 const FLUSH_SLACK: u64 = 4;
 
 fn probe_line(stderr: &str) -> HashMap<String, String> {
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("reclaim-probe:"))
-        .unwrap_or_else(|| panic!("no reclaim-probe line in:\n{stderr}"));
-    line.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    vmm::devices::reclaim_probe::parse_report_line(stderr)
+        .unwrap_or_else(|| panic!("no reclaim-probe line in:\n{stderr}"))
 }
 
 fn num(m: &HashMap<String, String>, k: &str) -> u64 {
@@ -46,6 +41,7 @@ fn reclaim_with(strategy: &str, test: &str) -> HashMap<String, String> {
         "bytes=32M",
         "--reclaim-strategy",
         strategy,
+        "--reclaim-probe",
     ]);
     assert_eq!(r.status, Some(0), "{}", r.all());
     r.assert_stdout_has(&["reclaimcheck: PASS"]);
@@ -130,6 +126,7 @@ fn reclaim_above_4g() {
         "3328M",
         "--cmdline",
         "bytes=32M above4g=1",
+        "--reclaim-probe",
     ]);
     assert_eq!(r.status, Some(0), "{}", r.all());
     let p = probe_line(&r.stderr);
@@ -143,12 +140,21 @@ fn hostile_probe_mailboxes_are_refused_and_the_vm_keeps_running() {
     if !common::kvm_or_skip("hostile_probe_mailboxes_are_refused_and_the_vm_keeps_running") {
         return;
     }
-    let r = common::vmm(&["run", "--guest", "faulty", "--cmdline", "mode=bad-probe"]);
+    let r = common::vmm(&[
+        "run",
+        "--guest",
+        "faulty",
+        "--cmdline",
+        "mode=bad-probe",
+        "--reclaim-probe",
+    ]);
     assert_eq!(r.status, Some(0), "{}", r.all());
     for case in [
         "bad magic: status=1",
         "region in the MMIO hole: status=2",
         "list overlapping the region: status=2",
+        "list capacity 2^61+1: status=2 reclaimed=0",
+        "list capacity u64::MAX: status=2 reclaimed=0",
     ] {
         assert!(r.stdout.contains(case), "missing '{case}'\n{}", r.all());
     }
@@ -161,6 +167,34 @@ fn hostile_probe_mailboxes_are_refused_and_the_vm_keeps_running() {
         r.stderr
             .contains("mailbox address 0xf0000000 is not in guest RAM"),
         "{}",
+        r.all()
+    );
+}
+
+#[test]
+fn the_reclaim_probe_is_off_unless_enabled() {
+    if !common::kvm_or_skip("the_reclaim_probe_is_off_unless_enabled") {
+        return;
+    }
+    let r = common::vmm(&["run", "--guest", "reclaimcheck", "--cmdline", "bytes=4M"]);
+    assert_eq!(
+        r.status,
+        Some(1),
+        "the guest fails without a probe\n{}",
+        r.all()
+    );
+    r.assert_stdout_has(&[
+        "no reclaim probe answered on port 0xf6 (run the VMM with --reclaim-probe)",
+    ]);
+    assert!(
+        r.stderr
+            .contains("the probe is off (vmm run --reclaim-probe)"),
+        "{}",
+        r.all()
+    );
+    assert!(
+        !r.stderr.contains("reclaim-probe:"),
+        "nothing reclaimed\n{}",
         r.all()
     );
 }

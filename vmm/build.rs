@@ -12,6 +12,7 @@ fn main() {
         "Cargo.toml",
         "Cargo.lock",
         ".cargo/config.toml",
+        "abi",
         "rt",
         "guests",
     ] {

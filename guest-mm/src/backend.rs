@@ -16,6 +16,7 @@
 use crate::gfn::GfnRange;
 use crate::layout::PAGE_SIZE;
 use crate::ram::GuestRam;
+use crate::stage2_map::{FrameState, Stage2Map};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use thiserror::Error;
@@ -114,6 +115,47 @@ impl Stage2Backend for KvmMemfd {
             )
         };
         host_call_result(rc, "fallocate(PUNCH_HOLE)", range)
+    }
+}
+
+/// Wraps a backend and asserts, at every host call, that it touches only frames the balloon
+/// owns: a zap only Gathered frames, a release only Zapped ones, and nothing outside RAM.
+/// For tests and fuzzing: a violation panics, naming the frame and its state.
+pub struct OwnershipChecked {
+    inner: Arc<dyn Stage2Backend>,
+    map: Arc<Stage2Map>,
+}
+
+impl OwnershipChecked {
+    pub fn new(inner: Arc<dyn Stage2Backend>, map: Arc<Stage2Map>) -> Self {
+        Self { inner, map }
+    }
+
+    fn require(&self, call: &str, range: GfnRange, state: FrameState) {
+        for g in range.iter() {
+            let found = self.map.state(g);
+            assert_eq!(
+                found,
+                Ok(state),
+                "{call} of {range:?} would touch frame {g:#x}, which is {found:?}, not {state:?}"
+            );
+        }
+    }
+}
+
+impl Stage2Backend for OwnershipChecked {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn zap(&self, range: GfnRange) -> Result<(), BackendError> {
+        self.require("zap", range, FrameState::Gathered);
+        self.inner.zap(range)
+    }
+
+    fn release(&self, range: GfnRange) -> Result<(), BackendError> {
+        self.require("release", range, FrameState::Zapped);
+        self.inner.release(range)
     }
 }
 

@@ -21,7 +21,7 @@ use crate::backend::Stage2Backend;
 use crate::coalesce::coalesce;
 use crate::gfn::{FrameError, Gfn, GfnRange};
 use crate::grace::Readers;
-use crate::stage2_map::{FrameState, Stage2Map};
+use crate::stage2_map::{FrameState, GivenBack, Stage2Map};
 use crate::stats::GatherStats;
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
@@ -180,12 +180,13 @@ impl Batch {
                     zapped.push(r);
                 }
                 Err(e) => {
-                    // Nothing was removed: hand the frames back to the guest, report the error.
-                    tracing::error!("stage-2 zap failed, frames stay with the guest: {e}");
+                    // Nothing was removed. The guest gave the frames away, so they stay in the
+                    // balloon (Retained: still backed) until it takes them back.
+                    tracing::error!(
+                        "stage-2 zap failed, frames stay in the balloon unreclaimed: {e}"
+                    );
                     self.report.errors.push(e.to_string());
-                    for g in r.iter() {
-                        let _ = p.map.ungather(g);
-                    }
+                    p.map.mark_retained(r);
                     // Not reclaimed: keep the batch's accounting to what was.
                     self.report.pages -= r.count;
                     self.report.ranges -= 1;
@@ -228,9 +229,14 @@ impl InvalidatedBatch {
             self.batch.report.host_calls += 1;
             if let Err(e) = p.backend.release(r) {
                 // The frames are gone from stage 2 and the guest gave them up; the host simply
-                // did not get the memory back. Say so loudly.
+                // did not get the memory back. Say so loudly; they stay in the balloon,
+                // Retained, and are not counted as reclaimed.
                 tracing::error!("release failed, host memory not returned: {e}");
                 self.batch.report.errors.push(e.to_string());
+                p.map.mark_retained(r);
+                self.batch.report.pages -= r.count;
+                self.batch.report.ranges -= 1;
+                continue;
             }
             p.map.mark_released(r);
             if let Some(log) = p.log {
@@ -245,20 +251,32 @@ impl InvalidatedBatch {
 /// What happened to one buffer of frames offered for reclaim.
 #[derive(Debug, Default)]
 pub struct BufferOutcome {
-    pub accepted: u64,
+    /// The frames now in the balloon, in the buffer's order.
+    pub accepted: Vec<Gfn>,
+    /// The frames refused, each with its reason; they stay with their owner.
     pub invalid: Vec<FrameError>,
     /// Batches this buffer caused to be flushed.
     pub flushed: Vec<BatchReport>,
 }
 
-/// What happened to frames the guest took back.
-#[derive(Debug, Default)]
+/// What happened to frames given back to the guest.
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct ReturnOutcome {
     /// Frames taken out of a pending batch before they were zapped.
     pub ungathered: u64,
     /// Released frames the guest may use again (they read as zeros).
     pub repopulated: u64,
+    /// Frames whose host call had failed, given back with their contents.
+    pub retained: u64,
+    /// Frames that were not in the balloon, each with its reason.
     pub invalid: Vec<FrameError>,
+}
+
+impl ReturnOutcome {
+    /// Frames that left the balloon.
+    pub fn given_back(&self) -> u64 {
+        self.ungathered + self.repopulated + self.retained
+    }
 }
 
 pub struct Stage2Gather {
@@ -339,13 +357,14 @@ impl Stage2Gather {
             match self.map.gather(g) {
                 Ok(()) => {
                     self.pending.push(g);
-                    out.accepted += 1;
+                    out.accepted.push(g);
                 }
                 Err(e) => out.invalid.push(e),
             }
         }
+        self.stats.pages_gathered += out.accepted.len() as u64;
         self.stats.invalid_frames += out.invalid.len() as u64;
-        if out.accepted > 0 && self.pending_since.is_none() {
+        if !out.accepted.is_empty() && self.pending_since.is_none() {
             self.pending_since = Some(Instant::now());
         }
         let flush_now = match self.config.strategy {
@@ -423,22 +442,19 @@ impl Stage2Gather {
     }
 
     /// The guest takes frames back (a deflate). A frame still in the pending batch leaves it
-    /// and is never zapped or freed; a released frame becomes usable again and reads as zeros.
+    /// and is never zapped or freed; a released frame becomes usable again and reads as
+    /// zeros. A frame that is not in the balloon is refused with its reason.
     pub fn return_frames(&mut self, gfns: &[Gfn]) -> ReturnOutcome {
         let mut out = ReturnOutcome::default();
         let mut ungathered = Vec::new();
         for &g in gfns {
-            match self.map.state(g) {
-                Ok(FrameState::Gathered) => {
-                    let _ = self.map.ungather(g);
+            match self.map.give_back(g) {
+                Ok(GivenBack::Ungathered) => {
                     ungathered.push(g);
                     out.ungathered += 1;
                 }
-                Ok(FrameState::Released) => match self.map.repopulate(g) {
-                    Ok(()) => out.repopulated += 1,
-                    Err(e) => out.invalid.push(e),
-                },
-                Ok(_) => out.invalid.push(FrameError::NotReleased(g)),
+                Ok(GivenBack::Repopulated) => out.repopulated += 1,
+                Ok(GivenBack::Retained) => out.retained += 1,
                 Err(e) => out.invalid.push(e),
             }
         }
@@ -450,9 +466,40 @@ impl Stage2Gather {
                 self.pending_since = None;
             }
         }
-        self.stats.pages_returned += out.ungathered + out.repopulated;
+        self.stats.pages_returned += out.given_back();
         self.stats.invalid_frames += out.invalid.len() as u64;
         out
+    }
+
+    /// Reclaims frames the guest keeps (a free page report of its own free frames, or the
+    /// reclaim probe): each buffer is gathered, the batch is run through zap → invalidate →
+    /// release at once, and exactly the frames accepted are given back. Frames refused
+    /// (already in the balloon, device-mapped, not RAM) stay where they were.
+    pub fn reclaim_and_give_back<'a>(
+        &mut self,
+        buffers: impl IntoIterator<Item = &'a [Gfn]>,
+    ) -> BufferOutcome {
+        let mut out = BufferOutcome::default();
+        for b in buffers {
+            let o = self.add_buffer(b);
+            out.accepted.extend(o.accepted);
+            out.invalid.extend(o.invalid);
+            out.flushed.extend(o.flushed);
+        }
+        out.flushed.extend(self.flush());
+        let back = self.return_frames(&out.accepted);
+        debug_assert!(
+            back.invalid.is_empty(),
+            "accepted frames are in the balloon"
+        );
+        out
+    }
+
+    /// Empties the balloon (a device reset): every frame it holds is given back to the
+    /// guest, pending ones before they are zapped. A full scan of the map.
+    pub fn return_all(&mut self) -> ReturnOutcome {
+        let frames = self.map.frames_in(&FrameState::BALLOON);
+        self.return_frames(&frames)
     }
 }
 
@@ -578,7 +625,7 @@ mod tests {
         let (mut g, rec, _, _) = setup(Strategy::PerBuffer);
         let beyond = (64 << 20) / 4096;
         let out = g.add_buffer(&[3, 3, beyond, 4]);
-        assert_eq!(out.accepted, 2);
+        assert_eq!(out.accepted, vec![3, 4]);
         assert_eq!(
             out.invalid,
             vec![
@@ -611,7 +658,7 @@ mod tests {
         // Released frames come back as Mapped (they read as zeros on KVM).
         let r = g.return_frames(&[10, 12, 13]);
         assert_eq!(r.repopulated, 2);
-        assert_eq!(r.invalid, vec![FrameError::NotReleased(13)]);
+        assert_eq!(r.invalid, vec![FrameError::NotInBalloon(13)]);
         assert_eq!(g.map().state(10), Ok(FrameState::Mapped));
     }
 
@@ -656,10 +703,11 @@ mod tests {
         );
         let out = g.add_buffer(&[10, 11]);
         let report = &out.flushed[0];
-        // Frame 11's zap failed: it stays with the guest. Frame 10 was zapped, but its release
-        // failed: it is gone from stage 2, and the error says the host did not get it back.
-        assert_eq!(map.state(11), Ok(FrameState::Mapped));
-        assert_eq!(map.state(10), Ok(FrameState::Released));
+        // Frame 11's zap failed and frame 10's release failed: the guest gave both away, so
+        // both stay in the balloon, Retained (the host still holds their pages), and the
+        // errors say which call failed on which frames.
+        assert_eq!(map.state(11), Ok(FrameState::Retained));
+        assert_eq!(map.state(10), Ok(FrameState::Retained));
         assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
         assert!(report
             .errors
@@ -672,11 +720,19 @@ mod tests {
         assert_eq!(g.stats().host_call_errors, 2);
         assert_eq!(
             (report.pages, g.stats().pages_reclaimed),
-            (1, 1),
-            "only frame 10 was reclaimed"
+            (0, 0),
+            "nothing reached the host"
         );
-        // Frame 11 can be offered again.
-        assert_eq!(g.add_buffer(&[11]).accepted, 1);
+        // Still the balloon's: offering them again is refused, a deflate gives them back
+        // with their contents, and then they can be offered again.
+        assert_eq!(
+            g.add_buffer(&[11]).invalid,
+            vec![FrameError::AlreadyGathered(11)]
+        );
+        let back = g.return_frames(&[10, 11]);
+        assert_eq!(back.retained, 2);
+        assert_eq!(map.state(11), Ok(FrameState::Mapped));
+        assert_eq!(g.add_buffer(&[11]).accepted, vec![11]);
     }
 
     #[test]

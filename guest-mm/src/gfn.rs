@@ -42,14 +42,16 @@ pub enum FrameError {
     OutsideRam(Gfn),
     #[error("frame {0:#x} is in the MMIO hole, not RAM")]
     InMmioHole(Gfn),
-    #[error("frame {0:#x} is already waiting in a reclaim batch")]
+    #[error("frame {0:#x} is already in the balloon (gathered for reclaim)")]
     AlreadyGathered(Gfn),
-    #[error("frame {0:#x} was already released to the host")]
+    #[error("frame {0:#x} is already in the balloon (released to the host)")]
     AlreadyReleased(Gfn),
     #[error("frame {0:#x} holds device state (e.g. a virtqueue) and cannot be reclaimed")]
     DeviceMapped(Gfn),
-    #[error("frame {0:#x} is not released, so it cannot be returned")]
-    NotReleased(Gfn),
+    #[error("frame {0:#x} is not in the balloon, so it cannot be given back")]
+    NotInBalloon(Gfn),
+    #[error("frame {0:#x} is in the balloon, so a device cannot map it")]
+    InBalloon(Gfn),
 }
 
 impl FrameError {
@@ -60,7 +62,8 @@ impl FrameError {
             | FrameError::AlreadyGathered(g)
             | FrameError::AlreadyReleased(g)
             | FrameError::DeviceMapped(g)
-            | FrameError::NotReleased(g) => g,
+            | FrameError::NotInBalloon(g)
+            | FrameError::InBalloon(g) => g,
         }
     }
 }

@@ -16,11 +16,11 @@ pub mod ram;
 pub mod stage2_map;
 pub mod stats;
 
-pub use backend::{BackendError, KvmMemfd, Stage2Backend};
+pub use backend::{BackendError, KvmMemfd, OwnershipChecked, Stage2Backend};
 pub use gather::{BatchReport, GatherConfig, Stage2Gather, Strategy};
 pub use gfn::{FrameError, Gfn, GfnRange};
 pub use grace::{Reader, Readers};
 pub use layout::{Layout, LayoutError, RamRange, PAGE_SIZE};
 pub use ram::{GuestRam, RamError};
-pub use stage2_map::{FrameState, Stage2Map};
+pub use stage2_map::{FrameState, Owner, Stage2Map};
 pub use stats::{GatherStats, Histogram};

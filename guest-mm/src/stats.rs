@@ -58,13 +58,18 @@ impl Histogram {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GatherStats {
     pub batches: u64,
+    /// Frames accepted into the balloon (inflates, free page reports, the probe).
+    pub pages_gathered: u64,
+    /// Frames whose host pages were freed.
     pub pages_reclaimed: u64,
     pub ranges: u64,
     /// Host calls made: one zap and one release per range.
     pub host_calls: u64,
     /// KVM `remote_tlb_flush_requests` that grew during zaps, when a counter is attached.
     pub kvm_flush_requests: u64,
+    /// Frames given back to the guest (deflates, completed reports, resets).
     pub pages_returned: u64,
+    /// Frames refused, each counted once, with its reason logged by the caller.
     pub invalid_frames: u64,
     pub host_call_errors: u64,
     /// Grace periods that had to wait for a reader, and readers kicked.

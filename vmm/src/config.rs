@@ -22,6 +22,8 @@ pub struct VmConfig {
     pub balloon_step_timeout: std::time::Duration,
     /// Where to serve the control API, if anywhere.
     pub api_sock: Option<PathBuf>,
+    /// Whether the reclaim probe (a test device on port 0xf6) answers.
+    pub reclaim_probe: bool,
 }
 
 /// Parses sizes such as `512M`, `2G`, `64KiB`, `4096` (bytes). Suffixes are powers of 1024.

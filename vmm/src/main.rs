@@ -73,6 +73,11 @@ struct RunArgs {
     /// Serve the control API on this Unix socket (mode 0600; protocol in docs/API.md).
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// Enable the reclaim probe, a test device on I/O port 0xf6 through which the
+    /// `reclaimcheck` guest has the VMM reclaim frames of its choosing (docs/ARCHITECTURE.md).
+    /// Off by default: it lets a guest drive the gather directly.
+    #[arg(long)]
+    reclaim_probe: bool,
 }
 
 #[derive(clap::Args)]
@@ -111,6 +116,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         balloon_steps: args.balloon_steps,
         balloon_step_timeout: Duration::from_secs(args.balloon_step_timeout),
         api_sock: args.api_sock.clone(),
+        reclaim_probe: args.reclaim_probe,
     };
     let vm = Vm::new(&config).with_context(|| format!("cannot start guest {}", guest.display()))?;
     eprintln!(

@@ -37,19 +37,26 @@ impl MemoryManager {
         gather_stats: Option<KvmStats>,
         kvm_stats: Option<KvmStats>,
     ) -> Self {
-        let backend = Arc::new(KvmMemfd::new(ram.clone()));
-        Self::with_backend(ram, config, backend, gather_stats, kvm_stats)
+        Self::with_backend(
+            ram,
+            config,
+            |ram, _| Arc::new(KvmMemfd::new(ram.clone())),
+            gather_stats,
+            kvm_stats,
+        )
     }
 
-    /// With another stage-2 backend (fuzzing wraps the KVM one to check every call).
+    /// With another stage-2 backend, made from the RAM and the stage-2 map (tests and
+    /// fuzzing wrap the KVM one to check every call against the frames' owners).
     pub fn with_backend(
         ram: Arc<GuestRam>,
         config: GatherConfig,
-        backend: Arc<dyn Stage2Backend>,
+        make_backend: impl FnOnce(&Arc<GuestRam>, &Arc<Stage2Map>) -> Arc<dyn Stage2Backend>,
         gather_stats: Option<KvmStats>,
         kvm_stats: Option<KvmStats>,
     ) -> Self {
         let map = Arc::new(Stage2Map::new(ram.layout().clone()));
+        let backend = make_backend(&ram, &map);
         let readers = Readers::new();
         let mut gather = Stage2Gather::new(config, map.clone(), backend, readers.clone());
         if let Some(s) = gather_stats {

@@ -38,6 +38,8 @@ pub struct BalloonReport {
     pub actual_bytes: u64,
     pub guest_ram_bytes: u64,
     pub host_bytes_held: u64,
+    /// Frames the balloon owns, from the stage-2 map's ownership states (not from counters).
+    pub frames_in_balloon: u64,
     pub strategy: String,
     pub device: BalloonCounters,
     pub guest: GuestStats,
@@ -56,6 +58,7 @@ impl BalloonReport {
             actual_bytes: b.actual() as u64 * PAGE_SIZE,
             guest_ram_bytes: mm.ram.layout().total_bytes(),
             host_bytes_held: mm.ram.host_bytes_held().unwrap_or(0),
+            frames_in_balloon: mm.map.in_balloon(),
             strategy: gather.config().strategy.to_string(),
             device: b.counters.clone(),
             guest: b.guest_stats.clone(),
@@ -90,9 +93,9 @@ impl BalloonReport {
                 mib(self.host_bytes_held)
             ),
             format!(
-                "vmm: balloon {} inflate / {} deflate / {} report buffers; pages inflated {}, deflated {}, reported {}; invalid frames {}, malformed buffers {}",
+                "vmm: balloon {} inflate / {} deflate / {} report buffers; pages inflated {}, deflated {}, reported {}, given back by reset {}; in the balloon now {}; invalid frames {}, malformed buffers {}",
                 d.inflate_buffers, d.deflate_buffers, d.report_buffers, d.pages_inflated, d.pages_deflated,
-                d.pages_reported, d.invalid_frames, d.malformed_buffers
+                d.pages_reported, d.pages_returned_by_reset, self.frames_in_balloon, d.invalid_frames, d.malformed_buffers
             ),
             format!(
                 "vmm: gather ({}): {} batches, {} pages in {} ranges, {} host calls, {} KVM flush requests ({:.0} per GiB reclaimed)",

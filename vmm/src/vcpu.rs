@@ -117,7 +117,7 @@ pub fn run(mut vcpu: VcpuFd, index: u32, shared: Arc<VmShared>) {
                 IoAction::ReclaimProbe(gpa) => {
                     // This thread holds no guest references while the gather runs.
                     reader.quiesce();
-                    reclaim_probe::handle(&shared.memory, gpa);
+                    let _ = reclaim_probe::handle(&shared.memory, gpa);
                     Next::Continue
                 }
                 IoAction::StopVcpu => Next::StopVcpu,

@@ -41,6 +41,7 @@ pub struct Vm {
     balloon: Arc<BalloonDevice>,
     steps: BalloonSteps,
     api_sock: Option<std::path::PathBuf>,
+    reclaim_probe: bool,
     vcpus: Vec<VcpuFd>,
     image: BootImage,
 }
@@ -122,6 +123,7 @@ impl Vm {
         }
         let api_sock = config.api_sock.clone();
         Ok(Self {
+            reclaim_probe: config.reclaim_probe,
             _kvm: kvm,
             vm_fd,
             ram,
@@ -153,7 +155,10 @@ impl Vm {
     /// Runs the guest until its verdict, all vCPUs stop, a fatal exit, or SIGINT/SIGTERM.
     pub fn run(self) -> Result<RunReport, VmmError> {
         let started = Instant::now();
-        let io = PortIo::new(SerialPort::new(Box::new(std::io::stdout())));
+        let io = PortIo::new(
+            SerialPort::new(Box::new(std::io::stdout())),
+            self.reclaim_probe,
+        );
         let shared = Arc::new(
             VmShared::new(
                 io,

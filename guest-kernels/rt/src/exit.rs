@@ -7,14 +7,13 @@
 
 use crate::arch;
 
-pub const EXIT_PORT: u16 = 0xf4;
-pub const CPU_STOP_PORT: u16 = 0xf5;
+pub use abi::{CPU_STOP_PORT, EXIT_PORT};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Verdict {
-    Pass = 0x10,
-    Fail = 0x11,
+    Pass = abi::VERDICT_PASS,
+    Fail = abi::VERDICT_FAIL,
 }
 
 /// Ends the whole VM with a verdict. Never returns.

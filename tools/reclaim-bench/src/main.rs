@@ -52,6 +52,7 @@ fn run_once(a: &Args, strategy: &str, pattern: &str) -> Result<HashMap<String, f
             strategy,
             "--cmdline",
             &format!("bytes={} pattern={pattern}", a.bytes),
+            "--reclaim-probe",
         ])
         .output()
         .with_context(|| format!("cannot run {}", a.vmm.display()))?;
@@ -60,14 +61,11 @@ fn run_once(a: &Args, strategy: &str, pattern: &str) -> Result<HashMap<String, f
     if !out.status.success() || !stdout.contains("reclaimcheck: PASS") {
         bail!("run failed ({strategy}, {pattern}):\n{stdout}\n{stderr}");
     }
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("reclaim-probe:"))
-        .context("no reclaim-probe line")?;
+    let line =
+        vmm::devices::reclaim_probe::parse_report_line(&stderr).context("no reclaim-probe line")?;
     Ok(line
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .filter_map(|(k, v)| v.parse::<f64>().ok().map(|v| (k.to_string(), v)))
+        .into_iter()
+        .filter_map(|(k, v)| v.parse::<f64>().ok().map(|v| (k, v)))
         .collect())
 }
 

@@ -3,10 +3,9 @@
 
 use super::IoAction;
 
-pub const EXIT_PORT: u16 = 0xf4;
-pub const CPU_STOP_PORT: u16 = 0xf5;
 /// The value the test guests write for a pass (QEMU turns it into exit status 33).
-pub const VERDICT_PASS: u8 = 0x10;
+pub use abi::VERDICT_PASS;
+pub use abi::{CPU_STOP_PORT, EXIT_PORT};
 
 pub struct ExitPort;
 

@@ -27,13 +27,16 @@ pub enum IoAction {
 
 pub struct PortIo {
     serial: Mutex<SerialPort>,
+    /// Whether the reclaim probe (a test device) answers on its port.
+    reclaim_probe: bool,
     unclaimed_seen: Mutex<HashSet<u16>>,
 }
 
 impl PortIo {
-    pub fn new(serial: SerialPort) -> Self {
+    pub fn new(serial: SerialPort, reclaim_probe: bool) -> Self {
         Self {
             serial: Mutex::new(serial),
+            reclaim_probe,
             unclaimed_seen: Mutex::new(HashSet::new()),
         }
     }
@@ -46,8 +49,16 @@ impl PortIo {
                 .write(offset, data.first().copied().unwrap_or(0));
             return IoAction::Continue;
         }
-        if port == reclaim_probe::PROBE_PORT && data.len() == 4 {
-            return IoAction::ReclaimProbe(u32::from_le_bytes(data.try_into().unwrap()) as u64);
+        if port == reclaim_probe::PROBE_PORT {
+            if !self.reclaim_probe {
+                if self.unclaimed_seen.lock().unwrap().insert(port) {
+                    tracing::warn!("guest wrote the reclaim probe's port {port:#x}, but the probe is off (vmm run --reclaim-probe); ignored");
+                }
+                return IoAction::Continue;
+            }
+            if let Ok(gpa) = <[u8; 4]>::try_from(data) {
+                return IoAction::ReclaimProbe(u32::from_le_bytes(gpa) as u64);
+            }
         }
         match ExitPort::decode(port, data) {
             Some(action) => action,

@@ -1,51 +1,120 @@
-//! The reclaim probe (port 0xf6): a verification device for the Stage2Gather on KVM.
+//! The reclaim probe (port 0xf6): a test device that verifies the Stage2Gather on KVM. It is
+//! off unless the VMM runs with `--reclaim-probe` (the tests and reclaim-bench pass it); when
+//! off, the port is unclaimed like any other.
 //!
 //! A guest (`reclaimcheck`) fills a region with a known pattern and writes the guest-physical
-//! address of a mailbox to the port. The VMM then, on the writing vCPU's thread while the
-//! other vCPUs keep running, reclaims a scattered, deterministic set of the region's frames
-//! (or, on request, all of them) through the gather (in Linux-sized buffers of 256 descending frames), measures the memfd's
-//! allocated bytes and KVM's flush counters around it, writes the sorted list of reclaimed
-//! frames back into the guest, and marks them returned (the guest may use them again; they
-//! read as zeros). The guest then checks every frame of the region.
+//! address of a mailbox (`abi::probe::Mailbox`) to the port. The VMM then, on the writing
+//! vCPU's thread while the other vCPUs keep running, reclaims a scattered, deterministic set
+//! of the region's frames (or, on request, all of them) through the gather, in Linux-sized
+//! buffers of 256 descending frames; measures the memfd's allocated bytes and KVM's flush
+//! counters around it; gives exactly the frames it reclaimed back to the guest (they read as
+//! zeros); and lists them, sorted, in the guest's list. Frames the gather refuses (in the
+//! balloon, device-mapped) are not listed and stay with their owner. The guest then checks
+//! every frame of the region.
 //!
-//! The mailbox comes from the guest and is validated like any guest input: every address
-//! must lie in RAM and the list must not overlap the region. An invalid mailbox gets a
-//! logged error and a status code in the mailbox; nothing is reclaimed.
+//! The mailbox comes from the guest and is validated like any guest input, with checked
+//! arithmetic: every address must lie in RAM and the list must not overlap the region. An
+//! invalid mailbox gets a logged error and a status code in the mailbox; nothing is
+//! reclaimed.
 
 use crate::memory::MemoryManager;
-use guest_mm::layout::PAGE_SIZE;
-use guest_mm::Gfn;
+use abi::probe::{self, Mailbox};
+use guest_mm::layout::{Layout, PAGE_SIZE};
+use guest_mm::{Gfn, GfnRange};
 use std::time::Instant;
+use thiserror::Error;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
-pub const PROBE_PORT: u16 = 0xf6;
-const MAGIC: u64 = u64::from_le_bytes(*b"RECLAIM1");
+pub use abi::PROBE_PORT;
+
 /// Frames per buffer, as Linux's virtio_balloon sends them.
 const BUFFER_PFNS: usize = 256;
 
-const PATTERN_CONTIGUOUS: u64 = 1;
-
-pub const STATUS_OK: u64 = 0;
-pub const STATUS_BAD_MAILBOX: u64 = 1;
-pub const STATUS_BAD_REGION: u64 = 2;
-
-#[repr(C)]
+/// The mailbox as guest memory holds it.
+#[repr(transparent)]
 #[derive(Clone, Copy, Debug, Default)]
-struct Mailbox {
-    magic: u64,
-    region_gfn: u64,
-    region_pages: u64,
-    list_gfn: u64,
-    list_capacity: u64,
-    /// 0: a scattered set of runs; 1: every frame of the region (one contiguous run).
-    pattern: u64,
-    // Written by the VMM:
-    reclaimed: u64,
-    status: u64,
+struct MailboxBytes(Mailbox);
+
+// SAFETY: `Mailbox` is repr(C) plain old data of u64 fields: any bit pattern is valid.
+unsafe impl ByteValued for MailboxBytes {}
+
+/// Why a mailbox was refused; each maps to the status the guest reads.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProbeError {
+    #[error("bad magic {0:#x}")]
+    BadMagic(u64),
+    #[error("region {gfn:#x}+{pages} is not inside one RAM range")]
+    RegionOutsideRam { gfn: u64, pages: u64 },
+    #[error("list capacity {0} entries is larger than any guest")]
+    ListTooLarge(u64),
+    #[error("list {gfn:#x}+{pages} pages is not inside one RAM range")]
+    ListOutsideRam { gfn: u64, pages: u64 },
+    #[error("list {list:#x}+{list_pages} overlaps region {region:#x}+{region_pages}")]
+    Overlap {
+        list: u64,
+        list_pages: u64,
+        region: u64,
+        region_pages: u64,
+    },
 }
 
-// SAFETY: plain old data, any bit pattern is valid.
-unsafe impl ByteValued for Mailbox {}
+impl ProbeError {
+    pub fn status(&self) -> u64 {
+        match self {
+            ProbeError::BadMagic(_) => probe::STATUS_BAD_MAILBOX,
+            _ => probe::STATUS_BAD_REGION,
+        }
+    }
+}
+
+/// A validated request: the region, and a list that lies in RAM apart from it.
+#[derive(Debug, PartialEq, Eq)]
+struct Request {
+    region: GfnRange,
+    list_gfn: Gfn,
+    list_capacity: u64,
+    contiguous: bool,
+}
+
+fn validate(mb: &Mailbox, layout: &Layout) -> Result<Request, ProbeError> {
+    if mb.magic != probe::MAGIC {
+        return Err(ProbeError::BadMagic(mb.magic));
+    }
+    let region = layout
+        .range_of_frames(mb.region_gfn, mb.region_pages)
+        .map(|_| GfnRange::new(mb.region_gfn, mb.region_pages))
+        .ok_or(ProbeError::RegionOutsideRam {
+            gfn: mb.region_gfn,
+            pages: mb.region_pages,
+        })?;
+    let list_pages = mb
+        .list_capacity
+        .checked_mul(probe::LIST_ENTRY_BYTES)
+        .ok_or(ProbeError::ListTooLarge(mb.list_capacity))?
+        .div_ceil(PAGE_SIZE);
+    layout
+        .range_of_frames(mb.list_gfn, list_pages)
+        .ok_or(ProbeError::ListOutsideRam {
+            gfn: mb.list_gfn,
+            pages: list_pages,
+        })?;
+    // Both lie inside RAM, so neither end overflows.
+    let list = GfnRange::new(mb.list_gfn, list_pages);
+    if list.start < region.end() && region.start < list.end() {
+        return Err(ProbeError::Overlap {
+            list: list.start,
+            list_pages,
+            region: region.start,
+            region_pages: region.count,
+        });
+    }
+    Ok(Request {
+        region,
+        list_gfn: mb.list_gfn,
+        list_capacity: mb.list_capacity,
+        contiguous: mb.pattern == probe::PATTERN_CONTIGUOUS,
+    })
+}
 
 /// Frames to reclaim from `[start, start+pages)`: runs of 1..=16 frames with gaps of
 /// 1..=16, from a fixed seed, so that both ranges and holes are scattered.
@@ -71,48 +140,72 @@ pub fn scattered_frames(start: Gfn, pages: u64, limit: u64) -> Vec<Gfn> {
     out
 }
 
-fn in_ram(mm: &MemoryManager, gfn: u64, pages: u64) -> bool {
-    mm.ram.layout().range_of_frames(gfn, pages).is_some()
+/// What one probe did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ProbeOutcome {
+    /// Frames reclaimed and given back (sorted), as listed to the guest.
+    pub reclaimed: Vec<Gfn>,
+    /// Frames the gather refused.
+    pub invalid: u64,
 }
 
-/// Handles a write of `mailbox_gpa` to the probe port.
-pub fn handle(mm: &MemoryManager, mailbox_gpa: u64) {
+/// Handles a write of `mailbox_gpa` to the probe port. `None` when the mailbox itself is
+/// not in RAM (nothing can be answered).
+pub fn handle(mm: &MemoryManager, mailbox_gpa: u64) -> Option<Result<ProbeOutcome, ProbeError>> {
     let mem = mm.ram.memory();
-    if !mailbox_gpa.is_multiple_of(8) || !in_ram(mm, mailbox_gpa / PAGE_SIZE, 1) {
+    let size = std::mem::size_of::<Mailbox>() as u64;
+    let in_ram = mailbox_gpa.is_multiple_of(8)
+        && mailbox_gpa.checked_add(size).is_some_and(|end| {
+            mm.ram
+                .layout()
+                .range_of(mailbox_gpa)
+                .is_some_and(|r| end <= r.end())
+        });
+    if !in_ram {
         tracing::error!(
             "reclaim probe: mailbox address {mailbox_gpa:#x} is not in guest RAM; ignored"
         );
-        return;
+        return None;
     }
     let addr = GuestAddress(mailbox_gpa);
-    let Ok(mut mb) = mem.read_obj::<Mailbox>(addr) else {
+    let Ok(MailboxBytes(mut mb)) = mem.read_obj::<MailboxBytes>(addr) else {
         tracing::error!("reclaim probe: cannot read mailbox at {mailbox_gpa:#x}");
-        return;
+        return None;
     };
-    let status = if mb.magic != MAGIC {
-        STATUS_BAD_MAILBOX
-    } else if !in_ram(mm, mb.region_gfn, mb.region_pages)
-        || !in_ram(mm, mb.list_gfn, (mb.list_capacity * 8).div_ceil(PAGE_SIZE))
-        || (mb.list_gfn < mb.region_gfn + mb.region_pages
-            && mb.region_gfn < mb.list_gfn + (mb.list_capacity * 8).div_ceil(PAGE_SIZE))
-    {
-        STATUS_BAD_REGION
-    } else {
-        STATUS_OK
-    };
-    if status != STATUS_OK {
-        tracing::error!("reclaim probe: invalid mailbox {mb:?} (status {status})");
-        mb.status = status;
-        let _ = mem.write_obj(mb, addr);
-        return;
-    }
-
-    let frames = match mb.pattern {
-        PATTERN_CONTIGUOUS => {
-            (mb.region_gfn..mb.region_gfn + mb.region_pages.min(mb.list_capacity)).collect()
+    let result = validate(&mb, mm.ram.layout()).map(|req| reclaim(mm, &req));
+    match &result {
+        Err(e) => {
+            tracing::error!("reclaim probe: invalid mailbox {mb:?}: {e}");
+            mb.status = e.status();
+            mb.reclaimed = 0;
         }
-        _ => scattered_frames(mb.region_gfn, mb.region_pages, mb.list_capacity),
+        Ok(out) => {
+            let list: Vec<u8> = out.reclaimed.iter().flat_map(|g| g.to_le_bytes()).collect();
+            // Validated: the list lies in RAM and holds list_capacity >= reclaimed entries.
+            let at = GuestAddress(mb.list_gfn * PAGE_SIZE);
+            if let Err(e) = mem.write_slice(&list, at) {
+                tracing::error!("reclaim probe: cannot write the list at {at:?}: {e}");
+            }
+            mb.reclaimed = out.reclaimed.len() as u64;
+            mb.status = probe::STATUS_OK;
+        }
+    }
+    let _ = mem.write_obj(MailboxBytes(mb), addr);
+    Some(result)
+}
+
+/// Reclaims the request's frames through the gather and gives them back.
+fn reclaim(mm: &MemoryManager, req: &Request) -> ProbeOutcome {
+    let frames: Vec<Gfn> = if req.contiguous {
+        req.region.iter().take(req.list_capacity as usize).collect()
+    } else {
+        scattered_frames(req.region.start, req.region.count, req.list_capacity)
     };
+    // Linux sends descending PFNs, 256 per buffer.
+    let buffers: Vec<Vec<Gfn>> = frames
+        .chunks(BUFFER_PFNS)
+        .map(|c| c.iter().rev().copied().collect())
+        .collect();
     let mut gather = mm.gather.lock().unwrap();
     let strategy = gather.config().strategy;
     let before_bytes = mm.ram.host_bytes_held().unwrap_or(0);
@@ -120,41 +213,57 @@ pub fn handle(mm: &MemoryManager, mailbox_gpa: u64) {
     let before_calls = gather.stats().host_calls;
     let before_ranges = gather.stats().ranges;
     let t = Instant::now();
-    let mut invalid = 0;
-    for chunk in frames.chunks(BUFFER_PFNS) {
-        let buffer: Vec<Gfn> = chunk.iter().rev().copied().collect();
-        invalid += gather.add_buffer(&buffer).invalid.len();
-    }
-    gather.flush();
+    let out = gather.reclaim_and_give_back(buffers.iter().map(Vec::as_slice));
     let elapsed = t.elapsed();
     let after_bytes = mm.ram.host_bytes_held().unwrap_or(0);
-    let flushes = before_flushes.zip(mm.flush_requests()).map(|(b, a)| a - b);
+    let flushes = before_flushes
+        .zip(mm.flush_requests())
+        .map(|(b, a)| a.saturating_sub(b));
     let host_calls = gather.stats().host_calls - before_calls;
     let ranges = gather.stats().ranges - before_ranges;
+    drop(gather);
+    let mut reclaimed = out.accepted;
+    reclaimed.sort_unstable();
     crate::report::say(&format!(
         "reclaim-probe: strategy={strategy} region_gfn={:#x} pages={} ranges={ranges} host_calls={host_calls} zap_calls={ranges} \
          kvm_flush_requests={} host_bytes_before={before_bytes} host_bytes_after={after_bytes} \
-         freed={} invalid={invalid} elapsed_us={}",
-        mb.region_gfn,
-        frames.len(),
+         freed={} invalid={} elapsed_us={}",
+        req.region.start,
+        reclaimed.len(),
         flushes.map_or("unavailable".into(), |f| f.to_string()),
         before_bytes.saturating_sub(after_bytes),
+        out.invalid.len(),
         elapsed.as_micros()
     ));
-    gather.return_frames(&frames);
-    drop(gather);
-
-    for (i, g) in frames.iter().enumerate() {
-        let _ = mem.write_obj(*g, GuestAddress(mb.list_gfn * PAGE_SIZE + i as u64 * 8));
+    if let Some(e) = out.invalid.first() {
+        tracing::warn!(
+            "reclaim probe: {} frame(s) refused and not listed, first: {e}",
+            out.invalid.len()
+        );
     }
-    mb.reclaimed = frames.len() as u64;
-    mb.status = STATUS_OK;
-    let _ = mem.write_obj(mb, addr);
+    ProbeOutcome {
+        reclaimed,
+        invalid: out.invalid.len() as u64,
+    }
+}
+
+/// The `reclaim-probe:` line the VMM prints for a probe (on stderr), as key → value, from a
+/// process's output: what the tests and reclaim-bench read.
+pub fn parse_report_line(output: &str) -> Option<std::collections::HashMap<String, String>> {
+    let line = output.lines().find(|l| l.starts_with("reclaim-probe:"))?;
+    Some(
+        line.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use guest_mm::{GatherConfig, GuestRam, Strategy};
+    use std::sync::Arc;
 
     #[test]
     fn scattered_frames_are_sorted_unique_bounded_and_scattered() {
@@ -165,5 +274,86 @@ mod tests {
         assert!(runs > 100, "expected many separate runs, got {runs}");
         assert!(f.len() > 1000 && f.len() < 3500);
         assert_eq!(scattered_frames(1000, 4096, 10).len(), 10);
+    }
+
+    fn mailbox(region_gfn: u64, region_pages: u64, list_gfn: u64, list_capacity: u64) -> Mailbox {
+        Mailbox {
+            magic: probe::MAGIC,
+            region_gfn,
+            region_pages,
+            list_gfn,
+            list_capacity,
+            ..Mailbox::default()
+        }
+    }
+
+    #[test]
+    fn list_capacities_whose_byte_count_overflows_are_refused() {
+        let layout = Layout::new(64 << 20).unwrap();
+        // 2^61+1 entries of 8 bytes wrap to 8 bytes in unchecked u64 arithmetic: one page
+        // would be checked while 8 KiB are written past it.
+        for cap in [(1u64 << 61) + 1, u64::MAX, 1 << 62] {
+            assert_eq!(
+                validate(&mailbox(0x1000, 16, 0x2000, cap), &layout),
+                Err(ProbeError::ListTooLarge(cap)),
+                "capacity {cap:#x}"
+            );
+        }
+        // The largest capacity that does not overflow still has to fit in RAM.
+        let cap = u64::MAX / 8;
+        assert!(matches!(
+            validate(&mailbox(0x1000, 16, 0x2000, cap), &layout),
+            Err(ProbeError::ListOutsideRam { .. })
+        ));
+    }
+
+    #[test]
+    fn regions_and_lists_at_the_end_of_the_address_space_are_refused_without_overflow() {
+        let layout = Layout::new(64 << 20).unwrap();
+        assert!(matches!(
+            validate(&mailbox(u64::MAX, 2, 0x2000, 16), &layout),
+            Err(ProbeError::RegionOutsideRam { .. })
+        ));
+        assert!(matches!(
+            validate(&mailbox(0x1000, 16, u64::MAX, 16), &layout),
+            Err(ProbeError::ListOutsideRam { .. })
+        ));
+        assert!(matches!(
+            validate(&mailbox(0x1000, 16, 0x1008, 16), &layout),
+            Err(ProbeError::Overlap { .. })
+        ));
+        assert!(validate(&mailbox(0x1000, 16, 0x2000, 16), &layout).is_ok());
+    }
+
+    #[test]
+    fn frames_already_in_the_balloon_are_neither_listed_nor_handed_back() {
+        let ram = Arc::new(GuestRam::new(64 << 20).unwrap());
+        let mm = MemoryManager::new(ram.clone(), GatherConfig::new(Strategy::Gather), None, None);
+        // The guest ballooned the region's first 8 frames before asking the probe.
+        let ballooned: Vec<Gfn> = (0x1000..0x1008).collect();
+        mm.gather.lock().unwrap().add_buffer(&ballooned);
+        mm.gather.lock().unwrap().flush();
+        let mb = mailbox(0x1000, 16, 0x2000, 16);
+        ram.memory()
+            .write_obj(
+                MailboxBytes(Mailbox {
+                    pattern: probe::PATTERN_CONTIGUOUS,
+                    ..mb
+                }),
+                GuestAddress(0x3000),
+            )
+            .unwrap();
+        let out = handle(&mm, 0x3000).unwrap().unwrap();
+        assert_eq!(out.reclaimed, (0x1008..0x1010).collect::<Vec<_>>());
+        assert_eq!(out.invalid, 8);
+        for g in ballooned {
+            assert_eq!(
+                mm.map.owner(g),
+                Ok(guest_mm::stage2_map::Owner::Balloon),
+                "frame {g:#x} stays in the balloon"
+            );
+        }
+        let MailboxBytes(back) = ram.memory().read_obj(GuestAddress(0x3000)).unwrap();
+        assert_eq!((back.status, back.reclaimed), (probe::STATUS_OK, 8));
     }
 }

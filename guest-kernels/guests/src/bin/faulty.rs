@@ -8,10 +8,12 @@
 //! - `stop`: stops every vCPU without a verdict.
 //! - `bad-probe`: hands the reclaim probe (port 0xf6) hostile mailboxes: one outside RAM,
 //!   one with a bad magic, one whose region lies in the MMIO hole, one whose list overlaps
-//!   the region. Each must be refused with a status and nothing reclaimed; then PASS.
+//!   the region, two whose list capacity overflows a byte count. Each must be refused with a
+//!   status and nothing reclaimed; then PASS.
 #![no_std]
 #![no_main]
 
+use abi::probe::{self, Mailbox};
 use rt::{bootinfo, cmdline, println, Cpu, Verdict};
 
 fn main(cpu: &Cpu) -> Verdict {
@@ -48,26 +50,32 @@ fn main(cpu: &Cpu) -> Verdict {
 }
 
 #[repr(C, align(4096))]
-struct Mailbox([u64; 8]);
-static mut MAILBOX: Mailbox = Mailbox([0; 8]);
-const MAGIC: u64 = u64::from_le_bytes(*b"RECLAIM1");
-const STATUS: usize = 7;
-const RECLAIMED: usize = 6;
+struct MailboxPage(Mailbox);
+static mut MAILBOX: MailboxPage = MailboxPage(Mailbox {
+    magic: 0,
+    region_gfn: 0,
+    region_pages: 0,
+    list_gfn: 0,
+    list_capacity: 0,
+    pattern: 0,
+    reclaimed: 0,
+    status: 0,
+});
 
-/// Sends `fields` (magic, region, pages, list, capacity, pattern) and returns the status.
-fn probe(fields: [u64; 6]) -> (u64, u64) {
+/// Sends the request fields of `req` and returns (status, reclaimed).
+fn probe(req: Mailbox) -> (u64, u64) {
     // SAFETY: only this vCPU uses the mailbox; the VMM writes it during the port access.
     unsafe {
-        let mb = &raw mut MAILBOX;
-        for (i, f) in fields.iter().enumerate() {
-            (*mb).0[i] = *f;
-        }
-        (*mb).0[RECLAIMED] = 0;
-        (*mb).0[STATUS] = u64::MAX;
-        rt::arch::outl(0xf6, mb as u64 as u32);
+        let mb = &raw mut (*(&raw mut MAILBOX)).0;
+        mb.write_volatile(Mailbox {
+            reclaimed: 0,
+            status: probe::STATUS_PENDING,
+            ..req
+        });
+        rt::arch::outl(abi::PROBE_PORT, mb as u64 as u32);
         (
-            (&raw const (*mb).0[STATUS]).read_volatile(),
-            (&raw const (*mb).0[RECLAIMED]).read_volatile(),
+            (&raw const (*mb).status).read_volatile(),
+            (&raw const (*mb).reclaimed).read_volatile(),
         )
     }
 }
@@ -77,18 +85,35 @@ fn bad_probe() -> Verdict {
         return Verdict::Fail;
     };
     // Outside RAM: the VMM cannot even read the mailbox, so it must leave it untouched.
-    rt::arch::outl(0xf6, 0xF000_0000);
+    rt::arch::outl(abi::PROBE_PORT, 0xF000_0000);
     let hole = 0xC000_0000u64 / 4096;
-    let cases: [(&str, [u64; 6], u64); 3] = [
-        ("bad magic", [0, region, 16, region + 100, 16, 0], 1),
+    let req = |magic, region_gfn, list_gfn, list_capacity| Mailbox {
+        magic,
+        region_gfn,
+        region_pages: 16,
+        list_gfn,
+        list_capacity,
+        ..Mailbox::default()
+    };
+    let m = probe::MAGIC;
+    let cases: [(&str, Mailbox, u64); 5] = [
+        ("bad magic", req(0, region, region + 100, 16), 1),
+        ("region in the MMIO hole", req(m, hole, region, 16), 2),
         (
-            "region in the MMIO hole",
-            [MAGIC, hole, 16, region, 16, 0],
+            "list overlapping the region",
+            req(m, region, region + 8, 16),
+            2,
+        ),
+        // capacity * 8 wraps to 8 bytes in unchecked 64-bit arithmetic: one page would be
+        // checked while 8 KiB are written.
+        (
+            "list capacity 2^61+1",
+            req(m, region, region + 100, (1 << 61) + 1),
             2,
         ),
         (
-            "list overlapping the region",
-            [MAGIC, region, 16, region + 8, 16, 0],
+            "list capacity u64::MAX",
+            req(m, region, region + 100, u64::MAX),
             2,
         ),
     ];

@@ -560,7 +560,8 @@ impl Driver {
             return Err("reset did not clear the status");
         }
         self.setup()?;
-        // Whatever the device took goes back; frames it never saw are refused as not ballooned.
+        // The reset emptied the balloon: whatever the device took is the guest's again, so
+        // this deflate is refused frame by frame as not ballooned, and changes nothing.
         self.deflate(&f)?;
         reuse(&f, 0x58)?;
         // Reset while the frames of an acknowledged inflate wait in the host's batch.
@@ -570,7 +571,7 @@ impl Driver {
         self.setup()?;
         self.deflate(&f)?;
         reuse(&f, 0x5a)?;
-        println!("hostile: reset: status 0 with an inflate in flight and with inflated frames pending in the batch; after renegotiation both sets of 256 frames deflated and reused; device alive");
+        println!("hostile: reset: status 0 with an inflate in flight and with inflated frames pending in the batch; the reset gave them back, and after renegotiation both sets of 256 frames were reused; device alive");
         Ok(())
     }
 

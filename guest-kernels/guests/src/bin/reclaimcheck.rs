@@ -19,22 +19,13 @@ use rt::pattern::{check, fill};
 use rt::sync::Barrier;
 use rt::{arch, bootinfo, cmdline, frames, println, Cpu, Verdict};
 
-const PROBE_PORT: u16 = 0xf6;
-const MAGIC: u64 = u64::from_le_bytes(*b"RECLAIM1");
+use abi::probe::{self, Mailbox};
 
+/// The mailbox on a page of its own, so that the VMM's list never shares its frame.
 #[repr(C, align(4096))]
-struct Mailbox {
-    magic: u64,
-    region_gfn: u64,
-    region_pages: u64,
-    list_gfn: u64,
-    list_capacity: u64,
-    pattern: u64,
-    reclaimed: u64,
-    status: u64,
-}
+struct MailboxPage(Mailbox);
 
-static mut MAILBOX: Mailbox = Mailbox {
+static mut MAILBOX: MailboxPage = MailboxPage(Mailbox {
     magic: 0,
     region_gfn: 0,
     region_pages: 0,
@@ -43,7 +34,7 @@ static mut MAILBOX: Mailbox = Mailbox {
     pattern: 0,
     reclaimed: 0,
     status: 0,
-};
+});
 
 static READY: Barrier = Barrier::new();
 static DONE: AtomicBool = AtomicBool::new(false);
@@ -131,14 +122,20 @@ fn main(cpu: &Cpu) -> Verdict {
     // SAFETY: only this vCPU touches the mailbox; the VMM writes it while we are in the
     // port access, which the volatile reads below observe.
     #[allow(clippy::deref_addrof)] // a raw pointer avoids a reference to a `static mut`
-    let mb = unsafe { &mut *(&raw mut MAILBOX) };
-    mb.magic = MAGIC;
+    let mb = unsafe { &mut (*(&raw mut MAILBOX)).0 };
+    mb.magic = probe::MAGIC;
     mb.region_gfn = region;
     mb.region_pages = pages;
     mb.list_gfn = list;
     mb.list_capacity = pages;
-    mb.pattern = u64::from(cmdline::get(line, "pattern") == Some("contiguous"));
-    arch::outl(PROBE_PORT, (&raw const MAILBOX) as u64 as u32);
+    mb.pattern = if cmdline::get(line, "pattern") == Some("contiguous") {
+        probe::PATTERN_CONTIGUOUS
+    } else {
+        probe::PATTERN_SCATTERED
+    };
+    mb.reclaimed = 0;
+    mb.status = probe::STATUS_PENDING;
+    arch::outl(abi::PROBE_PORT, (&raw const mb.magic) as u64 as u32);
     // SAFETY: as above.
     let (status, reclaimed) = unsafe {
         (
@@ -146,7 +143,12 @@ fn main(cpu: &Cpu) -> Verdict {
             (&raw const mb.reclaimed).read_volatile(),
         )
     };
-    if status != 0 || reclaimed == 0 || reclaimed > pages {
+    if status == probe::STATUS_PENDING {
+        println!("reclaimcheck: probe failed: no reclaim probe answered on port 0xf6 (run the VMM with --reclaim-probe)");
+        DONE.store(true, Ordering::Release);
+        return Verdict::Fail;
+    }
+    if status != probe::STATUS_OK || reclaimed == 0 || reclaimed > pages {
         println!(
             "reclaimcheck: probe failed: status={} reclaimed={}",
             status, reclaimed

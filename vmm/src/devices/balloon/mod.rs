@@ -15,11 +15,18 @@
 //! zapped or freed after being handed back; a released frame reads as zeros when reused.
 //!
 //! Free page reporting: reported ranges are reclaimed at once (gather, zap, invalidate,
-//! release) before the buffer is returned, and become the guest's again on return.
+//! release) before the buffer is returned, and exactly the frames accepted become the
+//! guest's again on return; a reported frame that is in the balloon stays there.
 //!
-//! The frames holding the active queues' rings are marked device-mapped in the stage-2 map
-//! from DRIVER_OK until reset, so a driver that puts them in the balloon has them refused
-//! rather than reclaimed under the device.
+//! Who owns a frame is one state machine in the stage-2 map (`guest_mm::stage2_map`): the
+//! queues, the reclaim probe and reset move frames only along its transitions, and only a
+//! deflate, a completed report or a reset gives a ballooned frame back. A reset empties the
+//! balloon. `ownership::check` states the invariants the tests and fuzzers hold it to.
+//!
+//! The frames holding the active queues' rings are DeviceMapped from DRIVER_OK until reset,
+//! so a driver that puts them in the balloon has them refused rather than reclaimed under
+//! the device; a ring placed in a frame that is in the balloon makes DRIVER_OK fail with
+//! DEVICE_NEEDS_RESET.
 //!
 //! Malformed buffers (wrong direction, length not a multiple of 4, more than
 //! MAX_BUFFER_PFNS frames, addresses outside RAM) are logged with detail and returned
@@ -27,6 +34,7 @@
 //! Neither stops the device or the VMM.
 
 mod attach;
+pub mod ownership;
 mod queues;
 pub mod steps;
 #[cfg(test)]
@@ -35,7 +43,6 @@ mod tests;
 use crate::devices::virtio::{Interrupt, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
 use crate::memory::MemoryManager;
 use guest_mm::layout::PAGE_SIZE;
-use guest_mm::stage2_map::DEVICE_MAPPED;
 use guest_mm::Reader;
 use serde::Serialize;
 use std::sync::Arc;
@@ -75,6 +82,8 @@ pub struct BalloonCounters {
     pub pages_inflated: u64,
     pub pages_deflated: u64,
     pub pages_reported: u64,
+    /// Frames a device reset took out of the balloon and gave back to the guest.
+    pub pages_returned_by_reset: u64,
     pub invalid_frames: u64,
     pub malformed_buffers: u64,
 }
@@ -88,8 +97,8 @@ pub struct Balloon {
     actual: u32,
     acked: u64,
     stats_head: Option<u16>,
-    /// Frames holding the active queues' rings, marked DEVICE_MAPPED in the stage-2 map so
-    /// that a driver that balloons them is refused (`FrameError::DeviceMapped`).
+    /// Frames holding the active queues' rings, DeviceMapped in the stage-2 map so that a
+    /// driver that balloons them is refused (`FrameError::DeviceMapped`).
     ring_frames: Vec<u64>,
     pub guest_stats: GuestStats,
     pub counters: BalloonCounters,
@@ -171,21 +180,22 @@ impl Balloon {
             INFLATE_Q => {
                 self.counters.inflate_buffers += 1;
                 let out = gather.add_buffer(frames);
-                self.counters.pages_inflated += out.accepted;
+                self.counters.pages_inflated += out.accepted.len() as u64;
                 out.invalid
             }
             DEFLATE_Q => {
                 self.counters.deflate_buffers += 1;
                 let out = gather.return_frames(frames);
-                self.counters.pages_deflated += out.ungathered + out.repopulated;
+                self.counters.pages_deflated += out.given_back();
                 out.invalid
             }
             _ => {
+                // The guest keeps its free frames: reclaim them now and give back exactly
+                // those accepted. A frame the report names that is in the balloon (or a
+                // device's) is refused and stays where it is.
                 self.counters.report_buffers += 1;
-                let out = gather.add_buffer(frames);
-                gather.flush();
-                gather.return_frames(frames);
-                self.counters.pages_reported += out.accepted;
+                let out = gather.reclaim_and_give_back([frames]);
+                self.counters.pages_reported += out.accepted.len() as u64;
                 out.invalid
             }
         };
@@ -282,17 +292,27 @@ impl VirtioDevice for Balloon {
     }
 
     fn reset(&mut self) {
+        // A reset empties the balloon: the next driver starts from an empty one and will use
+        // every frame, so they are all the guest's again (pending ones are never zapped,
+        // released ones read as zeros).
+        let back = self.memory.gather.lock().unwrap().return_all();
+        if back.given_back() > 0 {
+            tracing::info!(
+                "balloon: reset gave {} frame(s) back to the guest",
+                back.given_back()
+            );
+        }
+        self.counters.pages_returned_by_reset += back.given_back();
         self.actual = 0;
         self.acked = 0;
         self.stats_head = None;
     }
 
-    fn set_rings(&mut self, rings: &[std::ops::Range<u64>]) {
-        // The transport validated the rings (inside RAM) before handing them over; frames
-        // the map does not know are skipped all the same.
+    fn set_rings(&mut self, rings: &[std::ops::Range<u64>]) -> Result<(), String> {
+        // The transport validated the rings (inside RAM) before handing them over.
         let map = &self.memory.map;
-        for &g in &self.ring_frames {
-            let _ = map.clear_bits(g, DEVICE_MAPPED);
+        for g in std::mem::take(&mut self.ring_frames) {
+            let _ = map.unmap_device(g);
         }
         let mut frames: Vec<u64> = rings
             .iter()
@@ -301,8 +321,19 @@ impl VirtioDevice for Balloon {
             .collect();
         frames.sort_unstable();
         frames.dedup();
-        frames.retain(|&g| map.set_bits(g, DEVICE_MAPPED).is_ok());
-        self.ring_frames = frames;
+        for &g in &frames {
+            if let Err(e) = map.map_device(g) {
+                // A ring in a frame the guest gave to the balloon (or one the map does not
+                // know): the device cannot use it. Undo and refuse.
+                for &done in self.ring_frames.iter() {
+                    let _ = map.unmap_device(done);
+                }
+                self.ring_frames.clear();
+                return Err(format!("a ring lies in frame {g:#x}: {e}"));
+            }
+            self.ring_frames.push(g);
+        }
+        Ok(())
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) {

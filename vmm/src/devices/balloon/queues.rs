@@ -22,6 +22,8 @@ pub enum BufferError {
     OutsideRam { index: usize, addr: u64, len: u32 },
     #[error("reported range {addr:#x}+{len} is not page aligned")]
     Unaligned { addr: u64, len: u32 },
+    #[error("descriptor {index} has length 0 (at {addr:#x})")]
+    ZeroLength { index: usize, addr: u64 },
     #[error("empty buffer")]
     Empty,
 }
@@ -38,6 +40,12 @@ fn read_entries(
     let mut any = false;
     for (index, d) in chain.enumerate() {
         any = true;
+        if d.len() == 0 {
+            return Err(BufferError::ZeroLength {
+                index,
+                addr: d.addr().0,
+            });
+        }
         if d.is_write_only() {
             return Err(BufferError::WrongDirection { index });
         }
@@ -86,10 +94,13 @@ pub fn reported_frames(chain: Chain, layout: &Layout) -> Result<Vec<u64>, Buffer
     let mut any = false;
     for (index, d) in chain.enumerate() {
         any = true;
+        let (addr, len) = (d.addr().0, d.len());
+        if len == 0 {
+            return Err(BufferError::ZeroLength { index, addr });
+        }
         if !d.is_write_only() {
             return Err(BufferError::ExpectedWritable { index });
         }
-        let (addr, len) = (d.addr().0, d.len());
         if !addr.is_multiple_of(PAGE_SIZE) || !(len as u64).is_multiple_of(PAGE_SIZE) {
             return Err(BufferError::Unaligned { addr, len });
         }

@@ -296,9 +296,16 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.config_changed();
                 return;
             }
-            self.status = v;
             let ranges: Vec<Range<u64>> = rings.into_iter().map(|(_, r)| r).collect();
-            self.device.set_rings(&ranges);
+            if let Err(e) = self.device.set_rings(&ranges) {
+                tracing::error!(
+                    "virtio-mmio: the device cannot use these rings ({e}); device needs reset"
+                );
+                self.status = v | status::DEVICE_NEEDS_RESET;
+                self.config_changed();
+                return;
+            }
+            self.status = v;
             self.device.activate(self.driver_features);
             return;
         }
@@ -306,7 +313,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn reset(&mut self) {
-        self.device.set_rings(&[]);
+        // Releasing rings cannot fail.
+        let _ = self.device.set_rings(&[]);
         self.device.reset();
         for q in &mut self.queues {
             q.reset();

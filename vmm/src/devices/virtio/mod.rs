@@ -72,8 +72,11 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The guest-physical byte ranges of the rings the device uses from now on: those of the
     /// ready queues at activation, none after a reset. A device that can hand guest memory
-    /// back to the host must never reclaim these frames under itself.
-    fn set_rings(&mut self, _rings: &[std::ops::Range<u64>]) {}
+    /// back to the host must never reclaim these frames under itself; it refuses rings it
+    /// cannot protect (the transport then sets DEVICE_NEEDS_RESET).
+    fn set_rings(&mut self, _rings: &[std::ops::Range<u64>]) -> Result<(), String> {
+        Ok(())
+    }
     /// Processes the available buffers of queue `index`.
     fn process_queue(
         &mut self,

@@ -1,0 +1,68 @@
+//! The ABI between the project's test guests and the VMM, in one place: the I/O ports the
+//! guests write, the values they write there, and the reclaim probe's mailbox.
+//!
+//! Built for both sides: the guests (no_std, x86_64-unknown-none) and the VMM (host).
+//! Everything here is plain data; nothing in it may depend on either side.
+#![no_std]
+
+/// The exit port, compatible with QEMU's isa-debug-exit (iobase 0xf4, iosize 1): a write
+/// ends the VM with that verdict. QEMU exits with status `(value << 1) | 1`.
+pub const EXIT_PORT: u16 = 0xf4;
+/// A write stops only the vCPU that makes it.
+pub const CPU_STOP_PORT: u16 = 0xf5;
+/// The reclaim probe (a test device, off unless the VMM runs with `--reclaim-probe`): a
+/// 32-bit write of the guest-physical address of a [`probe::Mailbox`].
+pub const PROBE_PORT: u16 = 0xf6;
+
+/// Verdict written to [`EXIT_PORT`] when the guest passed (QEMU: exit status 33).
+pub const VERDICT_PASS: u8 = 0x10;
+/// Verdict written to [`EXIT_PORT`] when the guest failed (QEMU: exit status 35).
+pub const VERDICT_FAIL: u8 = 0x11;
+
+pub mod probe {
+    //! The reclaim probe's mailbox. The guest fills the request fields, sets `status` to
+    //! [`STATUS_PENDING`] and writes the mailbox's address to the probe port; the VMM, during
+    //! that port write, reclaims frames of the region through the gather, lists them (sorted,
+    //! one u64 GFN per entry) at `list_gfn`, and writes `reclaimed` and `status`.
+
+    /// `magic`: "RECLAIM1".
+    pub const MAGIC: u64 = u64::from_le_bytes(*b"RECLAIM1");
+
+    /// `pattern`: a scattered, deterministic set of runs of the region.
+    pub const PATTERN_SCATTERED: u64 = 0;
+    /// `pattern`: every frame of the region (one contiguous run).
+    pub const PATTERN_CONTIGUOUS: u64 = 1;
+
+    /// `status`: the frames listed were reclaimed and given back (they read as zeros).
+    pub const STATUS_OK: u64 = 0;
+    /// `status`: the magic is wrong.
+    pub const STATUS_BAD_MAILBOX: u64 = 1;
+    /// `status`: the region or the list is not in RAM, or they overlap.
+    pub const STATUS_BAD_REGION: u64 = 2;
+    /// `status` as the guest leaves it: still this after the port write means no probe
+    /// answered (the VMM runs without `--reclaim-probe`, or it is not this project's VMM).
+    pub const STATUS_PENDING: u64 = u64::MAX;
+
+    /// Bytes per entry of the reclaimed-frame list.
+    pub const LIST_ENTRY_BYTES: u64 = 8;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Mailbox {
+        pub magic: u64,
+        /// First frame of the region to reclaim from.
+        pub region_gfn: u64,
+        pub region_pages: u64,
+        /// First frame of the list the VMM writes.
+        pub list_gfn: u64,
+        /// Entries the list can hold (at most this many frames are reclaimed).
+        pub list_capacity: u64,
+        /// [`PATTERN_SCATTERED`] or [`PATTERN_CONTIGUOUS`].
+        pub pattern: u64,
+        // Written by the VMM:
+        /// Frames reclaimed and listed.
+        pub reclaimed: u64,
+        /// One of the `STATUS_` values.
+        pub status: u64,
+    }
+}
