@@ -2,11 +2,14 @@
 //! zapped from stage 2 and returned to the host. The gather never knows which backend it has.
 //!
 //! `KvmMemfd` is the KVM backend on the memfd-backed RAM of `GuestRam`:
-//! - zap: `madvise(MADV_DONTNEED)` on the MAP_SHARED mapping of the range. The mmu-notifier
+//! - zap: `madvise(MADV_DONTNEED)` on the MAP_SHARED mapping of the span. The mmu-notifier
 //!   makes KVM zap the stage-2 (EPT or shadow) entries and flush every vCPU's TLB before the
-//!   call returns: one KVM flush per call, so the number of ranges is the cost. The pages stay
+//!   call returns: one KVM flush per call, so the number of calls is the cost. The pages stay
 //!   in the memfd, so a VMM thread still writing through an old pointer writes into the same
-//!   page, not into a new one (nothing is lost yet).
+//!   page, not into a new one (nothing is lost yet), and in-use frames a span bridges fault
+//!   back in with their contents: the zap keeps contents (`zap_keeps_contents`). Guest RAM is
+//!   never mlocked; if it were, MADV_DONTNEED would fail on it (EINVAL) and the zap would need
+//!   MADV_DONTNEED_LOCKED.
 //! - release: `fallocate(PUNCH_HOLE)` on the memfd frees the pages; the memfd's allocated
 //!   blocks fall by exactly the range. A later guest access faults in a zero page.
 //!
@@ -16,6 +19,7 @@
 use crate::gfn::GfnRange;
 use crate::layout::PAGE_SIZE;
 use crate::ram::GuestRam;
+use crate::span::ZapSpan;
 use crate::stage2_map::{FrameState, Stage2Map};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -36,9 +40,15 @@ pub enum BackendError {
 
 pub trait Stage2Backend: Send + Sync {
     fn name(&self) -> &'static str;
-    /// Removes the stage-2 mappings of `range`; returns once the hypervisor has invalidated
-    /// them on every vCPU.
-    fn zap(&self, range: GfnRange) -> Result<(), BackendError>;
+    /// Whether a zap leaves the contents of the frames it covers in place (they fault back in
+    /// unchanged). Only then may the gather give it spans that bridge in-use frames; a backend
+    /// whose zap destroys contents (guest_memfd punch-hole, a MAP_PRIVATE mapping) says false
+    /// and gets exactly the reclaimed ranges.
+    fn zap_keeps_contents(&self) -> bool;
+    /// Removes the stage-2 mappings of `span.span` (which covers the reclaimed `span.ranges`
+    /// and may bridge in-use frames between them); returns once the hypervisor has
+    /// invalidated them on every vCPU.
+    fn zap(&self, span: &ZapSpan) -> Result<(), BackendError>;
     /// Returns the host pages behind `range` to the host. Only called after the grace period.
     fn release(&self, range: GfnRange) -> Result<(), BackendError>;
 }
@@ -95,10 +105,17 @@ impl Stage2Backend for KvmMemfd {
         "kvm-memfd"
     }
 
-    fn zap(&self, range: GfnRange) -> Result<(), BackendError> {
+    fn zap_keeps_contents(&self) -> bool {
+        // MAP_SHARED on a memfd: MADV_DONTNEED drops page-table entries, the pages stay.
+        true
+    }
+
+    fn zap(&self, span: &ZapSpan) -> Result<(), BackendError> {
+        let range = span.span;
         let (host, _, len) = self.locate(range)?;
         // SAFETY: [host, host+len) is inside guest RAM's shared mapping (checked by locate);
-        // MADV_DONTNEED on it only drops page table entries, never the mapping itself.
+        // MADV_DONTNEED on it only drops page table entries, never the mapping itself, and
+        // on a shared mapping keeps the pages (and so the contents of bridged frames).
         let rc = unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_DONTNEED) };
         host_call_result(rc, "madvise(MADV_DONTNEED)", range)
     }
@@ -118,9 +135,10 @@ impl Stage2Backend for KvmMemfd {
     }
 }
 
-/// Wraps a backend and asserts, at every host call, that it touches only frames the balloon
-/// owns: a zap only Gathered frames, a release only Zapped ones, and nothing outside RAM.
-/// For tests and fuzzing: a violation panics, naming the frame and its state.
+/// Wraps a backend and asserts, at every host call, that it harms only frames the balloon
+/// owns: a zap's reclaimed ranges are Gathered, the frames a span bridges are not (and there
+/// are none unless the zap keeps contents), a release covers only Zapped frames, and nothing
+/// is outside RAM. For tests and fuzzing: a violation panics, naming the frame and its state.
 pub struct OwnershipChecked {
     inner: Arc<dyn Stage2Backend>,
     map: Arc<Stage2Map>,
@@ -148,9 +166,36 @@ impl Stage2Backend for OwnershipChecked {
         self.inner.name()
     }
 
-    fn zap(&self, range: GfnRange) -> Result<(), BackendError> {
-        self.require("zap", range, FrameState::Gathered);
-        self.inner.zap(range)
+    fn zap_keeps_contents(&self) -> bool {
+        self.inner.zap_keeps_contents()
+    }
+
+    fn zap(&self, span: &ZapSpan) -> Result<(), BackendError> {
+        for &r in &span.ranges {
+            assert!(
+                r.start >= span.span.start && r.end() <= span.span.end(),
+                "range {r:?} outside its span {:?}",
+                span.span
+            );
+            self.require("zap", r, FrameState::Gathered);
+        }
+        for g in span.span.iter() {
+            if span.ranges.iter().any(|r| r.contains(g)) {
+                continue;
+            }
+            let found = self.map.state(g);
+            assert!(
+                self.inner.zap_keeps_contents(),
+                "a zap that destroys contents got span {:?}, bridging frame {g:#x} ({found:?})",
+                span.span
+            );
+            assert!(
+                found.is_ok() && found != Ok(FrameState::Gathered),
+                "span {:?} bridges frame {g:#x}, which is {found:?}",
+                span.span
+            );
+        }
+        self.inner.zap(span)
     }
 
     fn release(&self, range: GfnRange) -> Result<(), BackendError> {
@@ -164,6 +209,45 @@ mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
 
+    fn span(start: u64, count: u64) -> ZapSpan {
+        let r = GfnRange::new(start, count);
+        ZapSpan {
+            span: r,
+            ranges: vec![r],
+            bridged: 0,
+        }
+    }
+
+    #[test]
+    fn a_span_zap_keeps_the_bridged_frames_contents_and_release_frees_only_its_ranges() {
+        let ram = Arc::new(GuestRam::new(8 << 20).unwrap());
+        for p in 0..16u64 {
+            ram.memory()
+                .write_obj(p as u8 + 1, GuestAddress(p * PAGE_SIZE))
+                .unwrap();
+        }
+        let b = KvmMemfd::new(ram.clone());
+        let ranges = vec![GfnRange::new(2, 3), GfnRange::new(8, 2)];
+        b.zap(&ZapSpan {
+            span: GfnRange::new(2, 8),
+            ranges: ranges.clone(),
+            bridged: 3,
+        })
+        .unwrap();
+        for r in &ranges {
+            b.release(*r).unwrap();
+        }
+        assert_eq!(ram.host_bytes_held().unwrap(), 11 * PAGE_SIZE);
+        for p in 0..16u64 {
+            let got = ram
+                .memory()
+                .read_obj::<u8>(GuestAddress(p * PAGE_SIZE))
+                .unwrap();
+            let reclaimed = ranges.iter().any(|r| r.contains(p));
+            assert_eq!(got, if reclaimed { 0 } else { p as u8 + 1 }, "frame {p}");
+        }
+    }
+
     #[test]
     fn zap_then_release_frees_memfd_blocks_and_reads_zero() {
         let ram = Arc::new(GuestRam::new(8 << 20).unwrap());
@@ -174,7 +258,7 @@ mod tests {
         }
         assert_eq!(ram.host_bytes_held().unwrap(), 16 * PAGE_SIZE);
         let b = KvmMemfd::new(ram.clone());
-        b.zap(GfnRange::new(4, 8)).unwrap();
+        b.zap(&span(4, 8)).unwrap();
         assert_eq!(
             ram.host_bytes_held().unwrap(),
             16 * PAGE_SIZE,
@@ -202,7 +286,7 @@ mod tests {
         let b = KvmMemfd::new(ram);
         let last = (8 << 20) / PAGE_SIZE - 1;
         assert!(matches!(
-            b.zap(GfnRange::new(last, 2)),
+            b.zap(&span(last, 2)),
             Err(BackendError::OutsideRam { .. })
         ));
         assert!(matches!(
@@ -210,11 +294,11 @@ mod tests {
             Err(BackendError::OutsideRam { .. })
         ));
         assert!(matches!(
-            b.zap(GfnRange::new(u64::MAX, 1)),
+            b.zap(&span(u64::MAX, 1)),
             Err(BackendError::OutsideRam { .. })
         ));
         assert!(matches!(
-            b.zap(GfnRange::new(0, 0)),
+            b.zap(&span(0, 0)),
             Err(BackendError::OutsideRam { .. })
         ));
     }

@@ -51,7 +51,8 @@ pub fn coalesce(gfns: &mut [Gfn], layout: &Layout) -> Coalesced {
     out
 }
 
-fn same_ram_range(layout: &Layout, a: Gfn, b: Gfn) -> bool {
+/// Whether frames `a` and `b` (both RAM) lie in the same RAM range (memslot).
+pub(crate) fn same_ram_range(layout: &Layout, a: Gfn, b: Gfn) -> bool {
     layout.range_of(a * PAGE_SIZE).map(|r| r.gpa) == layout.range_of(b * PAGE_SIZE).map(|r| r.gpa)
 }
 

@@ -3,12 +3,15 @@
 //!
 //! 1. gather: frames arrive in small buffers; each is checked and marked Gathered; a batch
 //!    collects them (across buffers, bounded in pages and in time) and coalesces them into
-//!    ranges.
-//! 2. zap: one backend call per range removes the stage-2 mappings; KVM flushes every vCPU's
-//!    TLB inside that call.
+//!    ranges, and the ranges into zap spans (`span`): where the backend's zap keeps contents,
+//!    one span may bridge a bounded number of in-use frames between ranges.
+//! 2. zap: one backend call per span removes the stage-2 mappings; KVM flushes every vCPU's
+//!    TLB inside that call, so a batch of one span costs one invalidation however fragmented
+//!    its frames are.
 //! 3. invalidate: a grace period in which every VMM thread that may hold a guest address
 //!    passes a quiescent point.
-//! 4. release: only now the reverse-map state is dropped and the host pages freed.
+//! 4. release: only now the reverse-map state is dropped and the host pages of exactly the
+//!    reclaimed ranges freed (never of a frame a span bridged).
 //!
 //! Why the order: a stale translation (a vCPU TLB entry, or a VMM thread's pointer) that
 //! outlives the release writes into a page that has been freed or handed to someone else,
@@ -21,6 +24,7 @@ use crate::backend::Stage2Backend;
 use crate::coalesce::coalesce;
 use crate::gfn::{FrameError, Gfn, GfnRange};
 use crate::grace::Readers;
+use crate::span::{self, ZapSpan};
 use crate::stage2_map::{FrameState, GivenBack, Stage2Map};
 use crate::stats::GatherStats;
 use serde::Serialize;
@@ -73,6 +77,10 @@ pub const DEFAULT_MAX_BATCH_PAGES: u64 = 16 * 1024;
 pub const DEFAULT_WINDOW: Duration = Duration::from_millis(10);
 /// Readers slower than this to quiesce are kicked.
 pub const DEFAULT_KICK_AFTER: Duration = Duration::from_millis(1);
+/// Default bound on the in-use frames one zap span may bridge per gap between reclaimed
+/// ranges (gather strategy; 0 = one zap per range). Chosen by measurement, see
+/// docs/BENCHMARKS.md ("Zap spans").
+pub const DEFAULT_ZAP_SPAN_GAP: u64 = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct GatherConfig {
@@ -80,6 +88,9 @@ pub struct GatherConfig {
     pub max_batch_pages: u64,
     pub window: Duration,
     pub kick_after: Duration,
+    /// In-use frames a zap span may bridge per gap (gather strategy only, and only where the
+    /// backend's zap keeps contents). 0: one zap per range.
+    pub zap_span_gap: u64,
 }
 
 impl GatherConfig {
@@ -89,13 +100,36 @@ impl GatherConfig {
             max_batch_pages: DEFAULT_MAX_BATCH_PAGES,
             window: DEFAULT_WINDOW,
             kick_after: DEFAULT_KICK_AFTER,
+            zap_span_gap: DEFAULT_ZAP_SPAN_GAP,
         }
     }
 }
 
-/// Something that counts stage-2 TLB flushes (KVM's `remote_tlb_flush_requests`).
+/// KVM's counters around a batch: the VM's stage-2 flush requests
+/// (`remote_tlb_flush_requests`) and, where available, each vCPU's statistics.
 pub trait FlushCounter: Send {
     fn flush_requests(&self) -> Option<u64>;
+    /// One entry per vCPU, in vCPU order; empty where per-vCPU statistics are unavailable.
+    fn vcpus(&self) -> Vec<VcpuCounters> {
+        Vec::new()
+    }
+}
+
+/// One vCPU's KVM statistics that show an invalidation reaching it and its cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VcpuCounters {
+    /// TLB flushes the vCPU performed (KVM_REQ_TLB_FLUSH handled).
+    pub tlb_flush: u64,
+    /// Stage-2 page faults fixed (a refault of a zapped frame is one).
+    pub pf_fixed: u64,
+    /// Stage-2 page faults taken.
+    pub pf_taken: u64,
+    pub exits: u64,
+}
+
+/// Total stage-2 faults fixed over all vCPUs.
+fn pf_fixed(v: &[VcpuCounters]) -> u64 {
+    v.iter().map(|c| c.pf_fixed).sum()
 }
 
 /// One step of one batch, for the event log.
@@ -130,8 +164,21 @@ pub struct BatchReport {
     pub id: u64,
     pub pages: u64,
     pub ranges: u64,
+    /// Zap calls: one per span.
+    pub spans: u64,
+    /// In-use frames the spans bridged (zapped, kept, never freed).
+    pub bridged: u64,
     pub host_calls: u64,
     pub kvm_flush_requests: Option<u64>,
+    /// Each vCPU's `tlb_flush` growth from the start of this batch's zap until the next
+    /// batch (or the last time statistics were read): the invalidation reached it. A vCPU
+    /// handles KVM's flush request when it next enters the guest, which may be after the zap
+    /// returned, hence the later end.
+    pub vcpu_tlb_flushes: Vec<u64>,
+    /// Stage-2 faults fixed on all vCPUs from the end of this batch's zap until the next
+    /// batch (or the last time statistics were read): refaults the batch caused, plus
+    /// whatever else the guest faulted in meanwhile.
+    pub refaults_after: Option<u64>,
     pub gather_us: u64,
     pub zap_us: u64,
     pub invalidate_us: u64,
@@ -141,10 +188,10 @@ pub struct BatchReport {
     pub errors: Vec<String>,
 }
 
-/// Frames gathered and coalesced, not yet zapped.
+/// Frames gathered, coalesced and planned into zap spans, not yet zapped.
 pub struct Batch {
     id: u64,
-    ranges: Vec<GfnRange>,
+    spans: Vec<ZapSpan>,
     report: BatchReport,
 }
 
@@ -168,16 +215,18 @@ impl Batch {
     fn zap(mut self, p: &Pipeline, flushes: Option<&dyn FlushCounter>) -> ZappedBatch {
         let t = Instant::now();
         let before = flushes.and_then(|f| f.flush_requests());
-        let mut zapped = Vec::with_capacity(self.ranges.len());
-        for r in std::mem::take(&mut self.ranges) {
+        let mut zapped = Vec::with_capacity(self.spans.len());
+        for span in std::mem::take(&mut self.spans) {
             self.report.host_calls += 1;
-            match p.backend.zap(r) {
+            match p.backend.zap(&span) {
                 Ok(()) => {
-                    p.map.mark_zapped(r);
-                    if let Some(log) = p.log {
-                        log.record(self.id, Phase::Zap(r));
+                    for &r in &span.ranges {
+                        p.map.mark_zapped(r);
+                        if let Some(log) = p.log {
+                            log.record(self.id, Phase::Zap(r));
+                        }
                     }
-                    zapped.push(r);
+                    zapped.push(span);
                 }
                 Err(e) => {
                     // Nothing was removed. The guest gave the frames away, so they stay in the
@@ -186,16 +235,20 @@ impl Batch {
                         "stage-2 zap failed, frames stay in the balloon unreclaimed: {e}"
                     );
                     self.report.errors.push(e.to_string());
-                    p.map.mark_retained(r);
-                    // Not reclaimed: keep the batch's accounting to what was.
-                    self.report.pages -= r.count;
-                    self.report.ranges -= 1;
+                    for &r in &span.ranges {
+                        p.map.mark_retained(r);
+                        // Not reclaimed: keep the batch's accounting to what was.
+                        self.report.pages -= r.count;
+                        self.report.ranges -= 1;
+                    }
+                    self.report.spans -= 1;
+                    self.report.bridged -= span.bridged;
                 }
             }
         }
         let after = flushes.and_then(|f| f.flush_requests());
         self.report.kvm_flush_requests = before.zip(after).map(|(b, a)| a.saturating_sub(b));
-        self.ranges = zapped;
+        self.spans = zapped;
         self.report.zap_us = t.elapsed().as_micros() as u64;
         ZappedBatch { batch: self }
     }
@@ -223,9 +276,13 @@ impl ZappedBatch {
 }
 
 impl InvalidatedBatch {
+    /// Releases exactly the reclaimed ranges of every span (never a bridged frame).
     fn release(mut self, p: &Pipeline) -> BatchReport {
         let t = Instant::now();
-        for r in std::mem::take(&mut self.batch.ranges) {
+        let ranges = std::mem::take(&mut self.batch.spans)
+            .into_iter()
+            .flat_map(|s| s.ranges);
+        for r in ranges {
             self.batch.report.host_calls += 1;
             if let Err(e) = p.backend.release(r) {
                 // The frames are gone from stage 2 and the guest gave them up; the host simply
@@ -290,6 +347,14 @@ pub struct Stage2Gather {
     pending_since: Option<Instant>,
     next_batch: u64,
     stats: GatherStats,
+    /// Where the last batch's per-vCPU counts start from.
+    last_batch_counts: Option<BatchCountsFrom>,
+}
+
+/// The vCPU counters a batch's `vcpu_tlb_flushes` and `refaults_after` are measured from.
+struct BatchCountsFrom {
+    tlb_flush_at_zap_start: Vec<u64>,
+    pf_fixed_at_zap_end: u64,
 }
 
 impl Stage2Gather {
@@ -310,6 +375,7 @@ impl Stage2Gather {
             pending_since: None,
             next_batch: 0,
             stats: GatherStats::default(),
+            last_batch_counts: None,
         }
     }
 
@@ -337,6 +403,50 @@ impl Stage2Gather {
 
     pub fn stats(&self) -> &GatherStats {
         &self.stats
+    }
+
+    fn vcpu_counters(&self) -> Vec<VcpuCounters> {
+        self.flushes.as_ref().map(|f| f.vcpus()).unwrap_or_default()
+    }
+
+    /// Brings the last batch's `vcpu_tlb_flushes` and `refaults_after` (and their totals) up
+    /// to now; called when the next batch starts and before a report is read.
+    pub fn refresh_after_counts(&mut self) {
+        let Some(from) = &self.last_batch_counts else {
+            return;
+        };
+        let now = self.vcpu_counters();
+        if now.len() != from.tlb_flush_at_zap_start.len() {
+            return;
+        }
+        let tlb: Vec<u64> = now
+            .iter()
+            .zip(&from.tlb_flush_at_zap_start)
+            .map(|(n, s)| n.tlb_flush.saturating_sub(*s))
+            .collect();
+        let refaults = pf_fixed(&now).saturating_sub(from.pf_fixed_at_zap_end);
+        let s = &mut self.stats;
+        let Some(last) = s.recent_batches.back_mut() else {
+            return;
+        };
+        if s.vcpu_tlb_flushes.len() < tlb.len() {
+            s.vcpu_tlb_flushes.resize(tlb.len(), 0);
+        }
+        let old_tlb = std::mem::replace(&mut last.vcpu_tlb_flushes, tlb);
+        for (i, (total, new)) in s
+            .vcpu_tlb_flushes
+            .iter_mut()
+            .zip(&last.vcpu_tlb_flushes)
+            .enumerate()
+        {
+            *total += new.saturating_sub(old_tlb.get(i).copied().unwrap_or(0));
+        }
+        let old_refaults = last.refaults_after.replace(refaults).unwrap_or(0);
+        s.refaults_after += refaults.saturating_sub(old_refaults);
+    }
+
+    pub fn set_flush_counter(&mut self, c: Box<dyn FlushCounter>) {
+        self.flushes = Some(c);
     }
 
     pub fn pending_pages(&self) -> u64 {
@@ -385,6 +495,16 @@ impl Stage2Gather {
         }
     }
 
+    /// In-use frames a span may bridge per gap: the configured bound for the gather strategy
+    /// on a backend whose zap keeps contents, else 0 (one zap per range).
+    fn span_gap(&self) -> u64 {
+        if self.config.strategy == Strategy::Gather && self.backend.zap_keeps_contents() {
+            self.config.zap_span_gap
+        } else {
+            0
+        }
+    }
+
     /// Runs the pending frames through zap → invalidate → release now.
     pub fn flush(&mut self) -> Option<BatchReport> {
         if self.pending.is_empty() {
@@ -403,30 +523,43 @@ impl Stage2Gather {
         let id = self.next_batch;
         self.next_batch += 1;
         let pages: u64 = ranges.iter().map(|r| r.count).sum();
+        let spans = span::plan(&ranges, self.map.layout(), &self.map, self.span_gap());
         let gather_us = first_frame_at.elapsed().as_micros() as u64;
         let report = BatchReport {
             id,
             pages,
             ranges: ranges.len() as u64,
+            spans: spans.len() as u64,
+            bridged: spans.iter().map(|s| s.bridged).sum(),
             gather_us,
             ..Default::default()
         };
-        let batch = Batch { id, ranges, report };
+        let batch = Batch { id, spans, report };
 
+        // The previous batch's counts end where this batch begins.
+        self.refresh_after_counts();
+        let at_zap_start = self.vcpu_counters();
         let pipeline = Pipeline {
             map: &self.map,
             backend: self.backend.as_ref(),
             log: self.log.as_deref(),
         };
         let zapped = batch.zap(&pipeline, self.flushes.as_deref());
+        let pf_fixed_at_zap_end = pf_fixed(&self.vcpu_counters());
         let (invalidated, waited, kicked) =
             zapped.invalidate(&self.readers, self.config.kick_after, self.log.as_deref());
         let report = invalidated.release(&pipeline);
+        self.last_batch_counts = (!at_zap_start.is_empty()).then(|| BatchCountsFrom {
+            tlb_flush_at_zap_start: at_zap_start.iter().map(|c| c.tlb_flush).collect(),
+            pf_fixed_at_zap_end,
+        });
 
         let s = &mut self.stats;
         s.batches += 1;
         s.pages_reclaimed += report.pages;
         s.ranges += report.ranges;
+        s.spans += report.spans;
+        s.bridged += report.bridged;
         s.host_calls += report.host_calls;
         s.kvm_flush_requests += report.kvm_flush_requests.unwrap_or(0);
         s.host_call_errors += report.errors.len() as u64;
@@ -438,7 +571,13 @@ impl Stage2Gather {
         s.zap_us.record(report.zap_us);
         s.invalidate_us.record(report.invalidate_us);
         s.release_us.record(report.release_us);
-        Some(report)
+        if s.recent_batches.len() == crate::stats::RECENT_BATCHES {
+            s.recent_batches.pop_front();
+        }
+        s.recent_batches.push_back(report);
+        // The counts so far (to the end of the release); later refreshes extend them.
+        self.refresh_after_counts();
+        self.stats.recent_batches.back().cloned()
     }
 
     /// The guest takes frames back (a deflate). A frame still in the pending batch leaves it
@@ -520,6 +659,9 @@ mod tests {
     #[derive(Default)]
     struct Recording {
         log: Arc<EventLog>,
+        /// Whether its zap destroys contents (like guest_memfd punch-hole).
+        destroys: bool,
+        spans: Mutex<Vec<ZapSpan>>,
         zaps: Mutex<Vec<GfnRange>>,
         releases: Mutex<Vec<GfnRange>>,
     }
@@ -528,8 +670,12 @@ mod tests {
         fn name(&self) -> &'static str {
             "recording"
         }
-        fn zap(&self, r: GfnRange) -> Result<(), BackendError> {
-            self.zaps.lock().unwrap().push(r);
+        fn zap_keeps_contents(&self) -> bool {
+            !self.destroys
+        }
+        fn zap(&self, s: &ZapSpan) -> Result<(), BackendError> {
+            self.zaps.lock().unwrap().push(s.span);
+            self.spans.lock().unwrap().push(s.clone());
             Ok(())
         }
         fn release(&self, r: GfnRange) -> Result<(), BackendError> {
@@ -646,10 +792,9 @@ mod tests {
         let r = g.return_frames(&[11]);
         assert_eq!(r.ungathered, 1);
         g.flush();
-        assert_eq!(
-            *rec.zaps.lock().unwrap(),
-            vec![GfnRange::new(10, 1), GfnRange::new(12, 1)]
-        );
+        // One span zaps 10..13, bridging frame 11 (its contents stay); only 10 and 12 are
+        // released.
+        assert_eq!(*rec.zaps.lock().unwrap(), vec![GfnRange::new(10, 3)]);
         assert_eq!(
             *rec.releases.lock().unwrap(),
             vec![GfnRange::new(10, 1), GfnRange::new(12, 1)]
@@ -669,7 +814,11 @@ mod tests {
         fn name(&self) -> &'static str {
             "failing"
         }
-        fn zap(&self, r: GfnRange) -> Result<(), BackendError> {
+        fn zap_keeps_contents(&self) -> bool {
+            true
+        }
+        fn zap(&self, s: &ZapSpan) -> Result<(), BackendError> {
+            let r = s.span;
             if r.start % 2 == 1 {
                 let err = std::io::Error::from_raw_os_error(libc::EIO);
                 return Err(BackendError::HostCall {
@@ -795,6 +944,79 @@ mod tests {
                     "{strategy}: release before invalidate"
                 );
                 assert_eq!(zaps.len(), rel.len());
+            }
+        }
+    }
+
+    mod spans {
+        use super::Strategy as Reclaim;
+        use super::*;
+        use crate::backend::OwnershipChecked;
+        use proptest::prelude::*;
+        use proptest::strategy::Strategy;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Inflate(Vec<Gfn>),
+            Deflate(Vec<Gfn>),
+            Flush,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            // Frames from a small window so that batches interleave with in-use frames and
+            // with frames earlier batches took.
+            let frames = prop::collection::vec(0..512u64, 1..64);
+            prop_oneof![
+                4 => frames.clone().prop_map(Op::Inflate),
+                2 => frames.prop_map(Op::Deflate),
+                2 => Just(Op::Flush),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+            /// Zap spans under any sequence of inflates, deflates and flushes: every host call
+            /// is checked against the frames' owners (`OwnershipChecked`); releases are exactly
+            /// the reclaimed ranges; a frame a span bridged keeps its state; and a backend
+            /// whose zap destroys contents never gets a span over anything but its range.
+            #[test]
+            fn releases_are_the_reclaimed_ranges_and_destroying_zaps_get_no_spans(
+                ops in prop::collection::vec(op(), 1..30),
+                destroys in any::<bool>(),
+                gap in prop_oneof![Just(0u64), 1..4u64, Just(64u64)],
+            ) {
+                let map = Arc::new(Stage2Map::new(Layout::new(64 << 20).unwrap()));
+                let rec = Arc::new(Recording { destroys, ..Recording::default() });
+                let checked = Arc::new(OwnershipChecked::new(rec.clone(), map.clone()));
+                let mut g = Stage2Gather::new(
+                    GatherConfig { zap_span_gap: gap, ..GatherConfig::new(Reclaim::Gather) },
+                    map.clone(),
+                    checked,
+                    Readers::new(),
+                );
+                for op in ops {
+                    let before: Vec<FrameState> = (0..600).map(|f| map.state(f).unwrap()).collect();
+                    let zaps_before = rec.spans.lock().unwrap().len();
+                    match op {
+                        Op::Inflate(f) => { g.add_buffer(&f); }
+                        Op::Deflate(f) => { g.return_frames(&f); }
+                        Op::Flush => { g.flush(); }
+                    }
+                    for s in &rec.spans.lock().unwrap()[zaps_before..] {
+                        if destroys || gap == 0 {
+                            prop_assert_eq!(&s.ranges, &vec![s.span], "no bridging");
+                        }
+                        for f in s.span.iter().filter(|&f| !s.ranges.iter().any(|r| r.contains(f))) {
+                            prop_assert_eq!(map.state(f).unwrap(), before[f as usize],
+                                "bridged frame {} changed state", f);
+                        }
+                    }
+                }
+                g.flush();
+                let ranges: Vec<GfnRange> =
+                    rec.spans.lock().unwrap().iter().flat_map(|s| s.ranges.clone()).collect();
+                prop_assert_eq!(&*rec.releases.lock().unwrap(), &ranges);
             }
         }
     }

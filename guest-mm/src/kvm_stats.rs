@@ -3,7 +3,7 @@
 //! (every stage-2 flush requested), `remote_tlb_flush` (those that reached a running vCPU),
 //! `pages_4k`, `mmu_shadow_zapped`; vCPU `tlb_flush`, `exits`.
 
-use crate::gather::FlushCounter;
+use crate::gather::{FlushCounter, VcpuCounters};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -103,6 +103,35 @@ impl KvmStats {
 impl FlushCounter for KvmStats {
     fn flush_requests(&self) -> Option<u64> {
         self.get("remote_tlb_flush_requests").ok().flatten()
+    }
+}
+
+/// A VM's statistics with each of its vCPUs': what the gather reads around a batch.
+pub struct VmCounters {
+    pub vm: KvmStats,
+    pub vcpus: Vec<KvmStats>,
+}
+
+impl VmCounters {
+    /// One vCPU's counters (0 for any KVM does not have).
+    pub fn vcpu(s: &KvmStats) -> VcpuCounters {
+        let get = |n: &str| s.get(n).ok().flatten().unwrap_or(0);
+        VcpuCounters {
+            tlb_flush: get("tlb_flush"),
+            pf_fixed: get("pf_fixed"),
+            pf_taken: get("pf_taken"),
+            exits: get("exits"),
+        }
+    }
+}
+
+impl FlushCounter for VmCounters {
+    fn flush_requests(&self) -> Option<u64> {
+        self.vm.flush_requests()
+    }
+
+    fn vcpus(&self) -> Vec<VcpuCounters> {
+        self.vcpus.iter().map(Self::vcpu).collect()
     }
 }
 

@@ -13,6 +13,7 @@ pub mod grace;
 pub mod kvm_stats;
 pub mod layout;
 pub mod ram;
+pub mod span;
 pub mod stage2_map;
 pub mod stats;
 
@@ -22,5 +23,6 @@ pub use gfn::{FrameError, Gfn, GfnRange};
 pub use grace::{Reader, Readers};
 pub use layout::{Layout, LayoutError, RamRange, PAGE_SIZE};
 pub use ram::{GuestRam, RamError};
+pub use span::ZapSpan;
 pub use stage2_map::{FrameState, Owner, Stage2Map};
 pub use stats::{GatherStats, Histogram};

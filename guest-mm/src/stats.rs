@@ -54,6 +54,9 @@ impl Histogram {
     }
 }
 
+/// How many batch reports `GatherStats::recent_batches` keeps.
+pub const RECENT_BATCHES: usize = 64;
+
 /// Totals over the gather's life.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GatherStats {
@@ -63,7 +66,11 @@ pub struct GatherStats {
     /// Frames whose host pages were freed.
     pub pages_reclaimed: u64,
     pub ranges: u64,
-    /// Host calls made: one zap and one release per range.
+    /// Zap calls made: one per span.
+    pub spans: u64,
+    /// In-use frames bridged by spans (zapped and kept).
+    pub bridged: u64,
+    /// Host calls made: one zap per span and one release per range.
     pub host_calls: u64,
     /// KVM `remote_tlb_flush_requests` that grew during zaps, when a counter is attached.
     pub kvm_flush_requests: u64,
@@ -75,6 +82,12 @@ pub struct GatherStats {
     /// Grace periods that had to wait for a reader, and readers kicked.
     pub grace_waits: u64,
     pub grace_kicks: u64,
+    /// Each vCPU's `tlb_flush` growth during zaps, summed over batches.
+    pub vcpu_tlb_flushes: Vec<u64>,
+    /// Stage-2 faults fixed after batches (`BatchReport::refaults_after`), summed.
+    pub refaults_after: u64,
+    /// The last `RECENT_BATCHES` batches, oldest first.
+    pub recent_batches: std::collections::VecDeque<crate::gather::BatchReport>,
     pub pages_per_batch: Histogram,
     pub ranges_per_batch: Histogram,
     /// Microseconds from a batch's first frame to its flush.

@@ -60,6 +60,13 @@ struct RunArgs {
     /// Gather strategy: flush a batch this many milliseconds after its first frame arrived.
     #[arg(long, default_value_t = guest_mm::gather::DEFAULT_WINDOW.as_millis() as u64)]
     batch_window_ms: u64,
+    /// Gather strategy: one stage-2 zap (one KVM invalidation) may span several reclaimed
+    /// ranges of a batch, bridging up to this many in-use frames per gap between them; the
+    /// bridged frames keep their contents (the memfd backend's zap only drops mappings) and
+    /// refault when touched. 0 = one zap per range. Default chosen by measurement
+    /// (docs/BENCHMARKS.md, "Zap spans").
+    #[arg(long, default_value_t = guest_mm::gather::DEFAULT_ZAP_SPAN_GAP)]
+    zap_span_gap: u64,
     /// Balloon sizes to set one after another, each once the driver reached the previous,
     /// e.g. "768M,0" (inflate by 768 MiB, then deflate fully).
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
@@ -111,6 +118,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         gather: GatherConfig {
             max_batch_pages: args.batch_pages.max(1),
             window: Duration::from_millis(args.batch_window_ms),
+            zap_span_gap: args.zap_span_gap,
             ..GatherConfig::new(args.reclaim_strategy)
         },
         balloon_steps: args.balloon_steps,

@@ -3,7 +3,7 @@
 //! and KVM's flush counters.
 
 use guest_mm::gather::{FlushCounter, GatherConfig};
-use guest_mm::kvm_stats::KvmStats;
+use guest_mm::kvm_stats::{KvmStats, VmCounters};
 use guest_mm::{GuestRam, KvmMemfd, Readers, Stage2Backend, Stage2Gather, Stage2Map};
 use kvm_ioctls::VmFd;
 use std::sync::{Arc, Mutex};
@@ -68,6 +68,25 @@ impl MemoryManager {
             readers,
             gather: Mutex::new(gather),
             kvm_stats,
+        }
+    }
+
+    /// Gives the gather the VM's and every vCPU's KVM statistics, so that each batch reports
+    /// the flush requests it caused, each vCPU's TLB flushes and the refaults after it.
+    /// Where KVM_GET_STATS_FD is missing the counts stay unavailable (warned once).
+    pub fn attach_vcpu_stats(&self, vm_fd: &VmFd, vcpus: &[kvm_ioctls::VcpuFd]) {
+        let opened = KvmStats::open(vm_fd).and_then(|vm| {
+            let vcpus = vcpus
+                .iter()
+                .map(KvmStats::open)
+                .collect::<std::io::Result<_>>()?;
+            Ok(VmCounters { vm, vcpus })
+        });
+        match opened {
+            Ok(c) => self.gather.lock().unwrap().set_flush_counter(Box::new(c)),
+            Err(e) => tracing::warn!(
+                "KVM vCPU statistics unavailable (KVM_GET_STATS_FD: {e}); per-vCPU TLB flush and refault counts will be missing"
+            ),
         }
     }
 

@@ -52,7 +52,8 @@ impl BalloonReport {
     pub fn collect(dev: &BalloonDevice, mm: &MemoryManager) -> Self {
         let t = dev.transport.lock().unwrap();
         let b = t.device();
-        let gather = mm.gather.lock().unwrap();
+        let mut gather = mm.gather.lock().unwrap();
+        gather.refresh_after_counts();
         Self {
             target_bytes: b.num_pages() as u64 * PAGE_SIZE,
             actual_bytes: b.actual() as u64 * PAGE_SIZE,

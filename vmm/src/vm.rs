@@ -121,6 +121,7 @@ impl Vm {
                 .map_err(err("KVM_SET_MP_STATE"))?;
             vcpus.push(vcpu);
         }
+        memory.attach_vcpu_stats(&vm_fd, &vcpus);
         let api_sock = config.api_sock.clone();
         Ok(Self {
             reclaim_probe: config.reclaim_probe,

@@ -46,6 +46,68 @@ pub mod probe {
     /// Bytes per entry of the reclaimed-frame list.
     pub const LIST_ENTRY_BYTES: u64 = 8;
 
+    /// The frames [`PATTERN_SCATTERED`] reclaims from `[start, start + pages)`, at most
+    /// `limit`, ascending: runs of 1..=16 frames with gaps of 1..=16, from a fixed seed, so
+    /// that both ranges and holes are scattered. Both sides compute it: the VMM to reclaim,
+    /// the guest to know which frames stay in use.
+    pub fn scattered_frames(start: u64, pages: u64, limit: u64) -> ScatteredFrames {
+        let mut s = ScatteredFrames {
+            x: 0x9e37_79b9_7f4a_7c15,
+            next: 0,
+            run_end: 0,
+            end: start.saturating_add(pages),
+            left: limit,
+        };
+        let first = start.saturating_add(s.step(16));
+        s.start_run(first);
+        s
+    }
+
+    pub struct ScatteredFrames {
+        x: u64,
+        next: u64,
+        run_end: u64,
+        end: u64,
+        left: u64,
+    }
+
+    impl ScatteredFrames {
+        /// 1..=n from the generator (xorshift64).
+        fn step(&mut self, n: u64) -> u64 {
+            self.x ^= self.x << 13;
+            self.x ^= self.x >> 7;
+            self.x ^= self.x << 17;
+            1 + self.x % n
+        }
+
+        fn start_run(&mut self, at: u64) {
+            self.next = at;
+            self.run_end = at.saturating_add(self.step(16));
+        }
+    }
+
+    impl Iterator for ScatteredFrames {
+        type Item = u64;
+
+        fn next(&mut self) -> Option<u64> {
+            if self.left == 0 {
+                return None;
+            }
+            if self.next >= self.run_end {
+                let gap = self.step(16);
+                let at = self.run_end.saturating_add(gap);
+                self.start_run(at);
+            }
+            if self.next >= self.end {
+                return None;
+            }
+            let g = self.next;
+            self.next += 1;
+            self.left -= 1;
+            Some(g)
+        }
+    }
+
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct Mailbox {

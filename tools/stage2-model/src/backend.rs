@@ -1,13 +1,15 @@
 //! The model as a stage-2 backend: the unchanged `Stage2Gather` drives it through the same
-//! `Stage2Backend` trait it uses for KVM. `zap` returns only when every vCPU has taken and
-//! acknowledged the flush (KVM's `madvise` returns after its remote TLB flush); `release`
-//! drops the reverse map, writes back and frees.
+//! `Stage2Backend` trait it uses for KVM. `zap` of a span returns only when every vCPU has
+//! taken and acknowledged its one flush (KVM's `madvise` returns after its remote TLB flush);
+//! the in-use frames it bridges keep their frame and reverse map, with their dirty bits
+//! carried into the host's flags, as on a shared memfd. `release` of a reclaimed range drops
+//! the reverse map, writes back and frees.
 //!
 //! The machine sits behind one shuttle mutex and condition variable, so every step of every
 //! thread is a scheduling point that shuttle can interleave.
 
 use crate::machine::{Machine, Op, Order};
-use guest_mm::{BackendError, GfnRange, Stage2Backend};
+use guest_mm::{BackendError, GfnRange, Stage2Backend, ZapSpan};
 use shuttle::sync::{Condvar, Mutex, MutexGuard};
 use std::sync::Arc;
 
@@ -81,13 +83,20 @@ impl Stage2Backend for ModelBackend {
         "stage2-model"
     }
 
-    fn zap(&self, r: GfnRange) -> Result<(), BackendError> {
+    fn zap_keeps_contents(&self) -> bool {
+        // Like madvise(MADV_DONTNEED) on a shared memfd: bridged frames keep frame and rmap.
+        true
+    }
+
+    fn zap(&self, span: &ZapSpan) -> Result<(), BackendError> {
+        let r = span.span;
         let mut m = self.shared.lock();
         self.check(&m, r)?;
         if m.order() == Order::FreeBeforeFlush {
             m = self.shared.wait_writeback(m, r);
         }
-        let id = m.zap(r.start, r.count);
+        let ranges: Vec<(u64, u64)> = span.ranges.iter().map(|r| (r.start, r.count)).collect();
+        let id = m.zap(r.start, r.count, &ranges);
         // The free-before-flush order frees inside zap: waiting vCPUs may go on.
         self.shared.released.notify_all();
         drop(self.shared.wait_acks(m, id));

@@ -23,6 +23,10 @@ pub enum Workload {
     /// A fixed script small enough for an exhaustive search: vcpu0 writes gfn 1 twice,
     /// vcpu1 reads it, the gather reclaims gfns 1–2 and gives gfn 1 back, one writeback pass.
     Small,
+    /// The same size for zap spans: vcpu0 writes in-use gfn 2 twice, vcpu1 reads it, the
+    /// gather reclaims gfns 1 and 3 with one span over 1–3 (bridging gfn 2) and gives gfn 1
+    /// back, one writeback pass.
+    SmallSpan,
     /// Per execution, from shuttle's (replayable) random source: each vCPU runs `ops` reads
     /// and writes, mostly on the frames the balloon takes; the VMM inflates and deflates
     /// `rounds` times in buffers of up to `buffer` frames.
@@ -42,6 +46,8 @@ pub struct Scenario {
     pub tlb_ways: usize,
     pub strategy: Strategy,
     pub max_batch_pages: u64,
+    /// In-use frames a span may bridge per gap (the gather's `zap_span_gap`).
+    pub zap_span_gap: u64,
     pub order: Order,
     pub writeback_rounds: usize,
     pub workload: Workload,
@@ -58,9 +64,20 @@ impl Scenario {
             tlb_ways: 2,
             strategy: Strategy::Gather,
             max_batch_pages: 16,
+            zap_span_gap: guest_mm::gather::DEFAULT_ZAP_SPAN_GAP,
             order,
             writeback_rounds: 1,
             workload: Workload::Small,
+        }
+    }
+
+    /// 2 vCPUs, 4 frames, one span bridging an in-use frame: the exhaustive configuration
+    /// for zap spans.
+    pub fn small_span(order: Order) -> Self {
+        Self {
+            frames: 4,
+            workload: Workload::SmallSpan,
+            ..Self::small(order)
         }
     }
 
@@ -75,6 +92,7 @@ impl Scenario {
             tlb_ways: 4,
             strategy: Strategy::Gather,
             max_batch_pages: 24,
+            zap_span_gap: guest_mm::gather::DEFAULT_ZAP_SPAN_GAP,
             order,
             writeback_rounds: 2,
             workload: Workload::Random {
@@ -121,6 +139,13 @@ fn script(s: &Scenario) -> Script {
                 vec![Op::Read(1)],
             ],
             rounds: vec![(vec![vec![2, 1]], vec![1])],
+        },
+        Workload::SmallSpan => Script {
+            vcpu_ops: vec![
+                vec![Op::Write(2, 0x2_0001), Op::Write(2, 0x2_0002)],
+                vec![Op::Read(2)],
+            ],
+            rounds: vec![(vec![vec![3, 1]], vec![1])],
         },
         Workload::Random {
             ops,
@@ -186,6 +211,7 @@ pub fn execution(s: &Scenario) -> Counters {
     let mut gather = Stage2Gather::new(
         GatherConfig {
             max_batch_pages: s.max_batch_pages,
+            zap_span_gap: s.zap_span_gap,
             ..GatherConfig::new(s.strategy)
         },
         Arc::new(Stage2Map::new(layout)),

@@ -31,13 +31,20 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Order {
-    /// zap + flush (acknowledged by every vCPU) → release: drop rmap, write back, free.
+    /// zap the span + flush (acknowledged by every vCPU) → release the reclaimed ranges:
+    /// drop rmap, write back, free. Bridged frames keep their frame and rmap.
     Correct,
     /// Release (drop rmap, write back, free) inside zap, before the flush is sent.
     FreeBeforeFlush,
     /// Drop the rmap inside zap, before the flush; write back and free at release (the 2022
     /// race: writeback no longer finds the mapping, so it does not flush the stale TLB).
     EarlyRmapDrop,
+    /// Release the whole span, the in-use frames it bridged included (punch-hole discards
+    /// their contents).
+    ReleaseWholeSpan,
+    /// Drop the rmap of the in-use frames a span bridges inside zap, before the flush (the
+    /// 2022 race, on frames the guest never gave away).
+    EarlyBridgedRmapDrop,
 }
 
 impl std::str::FromStr for Order {
@@ -47,8 +54,10 @@ impl std::str::FromStr for Order {
             "correct" => Ok(Order::Correct),
             "free-before-flush" => Ok(Order::FreeBeforeFlush),
             "early-rmap-drop" => Ok(Order::EarlyRmapDrop),
+            "release-whole-span" => Ok(Order::ReleaseWholeSpan),
+            "early-bridged-rmap-drop" => Ok(Order::EarlyBridgedRmapDrop),
             o => Err(format!(
-                "unknown order '{o}': use correct, free-before-flush or early-rmap-drop"
+                "unknown order '{o}': use correct, free-before-flush, early-rmap-drop, release-whole-span or early-bridged-rmap-drop"
             )),
         }
     }
@@ -94,6 +103,10 @@ pub struct Counters {
     pub faults: u64,
     pub fault_waits: u64,
     pub refaults: u64,
+    /// Faults on frames a span bridged: mapped again to the same host frame.
+    pub bridged_refaults: u64,
+    /// In-use frames zapped by spans.
+    pub bridged_zaps: u64,
     pub writebacks: u64,
     pub frames_freed: u64,
 }
@@ -109,6 +122,8 @@ impl Counters {
         self.faults += o.faults;
         self.fault_waits += o.fault_waits;
         self.refaults += o.refaults;
+        self.bridged_refaults += o.bridged_refaults;
+        self.bridged_zaps += o.bridged_zaps;
         self.writebacks += o.writebacks;
         self.frames_freed += o.frames_freed;
     }
@@ -144,6 +159,12 @@ pub struct Machine {
     mailbox: Vec<Vec<Request>>,
     in_guest: Vec<bool>,
     under_writeback: BTreeSet<u64>,
+    /// Guest frames given away (in a zap's reclaimed ranges) and not faulted in since.
+    given_away: Vec<bool>,
+    /// Guest frames whose stage-2 leaf a span zapped while they stayed in use.
+    bridged: Vec<bool>,
+    /// For the release-whole-span order: each reclaimed range's span.
+    span_of: BTreeMap<u64, (u64, u64)>,
     outstanding: BTreeMap<u64, usize>,
     next_request: u64,
     order: Order,
@@ -187,6 +208,9 @@ impl Machine {
             mailbox: vec![Vec::new(); c.vcpus],
             in_guest: vec![true; c.vcpus],
             under_writeback: BTreeSet::new(),
+            given_away: vec![false; c.frames as usize],
+            bridged: vec![false; c.frames as usize],
+            span_of: BTreeMap::new(),
             outstanding: BTreeMap::new(),
             next_request: 0,
             order: c.order,
@@ -326,10 +350,18 @@ impl Machine {
                 false
             }
             Slot::Backed(h) => {
+                // A frame a span bridged comes back as the very same host frame.
+                if std::mem::take(&mut self.bridged[g as usize]) {
+                    self.counters.bridged_refaults += 1;
+                    self.step(format!(
+                        "vcpu{cpu}: EPT violation on bridged gfn {g:#x}: mapped again to host frame {h:#x}"
+                    ));
+                }
                 self.ept.map_4k(g, h, true);
                 true
             }
             Slot::Unbacked => {
+                self.given_away[g as usize] = false;
                 let h = self.host.alloc(Owner::Guest(g));
                 self.host.write(h, self.backing[g as usize]);
                 self.rmap[h as usize] = Some(g);
@@ -405,11 +437,14 @@ impl Machine {
         !self.outstanding.contains_key(&id)
     }
 
-    /// Zap: clear the leaves (taking their dirty bits into the host's dirty flags), mark the
-    /// frames invalidating, and send the flush. What else happens before the flush depends on
-    /// the order. Returns the flush request to wait for.
-    pub fn zap(&mut self, start: u64, count: u64) -> u64 {
-        let mut dirty = 0;
+    /// Zap of one span: clear every leaf of `[start, start+count)` (taking its dirty bit into
+    /// the host's dirty flag), mark the frames of the reclaimed `ranges` invalidating, leave
+    /// the in-use frames between them backed by their frame and reverse map, and send one
+    /// flush. What else happens before the flush depends on the order. Returns the flush
+    /// request to wait for.
+    pub fn zap(&mut self, start: u64, count: u64, ranges: &[(u64, u64)]) -> u64 {
+        let reclaimed = |g: u64| ranges.iter().any(|&(s, n)| (s..s + n).contains(&g));
+        let (mut dirty, mut bridged) = (0, 0);
         for g in start..start + count {
             let frame = match self.slots[g as usize] {
                 Slot::Backed(h) | Slot::Invalidating(Some(h)) => Some(h),
@@ -421,23 +456,50 @@ impl Machine {
                     dirty += 1;
                 }
             }
-            self.slots[g as usize] = Slot::Invalidating(frame);
+            if reclaimed(g) {
+                self.slots[g as usize] = Slot::Invalidating(frame);
+                self.given_away[g as usize] = true;
+            } else if frame.is_some() {
+                self.bridged[g as usize] = true;
+                bridged += 1;
+            }
+        }
+        self.counters.bridged_zaps += bridged;
+        for &(s, _) in ranges {
+            self.span_of.insert(s, (start, count));
         }
         self.step(format!(
-            "gather: zaps gfns {start:#x}+{count} ({dirty} dirty bits taken)"
+            "gather: zaps gfns {start:#x}+{count} ({} reclaimed ranges, {bridged} in-use frames bridged, {dirty} dirty bits taken)",
+            ranges.len()
         ));
         match self.order {
-            Order::Correct => {}
-            Order::FreeBeforeFlush => self.free_range(start, count, "gather (free before flush)"),
+            Order::Correct | Order::ReleaseWholeSpan => {}
+            Order::FreeBeforeFlush => {
+                for &(s, n) in ranges {
+                    self.free_range(s, n, "gather (free before flush)");
+                }
+            }
             Order::EarlyRmapDrop => {
-                for g in start..start + count {
-                    if let Slot::Invalidating(Some(h)) = self.slots[g as usize] {
+                for &(s, n) in ranges {
+                    for g in s..s + n {
+                        if let Slot::Invalidating(Some(h)) = self.slots[g as usize] {
+                            self.rmap[h as usize] = None;
+                        }
+                    }
+                    self.step(format!(
+                        "gather: drops the rmap of gfns {s:#x}+{n} before the flush"
+                    ));
+                }
+            }
+            Order::EarlyBridgedRmapDrop => {
+                for g in (start..start + count).filter(|&g| !reclaimed(g)) {
+                    if let Slot::Backed(h) = self.slots[g as usize] {
                         self.rmap[h as usize] = None;
+                        self.step(format!(
+                            "gather: drops the rmap of bridged in-use gfn {g:#x} before the flush"
+                        ));
                     }
                 }
-                self.step(format!(
-                    "gather: drops the rmap of gfns {start:#x}+{count} before the flush"
-                ));
             }
         }
         self.post_flush(start, count, "gather")
@@ -446,8 +508,13 @@ impl Machine {
     /// Release: drop the rmap, write dirty frames back, free them (each goes to another
     /// tenant at once).
     pub fn release(&mut self, start: u64, count: u64) {
-        if self.order != Order::FreeBeforeFlush {
-            self.free_range(start, count, "gather");
+        match self.order {
+            Order::FreeBeforeFlush => {}
+            Order::ReleaseWholeSpan => {
+                let (s, n) = self.span_of.get(&start).copied().unwrap_or((start, count));
+                self.free_range(s, n, "gather (releases the whole span)");
+            }
+            _ => self.free_range(start, count, "gather"),
         }
     }
 
@@ -483,6 +550,18 @@ impl Machine {
                     ));
                 }
                 Slot::Invalidating(None) => {}
+                Slot::Backed(h) if !self.given_away[g as usize] => {
+                    // A frame the guest never gave away: a punch-hole discards its contents
+                    // (the guest's next access reads zeros) and the host frame goes to
+                    // another tenant.
+                    self.rmap[h as usize] = None;
+                    self.backing[g as usize] = 0;
+                    let next = self.host.free_and_reuse(h);
+                    self.counters.frames_freed += 1;
+                    self.step(format!(
+                        "{who}: frees host frame {h:#x} of in-use gfn {g:#x}, discarding its contents; it now belongs to {next}"
+                    ));
+                }
                 Slot::Backed(h) => self.violation(format!(
                     "release of gfn {g:#x} (host frame {h:#x}) that was never zapped"
                 )),
@@ -575,9 +654,25 @@ impl Machine {
         })
     }
 
-    /// End of an execution: every guest frame shows its last write and is backed consistently.
+    /// End of an execution: every guest frame shows its last write and is backed
+    /// consistently, and no frame the host believes clean holds data the backing store lacks
+    /// (the host may drop a clean frame at any time: that data would be lost).
     pub fn check_final(&self) {
         for g in 0..self.frames() {
+            if let Slot::Backed(h) = self.slots[g as usize] {
+                let leaf_dirty = self
+                    .ept
+                    .walk(g)
+                    .is_some_and(|t| self.ept.entry(t.leaf) & DIRTY != 0);
+                let content = self.host.content(h);
+                if !leaf_dirty && !self.host.is_dirty(h) && content != self.backing[g as usize] {
+                    self.violation(format!(
+                        "lost write: host frame {h:#x} of gfn {g:#x} is clean (no dirty leaf, no dirty flag) but holds {content:#x} (written by vcpu{}) that never reached the backing store ({:#x}): the host may drop it",
+                        self.last_writer[g as usize].map_or("-".into(), |c| c.to_string()),
+                        self.backing[g as usize]
+                    ));
+                }
+            }
             let (visible, frame) = match self.slots[g as usize] {
                 Slot::Backed(h) | Slot::Invalidating(Some(h)) => (self.host.content(h), Some(h)),
                 _ => (self.backing[g as usize], None),
@@ -632,7 +727,7 @@ mod tests {
             m.execute(0, Op::Write(1, 2)),
             "a fresh walk sets the dirty bit again"
         );
-        let zap = m.zap(1, 1);
+        let zap = m.zap(1, 1, &[(1, 1)]);
         m.write_back(1);
         assert!(
             m.execute(0, Op::Write(1, 3)),
@@ -654,7 +749,7 @@ mod tests {
     fn without_the_rmap_writeback_cannot_flush_and_the_stale_write_is_lost() {
         let mut m = machine(Order::EarlyRmapDrop);
         assert!(m.execute(0, Op::Write(1, 1)));
-        m.zap(1, 1);
+        m.zap(1, 1, &[(1, 1)]);
         let (flush, writing) = m.mkclean(1);
         assert!(flush.is_none() && writing);
         m.write_back(1);

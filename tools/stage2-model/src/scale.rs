@@ -17,7 +17,7 @@
 use crate::explore::XorShift;
 use guest_mm::{
     BackendError, GatherConfig, GfnRange, Layout, Readers, Stage2Backend, Stage2Gather, Stage2Map,
-    Strategy, PAGE_SIZE,
+    Strategy, ZapSpan, PAGE_SIZE,
 };
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,9 +79,14 @@ impl Stage2Backend for Counting {
     fn name(&self) -> &'static str {
         "counting"
     }
-    fn zap(&self, r: GfnRange) -> Result<(), BackendError> {
+    fn zap_keeps_contents(&self) -> bool {
+        // It stands for KVM on a shared memfd.
+        true
+    }
+    fn zap(&self, s: &ZapSpan) -> Result<(), BackendError> {
         self.zaps.fetch_add(1, Ordering::Relaxed);
-        self.pages.fetch_add(r.count, Ordering::Relaxed);
+        self.pages
+            .fetch_add(s.ranges.iter().map(|r| r.count).sum(), Ordering::Relaxed);
         Ok(())
     }
     fn release(&self, _r: GfnRange) -> Result<(), BackendError> {

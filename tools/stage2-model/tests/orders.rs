@@ -79,6 +79,11 @@ fn correct_order_survives_random_schedules_of_4_vcpus_and_1024_frames() {
     );
     assert_eq!(r.executions, schedules());
     assert!(r.counters.stale_hits > 0 && r.counters.refaults > 0 && r.counters.writebacks > 0);
+    assert!(
+        r.counters.bridged_zaps > 0 && r.counters.bridged_refaults > 0,
+        "the random workload's batches must make spans over in-use frames: {:?}",
+        r.counters
+    );
 }
 
 #[test]
@@ -152,6 +157,75 @@ fn early_rmap_drop_is_caught_as_lost_write() {
     }
     let v = violation_of(
         Scenario::random(Order::EarlyRmapDrop),
+        Search::Random {
+            schedules: 20_000,
+            seed: 1,
+        },
+    );
+    assert!(v.contains("lost write"), "{v}");
+}
+
+#[test]
+fn zap_spans_survive_every_schedule_of_the_small_span_configuration() {
+    let k = env("STAGE2_MODEL_PREEMPTIONS", 3);
+    let r = run(
+        &format!("exhaustive, zap span (2 vCPUs, 4 frames, <= {k} preemptions)"),
+        Scenario::small_span(Order::Correct),
+        exhaustive(k),
+    );
+    assert!(r.executions > 10_000, "only {} schedules", r.executions);
+    assert!(r.counters.bridged_zaps > 0, "{:?}", r.counters);
+    assert!(
+        r.counters.stale_hits > 0 && r.counters.bridged_refaults > 0,
+        "no schedule wrote the bridged frame through a stale TLB entry and refaulted it: {:?}",
+        r.counters
+    );
+}
+
+#[test]
+fn releasing_a_whole_span_is_caught() {
+    let v = violation_of(Scenario::small_span(Order::ReleaseWholeSpan), exhaustive(2));
+    assert!(
+        v.contains("frees host frame 0x2 of in-use gfn 0x2, discarding its contents"),
+        "{v}"
+    );
+    assert!(
+        v.contains("use-after-free") || v.contains("lost write"),
+        "{v}"
+    );
+    let v = violation_of(
+        Scenario::random(Order::ReleaseWholeSpan),
+        Search::Random {
+            schedules: 20_000,
+            seed: 1,
+        },
+    );
+    assert!(
+        v.contains("use-after-free") || v.contains("lost write"),
+        "{v}"
+    );
+}
+
+#[test]
+fn dropping_the_rmap_of_bridged_frames_before_the_flush_is_caught_as_lost_write() {
+    let v = violation_of(
+        Scenario::small_span(Order::EarlyBridgedRmapDrop),
+        exhaustive(2),
+    );
+    assert!(
+        v.contains("lost write: host frame 0x2 of gfn 0x2 is clean"),
+        "{v}"
+    );
+    for step in [
+        "gather: drops the rmap of bridged in-use gfn 0x2 before the flush",
+        "writeback: rmap of host frame 0x2 (gfn 0x2) is empty: nothing to clean or flush",
+        // Through the TLB entry it filled before the flush (not yet taken).
+        "vcpu0: write 0x20002 to gfn 0x2 through",
+    ] {
+        assert!(v.contains(step), "missing step '{step}' in:\n{v}");
+    }
+    let v = violation_of(
+        Scenario::random(Order::EarlyBridgedRmapDrop),
         Search::Random {
             schedules: 20_000,
             seed: 1,

@@ -116,30 +116,6 @@ fn validate(mb: &Mailbox, layout: &Layout) -> Result<Request, ProbeError> {
     })
 }
 
-/// Frames to reclaim from `[start, start+pages)`: runs of 1..=16 frames with gaps of
-/// 1..=16, from a fixed seed, so that both ranges and holes are scattered.
-pub fn scattered_frames(start: Gfn, pages: u64, limit: u64) -> Vec<Gfn> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = |n: u64| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        1 + x % n
-    };
-    let mut out = Vec::new();
-    let mut g = start + next(16);
-    while g < start + pages && (out.len() as u64) < limit {
-        let run = next(16);
-        for f in g..(g + run).min(start + pages) {
-            if (out.len() as u64) < limit {
-                out.push(f);
-            }
-        }
-        g += run + next(16);
-    }
-    out
-}
-
 /// What one probe did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ProbeOutcome {
@@ -199,7 +175,7 @@ fn reclaim(mm: &MemoryManager, req: &Request) -> ProbeOutcome {
     let frames: Vec<Gfn> = if req.contiguous {
         req.region.iter().take(req.list_capacity as usize).collect()
     } else {
-        scattered_frames(req.region.start, req.region.count, req.list_capacity)
+        probe::scattered_frames(req.region.start, req.region.count, req.list_capacity).collect()
     };
     // Linux sends descending PFNs, 256 per buffer.
     let buffers: Vec<Vec<Gfn>> = frames
@@ -210,8 +186,6 @@ fn reclaim(mm: &MemoryManager, req: &Request) -> ProbeOutcome {
     let strategy = gather.config().strategy;
     let before_bytes = mm.ram.host_bytes_held().unwrap_or(0);
     let before_flushes = mm.flush_requests();
-    let before_calls = gather.stats().host_calls;
-    let before_ranges = gather.stats().ranges;
     let t = Instant::now();
     let out = gather.reclaim_and_give_back(buffers.iter().map(Vec::as_slice));
     let elapsed = t.elapsed();
@@ -219,14 +193,30 @@ fn reclaim(mm: &MemoryManager, req: &Request) -> ProbeOutcome {
     let flushes = before_flushes
         .zip(mm.flush_requests())
         .map(|(b, a)| a.saturating_sub(b));
-    let host_calls = gather.stats().host_calls - before_calls;
-    let ranges = gather.stats().ranges - before_ranges;
     drop(gather);
+    let sum = |f: fn(&guest_mm::BatchReport) -> u64| out.flushed.iter().map(f).sum::<u64>();
+    let (ranges, spans, bridged) = (sum(|b| b.ranges), sum(|b| b.spans), sum(|b| b.bridged));
+    let host_calls = sum(|b| b.host_calls);
+    // KVM flush requests during the zap calls alone (the rest come from the releases).
+    let zap_flushes = sum(|b| b.kvm_flush_requests.unwrap_or(0));
+    // Each vCPU's TLB flushes during the zaps: the invalidation reached it.
+    let mut tlb = Vec::<u64>::new();
+    for b in &out.flushed {
+        tlb.resize(tlb.len().max(b.vcpu_tlb_flushes.len()), 0);
+        for (t, d) in tlb.iter_mut().zip(&b.vcpu_tlb_flushes) {
+            *t += d;
+        }
+    }
+    let tlb = if tlb.is_empty() {
+        "unavailable".to_string()
+    } else {
+        tlb.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+    };
     let mut reclaimed = out.accepted;
     reclaimed.sort_unstable();
     crate::report::say(&format!(
-        "reclaim-probe: strategy={strategy} region_gfn={:#x} pages={} ranges={ranges} host_calls={host_calls} zap_calls={ranges} \
-         kvm_flush_requests={} host_bytes_before={before_bytes} host_bytes_after={after_bytes} \
+        "reclaim-probe: strategy={strategy} region_gfn={:#x} pages={} ranges={ranges} host_calls={host_calls} zap_calls={spans} \
+         bridged={bridged} kvm_flush_requests={} zap_flush_requests={zap_flushes} vcpu_tlb_flushes={tlb} host_bytes_before={before_bytes} host_bytes_after={after_bytes} \
          freed={} invalid={} elapsed_us={}",
         req.region.start,
         reclaimed.len(),
@@ -267,6 +257,7 @@ mod tests {
 
     #[test]
     fn scattered_frames_are_sorted_unique_bounded_and_scattered() {
+        let scattered_frames = |s, p, l| probe::scattered_frames(s, p, l).collect::<Vec<_>>();
         let f = scattered_frames(1000, 4096, u64::MAX);
         assert!(f.windows(2).all(|w| w[0] < w[1]));
         assert!(f.iter().all(|&g| (1000..1000 + 4096).contains(&g)));

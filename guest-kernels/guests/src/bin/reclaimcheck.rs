@@ -8,9 +8,15 @@
 //! rewriting and verifying their own memory, so the host's stage-2 flushes reach running
 //! vCPUs.
 //!
+//! With `writers=1` the other vCPUs instead keep rewriting (and verifying) the region's frames
+//! that stay in use, interleaved with the ones being reclaimed, while the VMM reclaims: the
+//! VMM's zap spans cover those frames, so this checks that a span loses nothing of frames
+//! written during its zap. The scattered set is `abi::probe::scattered_frames`, which the
+//! guest computes as the VMM does.
+//!
 //! Command line: `bytes=SIZE` (region size, default 32M), `others=SIZE` (per other vCPU,
 //! default 4M), `above4g=1` (place the region above 4 GiB), `pattern=contiguous` (ask the
-//! VMM to reclaim the whole region instead of a scattered subset).
+//! VMM to reclaim the whole region instead of a scattered subset), `writers=1`.
 #![no_std]
 #![no_main]
 
@@ -39,6 +45,66 @@ static mut MAILBOX: MailboxPage = MailboxPage(Mailbox {
 static READY: Barrier = Barrier::new();
 static DONE: AtomicBool = AtomicBool::new(false);
 static OTHER_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// The region (first frame, pages), published before READY for `writers=1`.
+static REGION: AtomicU64 = AtomicU64::new(0);
+static REGION_PAGES: AtomicU64 = AtomicU64::new(0);
+const SALT: u64 = 0x5a5a;
+
+/// Calls `f` for every frame of the region that the scattered pattern leaves in use.
+fn for_each_in_use(region: u64, pages: u64, mut f: impl FnMut(u64)) {
+    let mut reclaimed = probe::scattered_frames(region, pages, pages).peekable();
+    for g in region..region + pages {
+        if reclaimed.peek() == Some(&g) {
+            reclaimed.next();
+        } else {
+            f(g);
+        }
+    }
+}
+
+/// `writers=1`: rewrites this vCPU's stripe of the region's in-use frames with a new pattern
+/// every round, checking each frame still holds the previous round's, until DONE; then
+/// checks the last round's once more.
+fn writer_vcpu(cpu: &Cpu) -> Verdict {
+    READY.wait(cpu.count);
+    let (region, pages) = (
+        REGION.load(Ordering::Acquire),
+        REGION_PAGES.load(Ordering::Acquire),
+    );
+    let (me, writers) = (cpu.id as u64 - 1, cpu.count as u64 - 1);
+    let salt = |round: u64| SALT ^ (cpu.id as u64) << 32 ^ round;
+    let (mut round, mut errors, mut frames) = (0u64, 0u64, 0u64);
+    let mut previous = SALT;
+    loop {
+        let stop = DONE.load(Ordering::Acquire);
+        let mut k = 0u64;
+        for_each_in_use(region, pages, |g| {
+            if k % writers == me {
+                errors += check(g, previous, false);
+                if !stop {
+                    fill(g, salt(round));
+                }
+                frames += u64::from(round == 0);
+            }
+            k += 1;
+        });
+        if stop {
+            break;
+        }
+        previous = salt(round);
+        round += 1;
+    }
+    println!(
+        "reclaimcheck: cpu {} rewrote its {} in-use frames of the region {} times, {} errors",
+        cpu.id, frames, round, errors
+    );
+    OTHER_ERRORS.fetch_add(errors, Ordering::Relaxed);
+    if errors == 0 {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    }
+}
 
 fn page(gfn: u64) -> *mut u64 {
     (gfn * frames::PAGE_SIZE) as *mut u64
@@ -92,7 +158,11 @@ fn other_vcpu(cpu: &Cpu, bytes: u64) -> Verdict {
 
 fn main(cpu: &Cpu) -> Verdict {
     let line = bootinfo::get().cmdline;
+    let writers = cmdline::get_u64(line, "writers") == Some(1) && cpu.count > 1;
     if !cpu.is_boot() {
+        if writers {
+            return writer_vcpu(cpu);
+        }
         return other_vcpu(cpu, cmdline::get_size(line, "others").unwrap_or(4 << 20));
     }
     let pages = cmdline::get_size(line, "bytes").unwrap_or(32 << 20) / frames::PAGE_SIZE;
@@ -108,10 +178,11 @@ fn main(cpu: &Cpu) -> Verdict {
         DONE.store(true, Ordering::Release);
         return Verdict::Fail;
     };
-    const SALT: u64 = 0x5a5a;
     for g in region..region + pages {
         fill(g, SALT);
     }
+    REGION.store(region, Ordering::Release);
+    REGION_PAGES.store(pages, Ordering::Release);
     for g in list..list + list_pages {
         // Touch the list pages so the host's accounting around the reclaim sees no new pages.
         // SAFETY: our frames.
@@ -172,6 +243,8 @@ fn main(cpu: &Cpu) -> Verdict {
             } else {
                 bad_zero += 1
             }
+        } else if writers {
+            // The writer vCPUs own these frames now and verify them.
         } else if check(g, SALT, false) == 0 {
             intact += 1
         } else {
