@@ -10,6 +10,7 @@ pub mod boot;
 pub mod config;
 pub mod devices;
 pub mod error;
+pub mod guest_output;
 pub mod guests;
 pub mod kvm;
 pub mod memory;

@@ -1,4 +1,4 @@
-//! x86 instructions the guests need: port I/O, pause, control registers.
+//! x86 instructions the guests need: port I/O, the TSC, pause, control registers.
 //! Port I/O is legal in ring 3 because the runtime enters ring 3 with IOPL=3.
 
 use core::arch::asm;
@@ -27,6 +27,13 @@ pub fn inb(port: u16) -> u8 {
         asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
     };
     v
+}
+
+/// The time-stamp counter (allowed in ring 3: CR4.TSD is clear).
+#[inline]
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no memory effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 #[inline]

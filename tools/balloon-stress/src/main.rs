@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 use vmm::config::parse_size;
+use vmm::guest_output::{throughputs, verifier_totals};
 
 /// Stress the virtio balloon of the VMM and report reclaim and refill behaviour.
 #[derive(Parser, Debug)]
@@ -62,6 +63,18 @@ struct Args {
     /// Fragment the guest allocator first: the driver then inflates scattered frames.
     #[arg(long)]
     fragment: bool,
+    /// With --fragment: the verifiers rewrite and check the frames the fragmenting kept (the
+    /// guest's working set interleaved with what it balloons, which zap spans bridge) instead
+    /// of memory of their own.
+    #[arg(long, requires = "fragment")]
+    hot: bool,
+    /// Zap span bound (passed to vmm --zap-span-gap; 0 = one zap per range).
+    #[arg(long)]
+    zap_span_gap: Option<u64>,
+    /// Wait this long after each target is reached before setting the next, so that the
+    /// guest measures its memory throughput before and after each inflate over a real period.
+    #[arg(long, default_value_t = 0)]
+    settle_ms: u64,
     /// Gather strategy: per-page, per-buffer or gather.
     #[arg(long, default_value = "gather")]
     strategy: String,
@@ -138,24 +151,6 @@ fn settled_host_bytes(sock: &Path, vm: &mut std::process::Child) -> Result<u64> 
     }
 }
 
-/// The verifier vCPUs' final lines, "cpu C verified its N pages R times, E errors", summed:
-/// (page checks N×R, errors E).
-fn verifier_totals(log: &str) -> (u64, u64) {
-    log.lines()
-        .filter_map(|l| l.split("verified its ").nth(1))
-        .fold((0, 0), |(checks, errors), rest| {
-            let w: Vec<&str> = rest.trim_end().split(' ').collect();
-            let num = |i: usize| w.get(i).and_then(|v| v.parse::<u64>().ok());
-            let line_checks = num(0).zip(num(2)).map_or(0, |(pages, times)| pages * times);
-            let line_errors = rest
-                .trim_end()
-                .strip_suffix(" errors")
-                .and_then(|r| r.rsplit(' ').next()?.parse::<u64>().ok())
-                .unwrap_or(0);
-            (checks + line_checks, errors + line_errors)
-        })
-}
-
 fn run(a: &Args) -> Result<(Report, bool)> {
     let dir = std::env::temp_dir().join(format!("balloon-stress-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -192,6 +187,9 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
     if a.fragment {
         cmdline.push_str(" fragment=1");
     }
+    if a.hot {
+        cmdline.push_str(" hot=1");
+    }
     let mut cmd = Command::new(&a.vmm);
     cmd.args([
         "run",
@@ -215,6 +213,9 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
     }
     if let Some(w) = a.batch_window_ms {
         cmd.args(["--batch-window-ms", &w.to_string()]);
+    }
+    if let Some(g) = a.zap_span_gap {
+        cmd.args(["--zap-span-gap", &g.to_string()]);
     }
     let command = format!("{cmd:?}");
     let mut vm = cmd
@@ -261,6 +262,7 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
     let mut steps = Vec::new();
     let mut from = 0u64;
     for &target in &targets {
+        std::thread::sleep(Duration::from_millis(a.settle_ms));
         let before = stats(&sock)?;
         let r = vmm::api::request(&sock, &json!({"cmd": "set", "target_bytes": target}))?;
         if r["ok"] != true {
@@ -292,15 +294,27 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
             }
         };
         let after = stats(&sock)?;
-        let flushes = after["kvm_remote_tlb_flush_requests"]
-            .as_u64()
-            .unwrap_or(0)
-            .saturating_sub(
-                before["kvm_remote_tlb_flush_requests"]
-                    .as_u64()
-                    .unwrap_or(0),
-            );
+        let at = |s: &Value, path: &str| s.pointer(path).and_then(Value::as_u64).unwrap_or(0);
+        let grew = |path: &str| at(&after, path).saturating_sub(at(&before, path));
+        let flushes = grew("/kvm_remote_tlb_flush_requests");
+        let vcpu_tlb_flushes = {
+            let per = |s: &Value| -> Vec<u64> {
+                s["gather"]["vcpu_tlb_flushes"]
+                    .as_array()
+                    .map_or(vec![], |v| v.iter().filter_map(Value::as_u64).collect())
+            };
+            let (b, a) = (per(&before), per(&after));
+            a.iter()
+                .enumerate()
+                .map(|(i, x)| x.saturating_sub(b.get(i).copied().unwrap_or(0)))
+                .collect()
+        };
         steps.push(Step {
+            zap_calls: grew("/gather/spans"),
+            bridged: grew("/gather/bridged"),
+            refaults_after: grew("/gather/refaults_after"),
+            vcpu_tlb_flushes,
+            throughput: None,
             target_bytes: target,
             from_bytes: from,
             seconds: start.elapsed().as_secs_f64(),
@@ -341,6 +355,13 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
     };
     let log = std::fs::read_to_string(&guest_log).unwrap_or_default();
     let (verifier_checks, verifier_errors) = verifier_totals(&log);
+    // The guest's throughput lines belong to its inflates, in order.
+    let mut lines = throughputs(&log).into_iter();
+    for s in steps.iter_mut().filter(|s| s.target_bytes > s.from_bytes) {
+        s.throughput = lines
+            .next()
+            .filter(|t| t.target_pages == s.target_bytes / 4096);
+    }
     let reuse_errors: u64 = log
         .lines()
         .filter_map(|l| {
@@ -376,7 +397,8 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
         config: json!({
             "vcpus": a.vcpus, "memory": a.memory, "touch": a.touch, "pattern": a.pattern, "cycles": a.cycles,
             "max_balloon": max, "strategy": a.strategy, "free_page_reporting": a.free_page_reporting,
-            "fragment": a.fragment, "seed": a.seed, "soak": a.soak,
+            "fragment": a.fragment, "hot": a.hot, "zap_span_gap": a.zap_span_gap, "settle_ms": a.settle_ms,
+            "seed": a.seed, "soak": a.soak,
         }),
         wall_seconds: t0.elapsed().as_secs_f64(),
         steps,
@@ -424,19 +446,5 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::verifier_totals;
-
-    #[test]
-    fn verifier_lines_give_page_checks_and_errors() {
-        let log = "balloon: reached 8192 pages (32 MiB), free frames 1\n\
-                   balloon: cpu 1 verified its 8192 pages 2510 times, 0 errors\n\
-                   balloon: cpu 2 verified its 100 pages 3 times, 7 errors\n";
-        assert_eq!(verifier_totals(log), (8192 * 2510 + 300, 7));
-        assert_eq!(verifier_totals(""), (0, 0));
     }
 }

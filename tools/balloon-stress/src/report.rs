@@ -23,6 +23,16 @@ pub struct Step {
     pub host_bytes_before: u64,
     pub host_bytes_after: u64,
     pub kvm_flush_requests: u64,
+    /// Zap calls (spans) the gather made during the step.
+    pub zap_calls: u64,
+    /// In-use frames those spans bridged.
+    pub bridged: u64,
+    /// Stage-2 faults fixed after the step's batches (refaults and other faults).
+    pub refaults_after: u64,
+    /// Each vCPU's TLB flushes during the step.
+    pub vcpu_tlb_flushes: Vec<u64>,
+    /// The guest's memory throughput around the step (inflates with verifiers).
+    pub throughput: Option<vmm::guest_output::Throughput>,
 }
 
 /// The soak's end-to-end check (`--soak`).
@@ -120,6 +130,12 @@ impl Report {
             })
             .collect();
         let unreached = self.steps.iter().filter(|s| !s.reached).count();
+        let retained: Vec<f64> = inflates
+            .iter()
+            .filter_map(|s| s.throughput?.retained_during())
+            .collect();
+        let retained_median = (!retained.is_empty()).then(|| median(retained));
+        let zap_calls: u64 = self.steps.iter().map(|s| s.zap_calls).sum();
         self.summary = serde_json::json!({
             "steps": self.steps.len(),
             "steps_not_reached": unreached,
@@ -129,6 +145,8 @@ impl Report {
             "refill_rate_mib_s_median": rate(&deflates),
             "kvm_flush_requests": flushes,
             "kvm_flush_requests_per_gib": per_gib,
+            "zap_calls": zap_calls,
+            "guest_throughput_retained_during_inflate_median": retained_median,
             "latency_us": lat,
             "guest_verifier_errors": self.guest_verifier_errors,
             "guest_reuse_errors": self.guest_reuse_errors,
@@ -154,7 +172,14 @@ impl Report {
                 s["reclaim_rate_mib_s_median"].as_f64().unwrap_or(0.0),
                 s["refill_rate_mib_s_median"].as_f64().unwrap_or(0.0)
             ),
-            format!("KVM flush requests: {flushes} ({per_gib:.0} per GiB reclaimed)"),
+            format!("KVM flush requests: {flushes} ({per_gib:.0} per GiB reclaimed); zap calls {zap_calls}"),
+            match retained_median {
+                Some(r) => format!(
+                    "guest memory throughput during inflates (median): {:.0}% of the rate before",
+                    r * 100.0
+                ),
+                None => "guest memory throughput: not measured (needs a verifier vCPU and --settle-ms)".into(),
+            },
             format!(
                 "latency p50/p90/p99 us: gather {}, zap {}, invalidate {}, release {}",
                 l("gather_us"),

@@ -1,14 +1,19 @@
-//! peer-compare: the same balloon guest on this VMM (gather and per-page) and on QEMU, side by
-//! side in one run.
+//! peer-compare: the same balloon guest on this VMM (zap spans, gather by range, per-page)
+//! and on QEMU, side by side in one run.
 //!
-//! Each repetition boots the `balloon` test guest once per VMM (interleaved, so machine noise
-//! spreads over all of them), inflates the balloon by the same amount, deflates it, and
-//! records: launch time (process start to the driver being ready), time for `actual` to reach
-//! the target, host memory returned (RssShmem of the VMM process: guest RAM is a shared memfd
-//! in both), and KVM `remote_tlb_flush_requests` during the inflate (our control API; QEMU's
-//! QMP `query-stats`). Prints medians and ratios as a Markdown table.
+//! Each repetition boots the `balloon` test guest once per peer (interleaved, so machine
+//! noise spreads over all of them), waits `--settle-ms`, inflates the balloon by the same
+//! amount, waits `--settle-ms` again, deflates, and records: launch time (process start to the
+//! driver being ready), time for `actual` to reach the target, host memory returned
+//! (RssShmem of the VMM process: guest RAM is a shared memfd in both), KVM
+//! `remote_tlb_flush_requests` during the inflate (our control API; QEMU's QMP
+//! `query-stats`), and the guest's own memory throughput during the inflate against before it
+//! (its verifier vCPUs; `balloon: throughput` lines). Prints medians and ratios as a Markdown
+//! table.
 //!
-//! One vCPU: the guests' PVH entry, which QEMU uses, starts only the boot vCPU.
+//! vCPUs: `--vcpus N` boots N on this VMM. QEMU boots the guest through its PVH entry, which
+//! starts only the boot vCPU, so QEMU always runs 1 vCPU (it has no verifier, so no
+//! throughput); the table says so.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -16,9 +21,10 @@ use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmm::config::parse_size;
+use vmm::guest_output::{throughputs, Throughput};
 use vmm::qemu::{self, QemuProcess};
 use vmm::qmp::Qmp;
 use vmm::report::median;
@@ -42,21 +48,41 @@ struct Args {
     /// Repetitions (medians are reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// vCPUs on this VMM (vCPU 0 drives the balloon, the others verify memory). QEMU runs 1.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Fragment the guest's allocator first (as balloon-stress --fragment): inflates get
+    /// scattered frames. With more than one vCPU the verifiers then work on the frames the
+    /// fragmenting kept (`hot=1`), the working set interleaved with the balloon.
+    #[arg(long)]
+    fragment: bool,
+    /// Zap span bound for the "zap spans" row (vmm --zap-span-gap).
+    #[arg(long, default_value_t = guest_mm::gather::DEFAULT_ZAP_SPAN_GAP)]
+    zap_span_gap: u64,
+    /// Wait this long before the inflate and after it, so the guest measures its memory
+    /// throughput before and after over a real period.
+    #[arg(long, default_value_t = 1000)]
+    settle_ms: u64,
+    /// Leave out QEMU (for hosts without it).
+    #[arg(long)]
+    no_qemu: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
 enum Peer {
-    Gather,
+    Spans,
+    ByRange,
     PerPage,
     Qemu,
 }
 
 impl Peer {
-    fn name(self) -> &'static str {
+    fn name(self, a: &Args) -> String {
         match self {
-            Peer::Gather => "this VMM, gather",
-            Peer::PerPage => "this VMM, per-page",
-            Peer::Qemu => "QEMU (microvm, virtio-balloon-device)",
+            Peer::Spans => format!("this VMM, zap spans (gap {})", a.zap_span_gap),
+            Peer::ByRange => "this VMM, gather by range".into(),
+            Peer::PerPage => "this VMM, per-page".into(),
+            Peer::Qemu => "QEMU (microvm, virtio-balloon-device, 1 vCPU)".into(),
         }
     }
 }
@@ -66,6 +92,7 @@ struct Run {
     inflate_s: f64,
     returned_bytes: u64,
     flushes: u64,
+    throughput: Option<Throughput>,
 }
 
 fn rss_shmem(pid: u32) -> u64 {
@@ -80,8 +107,14 @@ fn rss_shmem(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Starts `cmd` and returns it with a channel that fires when the guest's driver is ready.
-fn spawn(mut cmd: Command) -> Result<(Child, mpsc::Receiver<()>)> {
+/// Our VMM's process: its console collected, and a channel that fires when the driver is
+/// ready.
+struct Ours {
+    child: Child,
+    console: Arc<Mutex<String>>,
+}
+
+fn spawn(mut cmd: Command) -> Result<(Ours, mpsc::Receiver<()>)> {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -89,14 +122,19 @@ fn spawn(mut cmd: Command) -> Result<(Child, mpsc::Receiver<()>)> {
         .context("spawn")?;
     let out = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
+    let console = Arc::new(Mutex::new(String::new()));
+    let sink = console.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             if line.contains("balloon: driver ready") {
                 let _ = tx.send(());
             }
+            let mut c = sink.lock().unwrap();
+            c.push_str(&line);
+            c.push('\n');
         }
     });
-    Ok((child, rx))
+    Ok((Ours { child, console }, rx))
 }
 
 fn wait_exit(child: &mut Child) -> Result<i32> {
@@ -105,7 +143,7 @@ fn wait_exit(child: &mut Child) -> Result<i32> {
         if let Some(st) = child.try_wait()? {
             return Ok(st.code().unwrap_or(-1));
         }
-        if start.elapsed() > Duration::from_secs(180) {
+        if start.elapsed() > Duration::from_secs(300) {
             let _ = child.kill();
             bail!("guest did not finish");
         }
@@ -124,44 +162,69 @@ fn poll_until(mut f: impl FnMut() -> Result<bool>) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn run_ours(a: &Args, strategy: &str, dir: &Path) -> Result<Run> {
-    let sock = dir.join(format!("vmm-{strategy}.sock"));
+/// The guest's command line for a peer with `vcpus` vCPUs.
+fn guest_cmdline(a: &Args, vcpus: u32) -> String {
+    let mut c = "changes=2".to_string();
+    if a.fragment {
+        c.push_str(" fragment=1");
+        if vcpus > 1 {
+            c.push_str(" hot=1");
+        }
+    }
+    c
+}
+
+fn settle(a: &Args) {
+    std::thread::sleep(Duration::from_millis(a.settle_ms));
+}
+
+fn run_ours(a: &Args, peer: Peer, dir: &Path) -> Result<Run> {
+    let (strategy, gap) = match peer {
+        Peer::Spans => ("gather", a.zap_span_gap),
+        Peer::ByRange => ("gather", 0),
+        _ => ("per-page", 0),
+    };
+    let sock = dir.join(format!("vmm-{strategy}-{gap}.sock"));
     let mut cmd = Command::new(&a.vmm);
     cmd.args([
         "run",
         "--guest",
         "balloon",
         "--vcpus",
-        "1",
+        &a.vcpus.to_string(),
         "--memory",
         &a.memory.to_string(),
     ])
     .args([
         "--reclaim-strategy",
         strategy,
+        "--zap-span-gap",
+        &gap.to_string(),
         "--api-sock",
         sock.to_str().unwrap(),
         "--cmdline",
-        "changes=2",
+        &guest_cmdline(a, a.vcpus),
     ]);
     let t0 = Instant::now();
-    let (mut child, ready) = spawn(cmd)?;
+    let (mut vm, ready) = spawn(cmd)?;
     ready
         .recv_timeout(Duration::from_secs(120))
         .context("driver never ready")?;
     let launch_s = t0.elapsed().as_secs_f64();
     let api = |req| vmm::api::request(&sock, &req).context("control API");
+    settle(a);
     let before = api(json!({"cmd": "stats"}))?;
-    let rss_before = rss_shmem(child.id());
+    let rss_before = rss_shmem(vm.child.id());
     api(json!({"cmd": "set", "target_bytes": a.balloon}))?;
     let inflate_s =
         poll_until(|| Ok(api(json!({"cmd": "stats"}))?["stats"]["actual_bytes"] == a.balloon))?;
     // Let a pending gather window close before measuring what the host got back.
     std::thread::sleep(Duration::from_millis(50));
     let after = api(json!({"cmd": "stats"}))?;
-    let rss_after = rss_shmem(child.id());
+    let rss_after = rss_shmem(vm.child.id());
+    settle(a);
     api(json!({"cmd": "set", "target_bytes": 0}))?;
-    let code = wait_exit(&mut child)?;
+    let code = wait_exit(&mut vm.child)?;
     if code != 0 {
         bail!("guest failed on this VMM ({strategy}): exit {code}");
     }
@@ -170,11 +233,13 @@ fn run_ours(a: &Args, strategy: &str, dir: &Path) -> Result<Run> {
             .as_u64()
             .unwrap_or(0)
     };
+    let console = vm.console.lock().unwrap().clone();
     Ok(Run {
         launch_s,
         inflate_s,
         returned_bytes: rss_before.saturating_sub(rss_after),
         flushes: f(&after) - f(&before),
+        throughput: throughputs(&console).first().copied(),
     })
 }
 
@@ -196,7 +261,8 @@ fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
             "-qmp",
             &format!("unix:{},server=on,wait=off", qmp_path.display()),
         ])
-        .args(["-kernel", guest.to_str().unwrap(), "-append", "changes=2"]);
+        .args(["-kernel", guest.to_str().unwrap()])
+        .args(["-append", &guest_cmdline(a, 1)]);
     let t0 = Instant::now();
     let mut vm = QemuProcess::spawn(cmd)?;
     let mut qmp = vm.connect_qmp(&qmp_path, Duration::from_secs(30))?;
@@ -206,6 +272,7 @@ fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
     // Every QMP failure carries QEMU's exit status and stderr if QEMU is gone.
     let mut execute =
         |cmd: &str, args: serde_json::Value| qmp.execute(cmd, args).map_err(|e| vm.qmp_error(e));
+    settle(a);
     let flushes_before = qemu_flushes(&mut execute)?;
     let rss_before = rss_shmem(pid);
     let logical = a.memory - a.balloon;
@@ -214,14 +281,16 @@ fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
     std::thread::sleep(Duration::from_millis(50));
     let rss_after = rss_shmem(pid);
     let flushes_after = qemu_flushes(&mut execute)?;
+    settle(a);
     execute("balloon", json!({ "value": a.memory }))?;
-    vm.wait_pass(Duration::from_secs(180))
+    vm.wait_pass(Duration::from_secs(300))
         .context("the balloon guest on QEMU")?;
     Ok(Run {
         launch_s,
         inflate_s,
         returned_bytes: rss_before.saturating_sub(rss_after),
         flushes: flushes_after - flushes_before,
+        throughput: throughputs(&vm.stdout()).first().copied(),
     })
 }
 
@@ -235,20 +304,22 @@ fn qemu_flushes(
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    // QEMU boots a tiny guest first, so a QEMU that cannot start here fails now with its own
-    // message rather than in the middle of the first repetition.
-    qemu::check_starts(&a.qemu, &vmm::guests::resolve("memtouch")?)?;
+    let mut peers = vec![Peer::Spans, Peer::ByRange, Peer::PerPage];
+    if !a.no_qemu {
+        // QEMU boots a tiny guest first, so a QEMU that cannot start here fails now with its
+        // own message rather than in the middle of the first repetition.
+        qemu::check_starts(&a.qemu, &vmm::guests::resolve("memtouch")?)?;
+        peers.push(Peer::Qemu);
+    }
     let dir = std::env::temp_dir().join(format!("peer-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let peers = [Peer::Gather, Peer::PerPage, Peer::Qemu];
     let mut runs: Vec<Vec<Run>> = peers.iter().map(|_| Vec::new()).collect();
     for rep in 0..a.reps {
         for (i, &p) in peers.iter().enumerate() {
-            eprintln!("rep {}/{}: {}", rep + 1, a.reps, p.name());
+            eprintln!("rep {}/{}: {}", rep + 1, a.reps, p.name(&a));
             let r = match p {
-                Peer::Gather => run_ours(&a, "gather", &dir)?,
-                Peer::PerPage => run_ours(&a, "per-page", &dir)?,
                 Peer::Qemu => run_qemu(&a, &dir)?,
+                _ => run_ours(&a, p, &dir)?,
             };
             runs[i].push(r);
         }
@@ -256,29 +327,45 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let gib = a.balloon as f64 / (1u64 << 30) as f64;
     let med = |i: usize, f: fn(&Run) -> f64| median(runs[i].iter().map(f).collect());
-    let qemu = peers.iter().position(|&p| p == Peer::Qemu).unwrap();
+    let qemu = peers.iter().position(|&p| p == Peer::Qemu);
     println!(
-        "command: peer-compare --memory {} --balloon {} --reps {} (1 vCPU; medians)\n",
+        "command: peer-compare --memory {}M --balloon {}M --reps {} --vcpus {}{} --zap-span-gap {} --settle-ms {} (medians; QEMU runs 1 vCPU)\n",
         a.memory >> 20,
         a.balloon >> 20,
-        a.reps
+        a.reps,
+        a.vcpus,
+        if a.fragment { " --fragment" } else { "" },
+        a.zap_span_gap,
+        a.settle_ms
     );
-    println!("| VMM | launch s | inflate s | MiB/s | host MiB returned | KVM flush requests | per GiB | speed vs QEMU | QEMU flushes / these |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| VMM | vCPUs | launch s | inflate s | MiB/s | host MiB returned | KVM flush requests | per GiB | guest throughput kept during inflate | speed vs QEMU | QEMU flushes / these |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, p) in peers.iter().enumerate() {
         let inflate = med(i, |r| r.inflate_s);
         let flushes = med(i, |r| r.flushes as f64);
+        let kept: Vec<f64> = runs[i]
+            .iter()
+            .filter_map(|r| r.throughput?.retained_during())
+            .collect();
+        let kept = if kept.is_empty() {
+            "n/a (no verifier vCPU)".to_string()
+        } else {
+            format!("{:.0}%", median(kept) * 100.0)
+        };
+        let vs = |f: &dyn Fn(usize) -> String| qemu.map_or("n/a".into(), f);
         println!(
-            "| {} | {:.2} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.0}x |",
-            p.name(),
+            "| {} | {} | {:.2} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            p.name(&a),
+            if *p == Peer::Qemu { 1 } else { a.vcpus },
             med(i, |r| r.launch_s),
             inflate,
             a.balloon as f64 / (1u64 << 20) as f64 / inflate,
             med(i, |r| r.returned_bytes as f64) / (1u64 << 20) as f64,
             flushes,
             flushes / gib,
-            med(qemu, |r| r.inflate_s) / inflate,
-            med(qemu, |r| r.flushes as f64) / flushes.max(1.0),
+            kept,
+            vs(&|q| format!("{:.1}x", med(q, |r| r.inflate_s) / inflate)),
+            vs(&|q| format!("{:.0}x", med(q, |r| r.flushes as f64) / flushes.max(1.0))),
         );
     }
     Ok(())

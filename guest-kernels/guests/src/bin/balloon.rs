@@ -13,7 +13,16 @@
 //! start), `report=each` (also after every target reached, as Linux reports periodically),
 //! `prefault=0` (skip touching all
 //! free memory once at start), `fragment=1` (keep every other frame of the lower half of
-//! free memory, so inflates get scattered frames).
+//! free memory, so inflates get scattered frames), `hot=1` (with `fragment=1`: the verifiers
+//! rewrite and verify the kept frames instead of memory of their own, so the guest's working
+//! set is interleaved with the frames it balloons, as in a long-running guest).
+//!
+//! Guest memory throughput: the verifiers count the pages they check and rewrite, and the
+//! driver measures their rate (pages per million TSC ticks, so no clock calibration is
+//! needed) before, during and after each inflate: from the previous target reached to the
+//! inflate's start, from its start until its target is reached, and from then until the next
+//! target. It prints `balloon: throughput inflate to N pages: before B during D after A
+//! pages/Mtick; retained during P% after Q%` once the phase after ends.
 #![no_std]
 #![no_main]
 
@@ -35,15 +44,65 @@ static STARTED: Barrier = Barrier::new();
 static DONE: AtomicBool = AtomicBool::new(false);
 static VERIFY_ERRORS: AtomicU64 = AtomicU64::new(0);
 
-fn verifier(cpu: &Cpu, bytes: u64) -> Verdict {
+/// A counter on a cache line of its own (the verifiers bump theirs for every page).
+#[repr(align(64))]
+struct Counter(AtomicU64);
+/// Pages each verifier vCPU has checked and rewritten.
+static VERIFIED: [Counter; rt::MAX_CPUS] = [const { Counter(AtomicU64::new(0)) }; rt::MAX_CPUS];
+/// `hot=1`: the frames `fragment` kept, as a list of u32 PFNs, published for the verifiers.
+static KEPT_LIST: AtomicU64 = AtomicU64::new(0);
+static KEPT_COUNT: AtomicU64 = AtomicU64::new(0);
+static KEPT_READY: AtomicBool = AtomicBool::new(false);
+
+fn verified_total() -> u64 {
+    VERIFIED.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
+}
+
+/// Checks and rewrites the frames `frame(0..n)` round after round until DONE, counting pages.
+fn verify_until_done(cpu: &Cpu, n: u64, frame: impl Fn(u64) -> u64) -> (u64, u64) {
+    let salt = 0x1000 + cpu.id as u64;
+    for k in 0..n {
+        pattern::fill(frame(k), salt);
+    }
+    let (mut rounds, mut errors) = (0, 0);
+    while !DONE.load(Ordering::Acquire) {
+        for k in 0..n {
+            errors += pattern::check(frame(k), salt, false);
+            pattern::fill(frame(k), salt);
+            VERIFIED[cpu.id].0.fetch_add(1, Ordering::Relaxed);
+        }
+        rounds += 1;
+    }
+    (rounds, errors)
+}
+
+fn verifier(cpu: &Cpu, bytes: u64, hot: bool) -> Verdict {
     let pages = bytes / frames::PAGE_SIZE;
-    let run = frames::alloc_run(pages);
+    let run = if hot { None } else { frames::alloc_run(pages) };
     STARTED.wait(cpu.count);
-    let Some((base, n)) = run.filter(|r| r.1 == pages) else {
-        println!("balloon: cpu {} cannot allocate {} pages", cpu.id, pages);
-        return Verdict::Fail;
+    let (n, rounds, errors) = if hot {
+        while !KEPT_READY.load(Ordering::Acquire) && !DONE.load(Ordering::Acquire) {
+            core::hint::spin_loop();
+        }
+        let (list, count) = (
+            KEPT_LIST.load(Ordering::Acquire) as *const u32,
+            KEPT_COUNT.load(Ordering::Acquire),
+        );
+        // This vCPU's stripe of the kept frames.
+        let (me, verifiers) = (cpu.id as u64 - 1, cpu.count as u64 - 1);
+        let n = count.saturating_sub(me).div_ceil(verifiers);
+        // SAFETY: the driver wrote `count` PFNs into the list and never changes them again.
+        let frame = |k: u64| unsafe { list.add((me + k * verifiers) as usize).read() } as u64;
+        let (r, e) = verify_until_done(cpu, n, frame);
+        (n, r, e)
+    } else {
+        let Some((base, n)) = run.filter(|r| r.1 == pages) else {
+            println!("balloon: cpu {} cannot allocate {} pages", cpu.id, pages);
+            return Verdict::Fail;
+        };
+        let (r, e) = verify_until_done(cpu, n, |k| base + k);
+        (n, r, e)
     };
-    let (rounds, errors) = pattern::rewrite_until(base, n, 0x1000 + cpu.id as u64, &DONE);
     println!(
         "balloon: cpu {} verified its {} pages {} times, {} errors",
         cpu.id, n, rounds, errors
@@ -83,8 +142,9 @@ fn with_all_free_runs(max: u64, mut f: impl FnMut(&[(u64, u64)])) {
 }
 
 /// Fragments the allocator: keeps every other frame of the lower half of free memory, so that
-/// later allocations (and so inflates) get scattered frames. Returns the frames kept.
-fn fragment() -> u64 {
+/// later allocations (and so inflates) get scattered frames. Returns the frames kept; with a
+/// `list` (room for a quarter of free memory's PFNs) also lists them there.
+fn fragment(list: Option<*mut u32>) -> u64 {
     let half = frames::free_count() / 2;
     // SAFETY: only the driver vCPU uses RUNS.
     #[allow(clippy::deref_addrof)] // a raw pointer avoids a reference to a `static mut`
@@ -101,6 +161,10 @@ fn fragment() -> u64 {
     for &(gfn, count) in &runs[..n] {
         for g in gfn..gfn + count {
             if seen < half && seen % 2 == 1 {
+                if let Some(l) = list {
+                    // SAFETY: at most half / 2 entries, the room the caller made.
+                    unsafe { l.add(kept as usize).write(g as u32) };
+                }
                 kept += 1;
             } else {
                 frames::free(g);
@@ -328,9 +392,45 @@ impl Driver {
     }
 }
 
+/// The verifiers' throughput around one inflate: samples of (TSC, pages verified).
+struct Throughput {
+    target: u64,
+    idle_from: (u64, u64),
+    started: (u64, u64),
+    reached: Option<(u64, u64)>,
+}
+
+fn sample() -> (u64, u64) {
+    (rt::arch::rdtsc(), verified_total())
+}
+
+/// Pages per million ticks between two samples.
+fn rate(a: (u64, u64), b: (u64, u64)) -> u64 {
+    let ticks = b.0.saturating_sub(a.0).max(1);
+    ((b.1 - a.1) as u128 * 1_000_000 / ticks as u128) as u64
+}
+
+impl Throughput {
+    /// Prints the line for an inflate whose phase after ended at `end`.
+    fn print(&self, end: (u64, u64)) {
+        let Some(reached) = self.reached else { return };
+        let (before, during, after) = (
+            rate(self.idle_from, self.started),
+            rate(self.started, reached),
+            rate(reached, end),
+        );
+        let pct = |x: u64| if before == 0 { 0 } else { x * 100 / before };
+        println!(
+            "balloon: throughput inflate to {} pages: before {} during {} after {} pages/Mtick; retained during {}% after {}%",
+            self.target, before, during, after, pct(during), pct(after)
+        );
+    }
+}
+
 fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
     let line = bootinfo::get().cmdline;
     let changes = cmdline::get_u64(line, "changes").unwrap_or(2);
+    let hot = cmdline::get_u64(line, "hot") == Some(1);
     STARTED.wait(cpu.count);
     if cmdline::get_u64(line, "prefault") != Some(0) {
         prefault();
@@ -348,10 +448,29 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
     let mut d = Driver::new(dev, features)?;
     // Fragment only now: the driver's own structures need contiguous frames.
     if cmdline::get_u64(line, "fragment") == Some(1) {
-        let kept = fragment();
+        let list = if hot {
+            let pages = (frames::free_count() / 4 * 4).div_ceil(frames::PAGE_SIZE) + 1;
+            match frames::alloc_run(pages) {
+                Some((gfn, n)) if n == pages => Some((gfn * frames::PAGE_SIZE) as *mut u32),
+                _ => return Err(virtio::VirtioError::OutOfMemory),
+            }
+        } else {
+            None
+        };
+        let kept = fragment(list);
+        if let Some(l) = list {
+            KEPT_LIST.store(l as u64, Ordering::Release);
+            KEPT_COUNT.store(kept, Ordering::Release);
+            KEPT_READY.store(true, Ordering::Release);
+        }
         println!(
-            "balloon: fragmented the allocator, keeping {} scattered frames",
-            kept
+            "balloon: fragmented the allocator, keeping {} scattered frames{}",
+            kept,
+            if hot {
+                " (the verifiers' working set)"
+            } else {
+                ""
+            }
         );
     }
     dev.driver_ok()?;
@@ -372,9 +491,30 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
     let mut last_reached = 0u64;
     let mut reported_total = 0u64;
     let mut stuck_reported = false;
+    // Verifiers exist only with more than one vCPU.
+    let measure = cpu.count > 1;
+    let mut idle_from = sample();
+    let mut inflate: Option<Throughput> = None;
+    let mut seen_target = d.held;
     while reached < changes {
         d.send_stats();
         let target = d.target();
+        if measure && target != seen_target {
+            // A new target: the phase after the last inflate, and this idle phase, end here.
+            let now = sample();
+            if let Some(t) = inflate.take() {
+                t.print(now);
+            }
+            if target > d.held {
+                inflate = Some(Throughput {
+                    target,
+                    idle_from,
+                    started: now,
+                    reached: None,
+                });
+            }
+            seen_target = target;
+        }
         if target > d.held {
             if !d.inflate_some(target - d.held)? && !stuck_reported {
                 println!(
@@ -394,6 +534,12 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
         if d.held == target && target != last_reached {
             reached += 1;
             last_reached = target;
+            if measure {
+                idle_from = sample();
+                if let Some(t) = inflate.as_mut().filter(|t| t.target == target) {
+                    t.reached = Some(idle_from);
+                }
+            }
             stuck_reported = false;
             println!(
                 "balloon: reached {} pages ({} MiB), free frames {}",
@@ -405,6 +551,9 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
                 reported_total += d.report_free()?;
             }
         }
+    }
+    if let Some(t) = inflate.take() {
+        t.print(sample());
     }
     DONE.store(true, Ordering::Release);
     let ok = d.reuse_errors == 0;
@@ -418,7 +567,12 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
 fn main(cpu: &Cpu) -> Verdict {
     let line = bootinfo::get().cmdline;
     if !cpu.is_boot() {
-        return verifier(cpu, cmdline::get_size(line, "touch").unwrap_or(16 << 20));
+        let hot = cmdline::get_u64(line, "hot") == Some(1);
+        return verifier(
+            cpu,
+            cmdline::get_size(line, "touch").unwrap_or(16 << 20),
+            hot,
+        );
     }
     let verdict = drive(cpu).unwrap_or_else(|e| {
         println!("balloon: driver error: {:?} (command line: {})", e, line);

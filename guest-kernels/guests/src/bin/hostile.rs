@@ -7,15 +7,17 @@
 //! indirect table that was never negotiated), `rings` (rings outside RAM, in the MMIO hole,
 //! over the other queue, a bogus available index), `renegotiate` (feature and status writes
 //! after DRIVER_OK), `reset` (reset with an inflate in flight and with frames pending in the
-//! host's batch), `written` (frames inflated while the other vCPUs keep writing them) and
-//! `touch` (frames read and written after they were given away). After each attack it checks
+//! host's batch), `written` (frames inflated while the other vCPUs keep writing them),
+//! `neighbours` (every other frame inflated while the other vCPUs keep writing and verifying
+//! the frames between them, which the host's zap spans cover) and `touch` (frames read and
+//! written after they were given away). After each attack it checks
 //! that the device is alive (a fresh inflate and deflate work) and that a canary region that
 //! is never given away keeps its pattern, and prints one `hostile: NAME: ...` line. At the end
 //! it inflates and deflates 4 MiB normally and prints the least number of invalid frames and
 //! malformed buffers the VMM must have counted.
 //!
-//! The other vCPUs are writers for the `written` attack: they rewrite a shared region, and
-//! verify the pages of it that are not given away.
+//! The other vCPUs are writers for the `written` and `neighbours` attacks: they rewrite a
+//! shared region, and verify the pages of it that are not given away.
 #![no_std]
 #![no_main]
 
@@ -33,7 +35,8 @@ const PAGE: u64 = frames::PAGE_SIZE;
 const ALL_OK: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
 const CANARY_PAGES: u64 = 256;
 const CANARY_SALT: u64 = 0xca11;
-/// The region the writer vCPUs rewrite; every VICTIM_EVERY-th page is inflated under them.
+/// The region the writer vCPUs rewrite; every VICTIM_EVERY-th page is inflated under them
+/// (`written`), or every other page (`neighbours`).
 const REGION_PAGES: u64 = 1024;
 const VICTIM_EVERY: u64 = 8;
 const WRITER_SALT: u64 = 0x3000;
@@ -42,7 +45,16 @@ const HOLE_FIRST: u32 = 0xC0000;
 const HOLE_LAST: u32 = 0xFFFFF;
 
 static REGION: AtomicU64 = AtomicU64::new(0);
-static GO: AtomicBool = AtomicBool::new(false);
+/// The writers' current session (one per attack that uses them): 0 none yet.
+static SESSION: AtomicU64 = AtomicU64::new(0);
+/// The session's victims: page i of the region is one if i % stride == offset.
+static VICTIM_STRIDE: AtomicU64 = AtomicU64::new(VICTIM_EVERY);
+static VICTIM_OFFSET: AtomicU64 = AtomicU64::new(3);
+/// Whether the writers leave the victims alone (`neighbours`) or write them too (`written`).
+static SKIP_VICTIMS: AtomicBool = AtomicBool::new(false);
+/// The session that must stop (writers finish the round and report).
+static STOPPED: AtomicU64 = AtomicU64::new(0);
+/// Set when the driver is done: writers return their verdict.
 static STOP: AtomicBool = AtomicBool::new(false);
 /// Rounds each writer vCPU completed over its share of the region.
 static ROUNDS: [AtomicU64; rt::MAX_CPUS] = [const { AtomicU64::new(0) }; rt::MAX_CPUS];
@@ -51,10 +63,7 @@ static WRITER_ERRORS: AtomicU64 = AtomicU64::new(0);
 
 type Res<T = ()> = Result<T, &'static str>;
 
-fn rdtsc() -> u64 {
-    // SAFETY: rdtsc has no memory effects; it is allowed in ring 3 (CR4.TSD is clear).
-    unsafe { core::arch::x86_64::_rdtsc() }
-}
+use rt::arch::rdtsc;
 
 /// Spins until `f` holds or about `ms` milliseconds passed (at most 3 GHz of TSC assumed,
 /// so slower TSCs only wait longer). Returns whether `f` held.
@@ -575,28 +584,50 @@ impl Driver {
         Ok(())
     }
 
-    fn written(&mut self, writers: u64) -> Res {
-        if writers == 0 {
-            println!("hostile: written: skipped (no other vCPUs)");
-            return Ok(());
-        }
+    /// Inflates the victims of a fresh region (page i is one if i % stride == offset)
+    /// while the writer vCPUs rewrite it (the victims too, unless `skip`), lets them run two
+    /// more rounds over the reclaimed batch, stops them, and checks that every page that was
+    /// not given away kept its pattern; then deflates and reuses the victims. Returns the
+    /// victims, the writers' rounds and the words found wrong (by the writers and vCPU 0).
+    fn under_writers(
+        &mut self,
+        writers: u64,
+        stride: u64,
+        offset: u64,
+        skip: bool,
+    ) -> Res<(u64, u64, u64)> {
         let (base, n) = frames::alloc_run(REGION_PAGES).ok_or("no region")?;
         if n != REGION_PAGES {
             return Err("no contiguous region");
         }
+        for i in 1..=writers {
+            ROUNDS[i as usize].store(0, Ordering::Release);
+        }
+        WRITERS_DONE.store(0, Ordering::Release);
+        WRITER_ERRORS.store(0, Ordering::Release);
+        VICTIM_STRIDE.store(stride, Ordering::Release);
+        VICTIM_OFFSET.store(offset, Ordering::Release);
+        SKIP_VICTIMS.store(skip, Ordering::Release);
         REGION.store(base, Ordering::Release);
-        GO.store(true, Ordering::Release);
+        let session = SESSION.fetch_add(1, Ordering::AcqRel) + 1;
         // Every writer has filled its share once (each one: a vCPU thread may be descheduled
         // while another runs many rounds).
         let rounds = |i: u64| ROUNDS[i as usize].load(Ordering::Acquire);
         if !wait_for(10_000, || (1..=writers).all(|i| rounds(i) >= 1)) {
             return Err("writers did not start");
         }
-        let mut victims = [0u32; (REGION_PAGES / VICTIM_EVERY) as usize];
-        for (k, v) in victims.iter_mut().enumerate() {
-            *v = (base + k as u64 * VICTIM_EVERY + 3) as u32;
+        let mut all = [0u32; REGION_PAGES as usize];
+        let mut nv = 0;
+        for i in (0..REGION_PAGES).filter(|i| i % stride == offset) {
+            all[nv] = (base + i) as u32;
+            nv += 1;
         }
-        self.inflate(&victims)?;
+        let victims = &all[..nv];
+        self.inflate(victims)?;
+        if skip {
+            // Nobody writes them: once reclaimed they read as zeros.
+            wait_reclaimed(victims)?;
+        }
         // Let the batch be reclaimed under the writers and them run on over it.
         sleep_ms(50);
         let mut before = [0u64; rt::MAX_CPUS];
@@ -608,32 +639,62 @@ impl Driver {
         }) {
             return Err("writers stalled");
         }
-        STOP.store(true, Ordering::Release);
+        STOPPED.store(session, Ordering::Release);
         if !wait_for(10_000, || WRITERS_DONE.load(Ordering::Acquire) == writers) {
             return Err("writers did not stop");
         }
-        let errors = WRITER_ERRORS.load(Ordering::Acquire);
+        let mut bad = WRITER_ERRORS.load(Ordering::Acquire);
         // vCPU 0 checks the pages that were never given away itself too.
-        let mut bad = 0;
-        for i in (0..REGION_PAGES).filter(|i| i % VICTIM_EVERY != 3) {
+        for i in (0..REGION_PAGES).filter(|i| i % stride != offset) {
             bad += pattern::check(base + i, WRITER_SALT + i % writers, false);
         }
-        self.deflate(&victims)?;
-        reuse(&victims, 0x5b)?;
-        for g in base..base + REGION_PAGES {
-            frames::free(g);
+        self.deflate(victims)?;
+        reuse(victims, 0x5b)?;
+        for i in (0..REGION_PAGES).filter(|i| i % stride != offset) {
+            frames::free(base + i);
         }
+        Ok((nv as u64, (1..=writers).map(rounds).sum(), bad))
+    }
+
+    fn written(&mut self, writers: u64) -> Res {
+        if writers == 0 {
+            println!("hostile: written: skipped (no other vCPUs)");
+            return Ok(());
+        }
+        let (victims, rounds, bad) = self.under_writers(writers, VICTIM_EVERY, 3, false)?;
         println!(
-            "hostile: written: {} frames inflated while {} vCPUs rewrote them ({} writer rounds); the other {} pages kept their pattern ({} writer errors, {} bad words); victims deflated and reused; device alive",
-            victims.len(),
+            "hostile: written: {} frames inflated while {} vCPUs rewrote them ({} writer rounds); the other {} pages kept their pattern ({} bad words); victims deflated and reused; device alive",
+            victims,
             writers,
-            (1..=writers).map(rounds).sum::<u64>(),
-            REGION_PAGES - victims.len() as u64,
-            errors,
+            rounds,
+            REGION_PAGES - victims,
             bad
         );
-        if errors + bad != 0 {
+        if bad != 0 {
             return Err("pages not given away lost their pattern");
+        }
+        Ok(())
+    }
+
+    /// Every other page of a region is inflated while the writer vCPUs keep rewriting and
+    /// verifying the pages between them: the host's zap spans cover those in-use neighbours,
+    /// so this checks that a span over frames written during its zap loses nothing.
+    fn neighbours(&mut self, writers: u64) -> Res {
+        if writers == 0 {
+            println!("hostile: neighbours: skipped (no other vCPUs)");
+            return Ok(());
+        }
+        let (victims, rounds, bad) = self.under_writers(writers, 2, 1, true)?;
+        println!(
+            "hostile: neighbours: {} frames inflated, each between two in-use pages that {} vCPUs kept rewriting and verifying ({} writer rounds); the victims read zero once reclaimed; the {} neighbours kept every write ({} bad words); victims deflated and reused; device alive",
+            victims,
+            writers,
+            rounds,
+            REGION_PAGES - victims,
+            bad
+        );
+        if bad != 0 {
+            return Err("in-use neighbours of inflated frames lost writes");
         }
         Ok(())
     }
@@ -699,28 +760,50 @@ impl Driver {
     }
 }
 
+/// A writer vCPU: for each session the driver starts, rewrites its share of the region
+/// (every writers-th page) until the session is stopped, checking from the second round on
+/// that every page that is not a victim still holds its pattern.
 fn writer(cpu: &Cpu) -> Verdict {
     let writers = cpu.count as u64 - 1;
     let me = cpu.id as u64 - 1;
-    while !GO.load(Ordering::Acquire) && !STOP.load(Ordering::Acquire) {
-        core::hint::spin_loop();
-    }
-    let base = REGION.load(Ordering::Acquire);
     let mut errors = 0;
-    let mut first = true;
-    while base != 0 && !STOP.load(Ordering::Acquire) {
-        for i in (me..REGION_PAGES).step_by(writers as usize) {
-            let salt = WRITER_SALT + me;
-            if i % VICTIM_EVERY != 3 && !first {
-                errors += pattern::check(base + i, salt, false);
-            }
-            pattern::fill(base + i, salt);
+    let mut done = 0;
+    loop {
+        while SESSION.load(Ordering::Acquire) == done && !STOP.load(Ordering::Acquire) {
+            core::hint::spin_loop();
         }
-        first = false;
-        ROUNDS[cpu.id].fetch_add(1, Ordering::AcqRel);
+        if STOP.load(Ordering::Acquire) {
+            break;
+        }
+        let session = SESSION.load(Ordering::Acquire);
+        let base = REGION.load(Ordering::Acquire);
+        let (stride, offset) = (
+            VICTIM_STRIDE.load(Ordering::Acquire),
+            VICTIM_OFFSET.load(Ordering::Acquire),
+        );
+        let skip = SKIP_VICTIMS.load(Ordering::Acquire);
+        let salt = WRITER_SALT + me;
+        let mut first = true;
+        let mut session_errors = 0;
+        while STOPPED.load(Ordering::Acquire) < session {
+            for i in (me..REGION_PAGES).step_by(writers as usize) {
+                let victim = i % stride == offset;
+                if victim && skip {
+                    continue;
+                }
+                if !victim && !first {
+                    session_errors += pattern::check(base + i, salt, false);
+                }
+                pattern::fill(base + i, salt);
+            }
+            first = false;
+            ROUNDS[cpu.id].fetch_add(1, Ordering::AcqRel);
+        }
+        errors += session_errors;
+        WRITER_ERRORS.fetch_add(session_errors, Ordering::AcqRel);
+        WRITERS_DONE.fetch_add(1, Ordering::AcqRel);
+        done = session;
     }
-    WRITER_ERRORS.fetch_add(errors, Ordering::AcqRel);
-    WRITERS_DONE.fetch_add(1, Ordering::AcqRel);
     if errors == 0 {
         Verdict::Pass
     } else {
@@ -741,10 +824,11 @@ fn drive(cpu: &Cpu) -> Res<bool> {
     );
     let mut ok = true;
     type Attack = fn(&mut Driver, u64) -> Res;
-    let attacks: [(&str, Attack); 8] = [
+    let attacks: [(&str, Attack); 9] = [
         ("pfns", |d, _| d.pfns()),
         // Early, so that the writer vCPUs stop spinning soon.
         ("written", |d, w| d.written(w)),
+        ("neighbours", |d, w| d.neighbours(w)),
         ("random", |d, _| d.random()),
         ("descriptors", |d, _| d.descriptors()),
         ("rings", |d, _| d.rings_attack()),
