@@ -26,6 +26,7 @@ fn steps(stderr: &str) -> HashMap<u64, HashMap<String, f64>> {
 #[test]
 fn inflate_768m_of_a_1g_guest_then_deflate_to_zero() {
     require_kvm!("inflate_768m_of_a_1g_guest_then_deflate_to_zero");
+    let _alone = common::counting_kvm_flushes();
     let json = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("balloon-768m.json");
     let r = common::vmm(&[
         "run",
@@ -86,6 +87,7 @@ fn inflate_768m_of_a_1g_guest_then_deflate_to_zero() {
 #[test]
 fn free_page_reporting_returns_memory_to_the_host() {
     require_kvm!("free_page_reporting_returns_memory_to_the_host");
+    let _alone = common::counting_kvm_flushes();
     let json = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("balloon-report.json");
     let r = common::vmm(&[
         "run",

@@ -1,5 +1,5 @@
-//! QEMU boots the very same guest binaries through their PVH entry and exits through
-//! isa-debug-exit with the pass code (0x10 → status 33). Before either test, QEMU boots a
+//! QEMU boots the very same guest binaries through their PVH entry (bringing up their other
+//! vCPUs themselves) and exits through isa-debug-exit with the pass code (0x10 → status 33). Before either test, QEMU boots a
 //! tiny guest once (`common::qemu_that_starts`), so a QEMU that cannot start on this host
 //! fails with its own message.
 
@@ -12,7 +12,7 @@ use vmm::qemu::QemuProcess;
 fn qemu_boots_memtouch_through_pvh() {
     require_kvm!("qemu_boots_memtouch_through_pvh");
     let qemu = common::qemu_that_starts();
-    let cmd = common::qemu_microvm(&qemu, "256M", &[], "memtouch", "rounds=2 bytes=64M");
+    let cmd = common::qemu_microvm(&qemu, "256M", 1, &[], "memtouch", "rounds=2 bytes=64M");
     let r = common::run_with_timeout(cmd, Duration::from_secs(120));
     assert_eq!(
         r.status,
@@ -23,8 +23,29 @@ fn qemu_boots_memtouch_through_pvh() {
     r.assert_stdout_has(&["memtouch: PASS vcpus=1 rounds=2 bytes_touched=134217728 errors=0"]);
 }
 
+/// The same binary on 3 vCPUs under QEMU: the guest's runtime brings up the application
+/// processors itself with INIT/SIPI (QEMU's PVH entry starts only the boot vCPU).
+#[test]
+fn qemu_runs_memtouch_on_application_processors_the_guest_starts() {
+    require_kvm!("qemu_runs_memtouch_on_application_processors_the_guest_starts");
+    let qemu = common::qemu_that_starts();
+    let cmd = common::qemu_microvm(&qemu, "256M", 3, &[], "memtouch", "rounds=2 bytes=48M");
+    let r = common::run_with_timeout(cmd, Duration::from_secs(180));
+    assert_eq!(
+        r.status,
+        Some(vmm::qemu::PASS_STATUS),
+        "QEMU did not exit with the pass code\n{}",
+        r.all()
+    );
+    r.assert_stdout_has(&["memtouch: PASS vcpus=3 rounds=2"]);
+    for cpu in 0..3 {
+        r.assert_stdout_has(&[&format!("memtouch: cpu {cpu} touched")]);
+    }
+}
+
 /// Our balloon driver against QEMU's own virtio-balloon-device (modern virtio-mmio), with
-/// the target set through QMP `balloon`: a device nobody here wrote.
+/// the target set through QMP `balloon`: a device nobody here wrote. Two vCPUs: the second
+/// verifies its memory during the inflate and deflate.
 #[test]
 fn balloon_guest_inflates_and_deflates_against_qemus_device() {
     require_kvm!("balloon_guest_inflates_and_deflates_against_qemus_device");
@@ -38,7 +59,7 @@ fn balloon_guest_inflates_and_deflates_against_qemus_device() {
         "-qmp",
         qmp_arg.as_str(),
     ];
-    let cmd = common::qemu_microvm(&qemu, "256M", &extra, "balloon", "changes=2 report=1");
+    let cmd = common::qemu_microvm(&qemu, "256M", 2, &extra, "balloon", "changes=2 report=1");
     let mut vm = QemuProcess::spawn(cmd).unwrap_or_else(|e| panic!("{e}"));
     let mut qmp = vm
         .connect_qmp(&qmp_path, Duration::from_secs(30))
@@ -87,5 +108,12 @@ fn balloon_guest_inflates_and_deflates_against_qemus_device() {
     r.assert_stdout_has(&["balloon: reached 0 pages (0 MiB)"]);
     // Free page reporting against QEMU.
     r.assert_stdout_has(&["balloon: reported"]);
-    r.assert_stdout_has(&["reuse errors 0"]);
+    r.assert_stdout_has(&["reuse errors 0", "balloon: cpu 1 verified its"]);
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("balloon: cpu 1 verified its") && l.ends_with(" 0 errors")),
+        "{}",
+        r.all()
+    );
 }

@@ -32,6 +32,7 @@ fn reclaim_with(strategy: &str, span_gap: &str, test: &str) -> HashMap<String, S
     if !common::kvm_or_skip(test) {
         return HashMap::new();
     }
+    let _alone = common::counting_kvm_flushes();
     let json = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{test}.json"));
     let r = common::vmm(&[
         "run",
@@ -160,6 +161,7 @@ fn reclaim_above_4g() {
     if !common::kvm_or_skip("reclaim_above_4g") {
         return;
     }
+    let _alone = common::counting_kvm_flushes();
     // 3.25 GiB puts 256 MiB above the MMIO hole, in the second memslot; the guest places
     // its region there.
     let r = common::vmm(&[
@@ -186,6 +188,7 @@ fn hostile_probe_mailboxes_are_refused_and_the_vm_keeps_running() {
     if !common::kvm_or_skip("hostile_probe_mailboxes_are_refused_and_the_vm_keeps_running") {
         return;
     }
+    let _alone = common::counting_kvm_flushes();
     let r = common::vmm(&[
         "run",
         "--guest",
@@ -222,6 +225,7 @@ fn the_reclaim_probe_is_off_unless_enabled() {
     if !common::kvm_or_skip("the_reclaim_probe_is_off_unless_enabled") {
         return;
     }
+    let _alone = common::counting_kvm_flushes();
     let r = common::vmm(&["run", "--guest", "reclaimcheck", "--cmdline", "bytes=4M"]);
     assert_eq!(
         r.status,
@@ -254,6 +258,7 @@ fn frames_written_during_a_span_zap_keep_their_contents() {
     if !common::kvm_or_skip("frames_written_during_a_span_zap_keep_their_contents") {
         return;
     }
+    let _alone = common::counting_kvm_flushes();
     let json = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("span-writers.json");
     let r = common::vmm(&[
         "run",

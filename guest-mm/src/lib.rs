@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod coalesce;
+pub mod fault_around;
 pub mod gather;
 pub mod gfn;
 pub mod grace;

@@ -32,11 +32,38 @@ pub struct GuestRam {
     layout: Layout,
     memfd: File,
     mem: GuestMemoryMmap,
+    /// Keeps the host's fault-around off on the mappings (`fault_around`), if it could be.
+    fault_around_off: Option<std::os::fd::OwnedFd>,
 }
 
 impl GuestRam {
-    /// Creates a memfd of `size` bytes and maps it MAP_SHARED, read-write, per the layout.
+    /// Creates a memfd of `size` bytes and maps it MAP_SHARED, read-write, per the layout,
+    /// with the host's fault-around off where the kernel allows it (`fault_around`; a
+    /// warning says so where it does not).
     pub fn new(size: u64) -> Result<Self, RamError> {
+        let mut ram = Self::new_keeping_fault_around(size)?;
+        let mappings: Vec<(*mut u8, usize)> = ram
+            .layout
+            .ranges()
+            .iter()
+            .map(|r| (ram.host_addr(r), r.size as usize))
+            .collect();
+        match crate::fault_around::disable(&mappings) {
+            Ok(fd) => ram.fault_around_off = Some(fd),
+            Err(e) => tracing::warn!(
+                "cannot turn the host's fault-around off on guest RAM (userfaultfd write-protect registration: {e}); zap spans may cost extra KVM flushes when the guest touches bridged frames"
+            ),
+        }
+        Ok(ram)
+    }
+
+    /// Whether the host's fault-around is off on guest RAM.
+    pub fn fault_around_off(&self) -> bool {
+        self.fault_around_off.is_some()
+    }
+
+    /// As `new`, but leaves the host's fault-around on (for comparison).
+    pub fn new_keeping_fault_around(size: u64) -> Result<Self, RamError> {
         let layout = Layout::new(size)?;
         let memfd = create_memfd("guest-ram")?;
         memfd
@@ -71,7 +98,12 @@ impl GuestRam {
             size,
             err: e.to_string(),
         })?;
-        Ok(Self { layout, memfd, mem })
+        Ok(Self {
+            layout,
+            memfd,
+            mem,
+            fault_around_off: None,
+        })
     }
 
     pub fn layout(&self) -> &Layout {

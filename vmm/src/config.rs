@@ -24,6 +24,8 @@ pub struct VmConfig {
     pub api_sock: Option<PathBuf>,
     /// Whether the reclaim probe (a test device on port 0xf6) answers.
     pub reclaim_probe: bool,
+    /// Leave the host's fault-around on for guest RAM (`guest_mm::fault_around`).
+    pub keep_host_fault_around: bool,
 }
 
 /// Parses sizes such as `512M`, `2G`, `64KiB`, `4096` (bytes). Suffixes are powers of 1024.

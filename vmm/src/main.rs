@@ -85,6 +85,12 @@ struct RunArgs {
     /// Off by default: it lets a guest drive the gather directly.
     #[arg(long)]
     reclaim_probe: bool,
+    /// Leave the host kernel's fault-around on for guest RAM. By default the VMM turns it
+    /// off (a userfaultfd write-protect registration that never write-protects anything), so
+    /// that a guest touching frames a zap span bridged does not map the reclaimed frames
+    /// next to them back in before they are released (docs/ARCHITECTURE.md). For comparison.
+    #[arg(long)]
+    keep_host_fault_around: bool,
 }
 
 #[derive(clap::Args)]
@@ -125,6 +131,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         balloon_step_timeout: Duration::from_secs(args.balloon_step_timeout),
         api_sock: args.api_sock.clone(),
         reclaim_probe: args.reclaim_probe,
+        keep_host_fault_around: args.keep_host_fault_around,
     };
     let vm = Vm::new(&config).with_context(|| format!("cannot start guest {}", guest.display()))?;
     eprintln!(

@@ -35,10 +35,11 @@ const QMP_ERROR_EXIT_WAIT: Duration = Duration::from_secs(2);
 /// harmless on hosts where plain `-cpu host` works, so one command line serves both.
 const CPU_MODEL: &str = "host,-arch-capabilities";
 
-/// QEMU arguments for booting the project's guests: microvm with KVM, one vCPU (the PVH
-/// entry starts only the boot vCPU), serial on stdio, the exit port as isa-debug-exit, and
-/// modern virtio-mmio. Add devices, then `-kernel` and `-append`.
-pub fn microvm_args(memory: &str) -> Vec<String> {
+/// QEMU arguments for booting the project's guests: microvm with KVM, `vcpus` vCPUs,
+/// serial on stdio, the exit port as isa-debug-exit, and modern virtio-mmio. Add devices,
+/// then `-kernel` and `-append` with [`guest_cmdline`].
+pub fn microvm_args(memory: &str, vcpus: u32) -> Vec<String> {
+    let smp = vcpus.to_string();
     [
         "-M",
         "microvm,x-option-roms=off,rtc=off",
@@ -49,7 +50,7 @@ pub fn microvm_args(memory: &str) -> Vec<String> {
         "-m",
         memory,
         "-smp",
-        "1",
+        &smp,
         "-nodefaults",
         "-no-user-config",
         "-nographic",
@@ -63,6 +64,17 @@ pub fn microvm_args(memory: &str) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// A test guest's command line under QEMU with `vcpus` vCPUs. QEMU starts only the boot vCPU
+/// at the PVH entry; `cpus=N` tells the guest's runtime to bring up the other N - 1 itself
+/// with INIT/SIPI (guest-kernels/rt, `start_aps`).
+pub fn guest_cmdline(cmdline: &str, vcpus: u32) -> String {
+    if vcpus > 1 {
+        format!("{cmdline} cpus={vcpus}").trim().to_string()
+    } else {
+        cmdline.to_string()
+    }
 }
 
 #[derive(Debug, Error)]
@@ -286,7 +298,7 @@ impl Drop for QemuProcess {
 /// own message, instead of somewhere inside a test or a benchmark.
 pub fn check_starts(qemu: &Path, memtouch: &Path) -> Result<(), QemuError> {
     let mut cmd = Command::new(qemu);
-    cmd.args(microvm_args("64M"))
+    cmd.args(microvm_args("64M", 1))
         .arg("-kernel")
         .arg(memtouch)
         .args(["-append", "rounds=1 bytes=1M"]);
@@ -314,7 +326,7 @@ mod tests {
         );
         let qmp = std::env::temp_dir().join(format!("qemu-reject-{}.qmp", std::process::id()));
         let mut cmd = Command::new(qemu);
-        cmd.args(microvm_args("64M")).args([
+        cmd.args(microvm_args("64M", 1)).args([
             "-device",
             "no-such-device-model",
             "-qmp",

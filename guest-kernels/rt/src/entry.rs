@@ -5,7 +5,11 @@
 //!   paging on, RDI = hvm_start_info address, RSI = vCPU index, RDX = vCPU count.
 //! - `pvh_start32` (ELF note XEN_ELFNOTE_PHYS32_ENTRY): QEMU starts the boot vCPU here in
 //!   32-bit protected mode, paging off, EBX = hvm_start_info. It builds an identity map of the
-//!   low 4 GiB with 2 MiB pages, enters long mode and joins `_start64` as vCPU 0 of 1.
+//!   low 4 GiB with 2 MiB pages, enters long mode and joins `_start64` as vCPU 0 of 1. The
+//!   application processors wait for INIT/SIPI there, as on a PC: with `cpus=N` on the command
+//!   line the boot vCPU starts them itself (`start_aps`), through a real-mode trampoline at
+//!   `AP_TRAMPOLINE` that enters long mode on the boot vCPU's page tables and joins
+//!   `_start64` with the vCPU's local APIC ID as its index, as Linux brings up its CPUs.
 //!
 //! In ring 0 each vCPU loads the GDT (with its own TSS), the IDT, and `iretq`s to ring 3 with
 //! IOPL=3. The boot vCPU then parses the boot info and builds the frame allocator in ring 3
@@ -44,6 +48,19 @@ static mut USTACKS: Stacks<USTACK_SIZE> = Stacks([[0; USTACK_SIZE]; MAX_CPUS]);
 struct PvhTables([u64; 512 * 6]);
 #[no_mangle]
 static mut RT_PVH_TABLES: PvhTables = PvhTables([0; 512 * 6]);
+/// Set by `pvh_start32`: the boot vCPU came in through PVH, and the hvm_start_info address
+/// the application processors pass on.
+#[no_mangle]
+static mut RT_PVH_START_INFO: u64 = 0;
+/// The vCPU count the application processors pass on (PVH path).
+#[no_mangle]
+static mut RT_PVH_NCPUS: u64 = 1;
+/// Where the real-mode AP trampoline is copied: below 1 MiB (the frame allocator never hands
+/// that out), page aligned (the SIPI vector is its page number).
+const AP_TRAMPOLINE: u64 = 0x8000;
+/// The xAPIC's interrupt command register (identity mapped and user accessible).
+const LAPIC_ICR_LOW: u64 = 0xFEE0_0300;
+const LAPIC_ICR_HIGH: u64 = 0xFEE0_0310;
 
 global_asm!(
     r#"
@@ -73,6 +90,7 @@ pvh_start32:
     cli
     cld
     mov %ebx, %esi
+    mov %ebx, RT_PVH_START_INFO
     /* PML4[0] -> PDPT (page 1); PDPT[0..4] -> PD pages 2..5; PDs map 4 GiB with 2 MiB pages.
        Flags: present, writable, user (0x7); large page adds 0x80. */
     mov $RT_PVH_TABLES, %edi
@@ -118,14 +136,70 @@ pvh_start32:
     mov $1, %edx
     jmp _start64
 
+    /* An application processor after INIT/SIPI, copied to AP_TRAMPOLINE: real mode,
+       CS = AP_TRAMPOLINE >> 4, IP = 0. Offsets are relative to the copy. */
+    .code16
+    .global rt_ap_trampoline
+rt_ap_trampoline:
+    cli
+    mov %cs, %ax
+    mov %ax, %ds
+    lgdtl (rt_ap_gdt_ptr - rt_ap_trampoline)
+    mov %cr0, %eax
+    or $1, %eax
+    mov %eax, %cr0
+    ljmpl $0x18, $rt_ap_start32
+    .p2align 2
+rt_ap_gdt_ptr:
+    .word 31
+    .long rt_pvh_gdt
+    .global rt_ap_trampoline_end
+rt_ap_trampoline_end:
+
+    .code32
+rt_ap_start32:
+    mov ${kernel_ds}, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    mov $RT_PVH_TABLES, %edi
+    mov %edi, %cr3
+    mov %cr4, %eax
+    or $0x20, %eax
+    mov %eax, %cr4
+    mov $0xC0000080, %ecx
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000001, %eax
+    mov %eax, %cr0
+    ljmp ${kernel_cs}, $4f
+    .code64
+4:  mov ${kernel_ds}, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    /* The vCPU index is the local APIC ID (CPUID.1:EBX[31:24]). */
+    mov $1, %eax
+    cpuid
+    shr $24, %ebx
+    mov %ebx, %esi
+    mov RT_PVH_START_INFO(%rip), %rdi
+    mov RT_PVH_NCPUS(%rip), %rdx
+    jmp _start64
+
     .section .rodata
     .p2align 3
+    .global rt_pvh_gdt
 rt_pvh_gdt:
     .quad 0
     .quad 0x00af9a000000ffff
     .quad 0x00cf92000000ffff
+    /* 32-bit code, for the AP trampoline's step out of real mode. */
+    .quad 0x00cf9a000000ffff
 rt_pvh_gdt_ptr:
-    .word 23
+    .word 31
     .quad rt_pvh_gdt
 
     .section .note.Xen, "a"
@@ -172,6 +246,8 @@ rt_exc_table:
 
 extern "C" {
     static rt_exc_table: [u64; 32];
+    static rt_ap_trampoline: u8;
+    static rt_ap_trampoline_end: u8;
 }
 
 #[repr(C, packed)]
@@ -227,6 +303,8 @@ static mut IDT: [[u64; 2]; 32] = [[0; 2]; 32];
 static STAGE: AtomicU32 = AtomicU32::new(0);
 static START_INFO: AtomicU64 = AtomicU64::new(0);
 static NCPUS: AtomicUsize = AtomicUsize::new(1);
+/// Application processors that reached ring 3 after `start_aps`.
+static APS_ONLINE: AtomicUsize = AtomicUsize::new(0);
 static FAILED: AtomicUsize = AtomicUsize::new(0);
 static JOIN: Barrier = Barrier::new();
 
@@ -376,11 +454,14 @@ extern "C" fn rt_user_main(id: usize) -> ! {
             }
         }
         STAGE.store(2, Ordering::Release);
+        start_aps();
     } else {
+        APS_ONLINE.fetch_add(1, Ordering::AcqRel);
         while STAGE.load(Ordering::Acquire) < 2 {
             core::hint::spin_loop();
         }
     }
+    let count = count.max(NCPUS.load(Ordering::Acquire));
     let cpu = Cpu { id, count };
     // SAFETY: the guest binary defines rt_guest_main through `guest_main!`.
     let verdict = unsafe { rt_guest_main(&cpu) };
@@ -397,6 +478,63 @@ extern "C" fn rt_user_main(id: usize) -> ! {
         exit::exit(v);
     }
     exit::cpu_stop()
+}
+
+/// PVH path with `cpus=N`: starts the application processors, as a PC's do, with INIT and
+/// two SIPIs to all but this vCPU, and waits until N - 1 of them reached ring 3. A VMM that
+/// starts every vCPU itself (the project's) enters through `_start64` and skips this.
+fn start_aps() {
+    // SAFETY: written once by pvh_start32 before any other vCPU runs.
+    let pvh = unsafe { (&raw const RT_PVH_START_INFO).read() } != 0;
+    let want = crate::cmdline::get_u64(bootinfo::get().cmdline, "cpus").unwrap_or(1) as usize;
+    if !pvh || want <= 1 {
+        return;
+    }
+    let want = want.min(MAX_CPUS);
+    // SAFETY: the trampoline's bytes are in the image; AP_TRAMPOLINE is reserved low RAM,
+    // identity mapped and user writable; the APs read RT_PVH_NCPUS only after the SIPI.
+    unsafe {
+        let from = &rt_ap_trampoline as *const u8;
+        let len = (&rt_ap_trampoline_end as *const u8).offset_from(from) as usize;
+        core::ptr::copy_nonoverlapping(from, AP_TRAMPOLINE as *mut u8, len);
+        (&raw mut RT_PVH_NCPUS).write_volatile(want as u64);
+    }
+    NCPUS.store(want, Ordering::Release);
+    let icr = |v: u32| {
+        // SAFETY: the local APIC's MMIO page, identity mapped.
+        unsafe {
+            (LAPIC_ICR_HIGH as *mut u32).write_volatile(0);
+            (LAPIC_ICR_LOW as *mut u32).write_volatile(v);
+        }
+    };
+    let spin = |ticks: u64| {
+        let t = crate::arch::rdtsc();
+        while crate::arch::rdtsc().wrapping_sub(t) < ticks {
+            core::hint::spin_loop();
+        }
+    };
+    // All excluding self (shorthand 11), level assert; INIT (101) then STARTUP (110).
+    const ALL_BUT_SELF: u32 = 0b11 << 18 | 1 << 14;
+    icr(ALL_BUT_SELF | 0b101 << 8);
+    spin(10_000_000);
+    for _ in 0..2 {
+        icr(ALL_BUT_SELF | 0b110 << 8 | (AP_TRAMPOLINE >> 12) as u32);
+        spin(1_000_000);
+    }
+    // Ring 0 of the way up is emulated on some hosts: give them time (about a minute even
+    // at 3 GHz of TSC).
+    let t = crate::arch::rdtsc();
+    while APS_ONLINE.load(Ordering::Acquire) < want - 1 {
+        if crate::arch::rdtsc().wrapping_sub(t) > 200_000_000_000 {
+            crate::println!(
+                "rt: only {} of {} application processors came up after INIT/SIPI",
+                APS_ONLINE.load(Ordering::Acquire),
+                want - 1
+            );
+            exit::exit(Verdict::Fail);
+        }
+        core::hint::spin_loop();
+    }
 }
 
 /// Exception frame as laid out by the stubs: vector, error code, then the CPU's frame.

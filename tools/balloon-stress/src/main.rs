@@ -71,6 +71,10 @@ struct Args {
     /// Zap span bound (passed to vmm --zap-span-gap; 0 = one zap per range).
     #[arg(long)]
     zap_span_gap: Option<u64>,
+    /// Leave the host's fault-around on for guest RAM (vmm --keep-host-fault-around), to
+    /// compare.
+    #[arg(long)]
+    keep_host_fault_around: bool,
     /// Wait this long after each target is reached before setting the next, so that the
     /// guest measures its memory throughput before and after each inflate over a real period.
     #[arg(long, default_value_t = 0)]
@@ -216,6 +220,9 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
     }
     if let Some(g) = a.zap_span_gap {
         cmd.args(["--zap-span-gap", &g.to_string()]);
+    }
+    if a.keep_host_fault_around {
+        cmd.arg("--keep-host-fault-around");
     }
     let command = format!("{cmd:?}");
     let mut vm = cmd
@@ -398,6 +405,7 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
             "vcpus": a.vcpus, "memory": a.memory, "touch": a.touch, "pattern": a.pattern, "cycles": a.cycles,
             "max_balloon": max, "strategy": a.strategy, "free_page_reporting": a.free_page_reporting,
             "fragment": a.fragment, "hot": a.hot, "zap_span_gap": a.zap_span_gap, "settle_ms": a.settle_ms,
+            "keep_host_fault_around": a.keep_host_fault_around,
             "seed": a.seed, "soak": a.soak,
         }),
         wall_seconds: t0.elapsed().as_secs_f64(),

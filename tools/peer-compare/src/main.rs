@@ -11,9 +11,9 @@
 //! (its verifier vCPUs; `balloon: throughput` lines). Prints medians and ratios as a Markdown
 //! table.
 //!
-//! vCPUs: `--vcpus N` boots N on this VMM. QEMU boots the guest through its PVH entry, which
-//! starts only the boot vCPU, so QEMU always runs 1 vCPU (it has no verifier, so no
-//! throughput); the table says so.
+//! vCPUs: `--vcpus N` boots N on both. QEMU's PVH entry starts only the boot vCPU; the guest
+//! brings up the others itself with INIT/SIPI (`cpus=N`, `vmm::qemu::guest_cmdline`), as
+//! Linux does, so both VMMs run the same N vCPUs.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -48,7 +48,7 @@ struct Args {
     /// Repetitions (medians are reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// vCPUs on this VMM (vCPU 0 drives the balloon, the others verify memory). QEMU runs 1.
+    /// vCPUs on both VMMs (vCPU 0 drives the balloon, the others verify memory).
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// Fragment the guest's allocator first (as balloon-stress --fragment): inflates get
@@ -82,7 +82,7 @@ impl Peer {
             Peer::Spans => format!("this VMM, zap spans (gap {})", a.zap_span_gap),
             Peer::ByRange => "this VMM, gather by range".into(),
             Peer::PerPage => "this VMM, per-page".into(),
-            Peer::Qemu => "QEMU (microvm, virtio-balloon-device, 1 vCPU)".into(),
+            Peer::Qemu => "QEMU (microvm, virtio-balloon-device)".into(),
         }
     }
 }
@@ -163,11 +163,11 @@ fn poll_until(mut f: impl FnMut() -> Result<bool>) -> Result<f64> {
 }
 
 /// The guest's command line for a peer with `vcpus` vCPUs.
-fn guest_cmdline(a: &Args, vcpus: u32) -> String {
+fn guest_cmdline(a: &Args) -> String {
     let mut c = "changes=2".to_string();
     if a.fragment {
         c.push_str(" fragment=1");
-        if vcpus > 1 {
+        if a.vcpus > 1 {
             c.push_str(" hot=1");
         }
     }
@@ -203,7 +203,7 @@ fn run_ours(a: &Args, peer: Peer, dir: &Path) -> Result<Run> {
         "--api-sock",
         sock.to_str().unwrap(),
         "--cmdline",
-        &guest_cmdline(a, a.vcpus),
+        &guest_cmdline(a),
     ]);
     let t0 = Instant::now();
     let (mut vm, ready) = spawn(cmd)?;
@@ -249,7 +249,7 @@ fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
     let mem = format!("{}M", a.memory >> 20);
     let guest = vmm::guests::resolve("balloon")?;
     let mut cmd = Command::new(&a.qemu);
-    cmd.args(qemu::microvm_args(&mem))
+    cmd.args(qemu::microvm_args(&mem, a.vcpus))
         .args(["-machine", "memory-backend=ram"])
         .args([
             "-object",
@@ -262,7 +262,7 @@ fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
             &format!("unix:{},server=on,wait=off", qmp_path.display()),
         ])
         .args(["-kernel", guest.to_str().unwrap()])
-        .args(["-append", &guest_cmdline(a, 1)]);
+        .args(["-append", &qemu::guest_cmdline(&guest_cmdline(a), a.vcpus)]);
     let t0 = Instant::now();
     let mut vm = QemuProcess::spawn(cmd)?;
     let mut qmp = vm.connect_qmp(&qmp_path, Duration::from_secs(30))?;
@@ -329,7 +329,7 @@ fn main() -> Result<()> {
     let med = |i: usize, f: fn(&Run) -> f64| median(runs[i].iter().map(f).collect());
     let qemu = peers.iter().position(|&p| p == Peer::Qemu);
     println!(
-        "command: peer-compare --memory {}M --balloon {}M --reps {} --vcpus {}{} --zap-span-gap {} --settle-ms {} (medians; QEMU runs 1 vCPU)\n",
+        "command: peer-compare --memory {}M --balloon {}M --reps {} --vcpus {}{} --zap-span-gap {} --settle-ms {} (medians)\n",
         a.memory >> 20,
         a.balloon >> 20,
         a.reps,
@@ -356,7 +356,7 @@ fn main() -> Result<()> {
         println!(
             "| {} | {} | {:.2} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
             p.name(&a),
-            if *p == Peer::Qemu { 1 } else { a.vcpus },
+            a.vcpus,
             med(i, |r| r.launch_s),
             inflate,
             a.balloon as f64 / (1u64 << 20) as f64 / inflate,

@@ -82,6 +82,13 @@ enum Cmd {
         /// Fraction of the vCPUs in guest mode during the reclaim (they get IPIs).
         #[arg(long, default_value_t = 1.0)]
         busy: f64,
+        /// Fraction of the in-use frames a zap span bridges that the guest touches again
+        /// (each refaults; 1 = the working set is interleaved with what it balloons).
+        #[arg(long, default_value_t = 1.0)]
+        touched: f64,
+        /// The zap span bound of the "zap spans" plan.
+        #[arg(long, default_value_t = guest_mm::gather::DEFAULT_ZAP_SPAN_GAP)]
+        zap_span_gap: u64,
         /// contiguous or scattered free memory.
         #[arg(long, value_enum, default_value = "scattered")]
         pattern: PatternArg,
@@ -167,10 +174,20 @@ fn run(cli: Cli) -> Result<()> {
             vcpus,
             memory_gib,
             busy,
+            touched,
+            zap_span_gap,
             pattern,
             json,
         } => {
             anyhow::ensure!((0.0..=1.0).contains(&busy), "--busy must be within 0..=1");
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&touched),
+                "--touched must be within 0..=1"
+            );
+            anyhow::ensure!(
+                zap_span_gap > 0,
+                "--zap-span-gap must be at least 1 (0 is the by-range plan, always shown)"
+            );
             anyhow::ensure!(
                 memory_gib.iter().all(|&m| (1..=65536).contains(&m)),
                 "--memory-gib must be 1 to 65536"
@@ -180,20 +197,26 @@ fn run(cli: Cli) -> Result<()> {
                 PatternArg::Scattered => Pattern::Scattered,
             };
             let cost = CostModel::MEASURED_PVM;
-            let strategies = [Strategy::PerPage, Strategy::PerBuffer, Strategy::Gather];
+            // The plans compared: the peers' two, the gather by range, the gather with spans.
+            let plans = [
+                (Strategy::PerPage, 0),
+                (Strategy::PerBuffer, 0),
+                (Strategy::Gather, 0),
+                (Strategy::Gather, zap_span_gap),
+            ];
             let mut rows = Vec::new();
             println!(
-                "pattern {pattern:?}, {busy} of the vCPUs in guest mode, cost model {}",
+                "pattern {pattern:?}, {busy} of the vCPUs in guest mode, {touched} of bridged frames refault, cost model {}",
                 serde_json::to_string(&cost)?
             );
             println!();
-            println!("| vCPUs | memory | reclaimed | invalidations per GiB (per-page / per-buffer / gather) | IPIs per GiB (per-page / per-buffer / gather) | modeled ms per GiB (per-page / per-buffer / gather) | modeled total s, gather | gather, one flush per batch: ms per GiB |");
+            println!("| vCPUs | memory | reclaimed | invalidations per GiB (per-page / per-buffer / by range / spans) | IPIs per GiB (same order) | modeled ms per GiB (same order) | of which refaults, spans | modeled total s, spans |");
             println!("|---:|---:|---:|---|---|---|---:|---:|");
             for &m in &memory_gib {
                 let t = Instant::now();
-                let gathered: Vec<_> = strategies
+                let gathered: Vec<_> = plans
                     .iter()
-                    .map(|&s| scale::gather(m << 30, s, pattern))
+                    .map(|&(s, gap)| scale::gather(m << 30, s, gap, pattern))
                     .collect();
                 eprintln!(
                     "memory {m} GiB gathered in {:.1}s",
@@ -202,7 +225,7 @@ fn run(cli: Cli) -> Result<()> {
                 for &v in &vcpus {
                     let r: Vec<_> = gathered
                         .iter()
-                        .map(|&g| scale::row(g, v, busy, &cost))
+                        .map(|&g| scale::row(g, v, busy, touched, &cost))
                         .collect();
                     let col = |f: &dyn Fn(&scale::Row) -> f64| {
                         r.iter()
@@ -211,13 +234,13 @@ fn run(cli: Cli) -> Result<()> {
                             .join(" / ")
                     };
                     println!(
-                        "| {v} | {m} GiB | {:.0} GiB | {} | {} | {} | {:.2} | {} |",
-                        r[2].reclaimed_gib,
+                        "| {v} | {m} GiB | {:.0} GiB | {} | {} | {} | {} | {:.2} |",
+                        r[3].reclaimed_gib,
                         col(&|x| x.invalidations_per_gib),
                         col(&|x| x.ipis_per_gib),
                         col(&|x| x.modeled_ms_per_gib),
-                        r[2].modeled_seconds,
-                        human(r[2].one_flush_per_batch_ms_per_gib)
+                        human(r[3].refault_ms_per_gib),
+                        r[3].modeled_seconds,
                     );
                     rows.extend(r);
                 }
