@@ -99,8 +99,8 @@ impl BalloonReport {
                 d.pages_reported, d.pages_returned_by_reset, self.frames_in_balloon, d.invalid_frames, d.malformed_buffers
             ),
             format!(
-                "vmm: gather ({}): {} batches, {} pages in {} ranges, {} host calls, {} KVM flush requests ({:.0} per GiB reclaimed)",
-                self.strategy, g.batches, g.pages_reclaimed, g.ranges, g.host_calls, g.kvm_flush_requests,
+                "vmm: gather ({}): {} batches, {} pages in {} ranges, {} zap calls bridging {} in-use frames, {} host calls, {} KVM flush requests ({:.0} per GiB reclaimed)",
+                self.strategy, g.batches, g.pages_reclaimed, g.ranges, g.spans, g.bridged, g.host_calls, g.kvm_flush_requests,
                 per_gib(g.kvm_flush_requests)
             ),
             format!(

@@ -135,6 +135,12 @@ impl Report {
             .filter_map(|s| s.throughput?.retained_during())
             .collect();
         let retained_median = (!retained.is_empty()).then(|| median(retained));
+        // Full-speed verifier seconds each inflate cost: the rate lost times its duration.
+        let lost: Vec<f64> = inflates
+            .iter()
+            .filter_map(|s| Some((1.0 - s.throughput?.retained_during()?) * s.seconds))
+            .collect();
+        let lost_median = (!lost.is_empty()).then(|| median(lost));
         let zap_calls: u64 = self.steps.iter().map(|s| s.zap_calls).sum();
         self.summary = serde_json::json!({
             "steps": self.steps.len(),
@@ -147,6 +153,7 @@ impl Report {
             "kvm_flush_requests_per_gib": per_gib,
             "zap_calls": zap_calls,
             "guest_throughput_retained_during_inflate_median": retained_median,
+            "guest_verifier_seconds_lost_per_inflate_median": lost_median,
             "latency_us": lat,
             "guest_verifier_errors": self.guest_verifier_errors,
             "guest_reuse_errors": self.guest_reuse_errors,
@@ -175,8 +182,9 @@ impl Report {
             format!("KVM flush requests: {flushes} ({per_gib:.0} per GiB reclaimed); zap calls {zap_calls}"),
             match retained_median {
                 Some(r) => format!(
-                    "guest memory throughput during inflates (median): {:.0}% of the rate before",
-                    r * 100.0
+                    "guest memory throughput during inflates (median): {:.0}% of the rate before; verifier work lost per inflate {:.2} s",
+                    r * 100.0,
+                    lost_median.unwrap_or(0.0)
                 ),
                 None => "guest memory throughput: not measured (needs a verifier vCPU and --settle-ms)".into(),
             },

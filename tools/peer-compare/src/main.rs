@@ -4,12 +4,14 @@
 //! Each repetition boots the `balloon` test guest once per peer (interleaved, so machine
 //! noise spreads over all of them), waits `--settle-ms`, inflates the balloon by the same
 //! amount, waits `--settle-ms` again, deflates, and records: launch time (process start to the
-//! driver being ready), time for `actual` to reach the target, host memory returned
-//! (RssShmem of the VMM process: guest RAM is a shared memfd in both), KVM
+//! driver being ready), time for `actual` to reach the target, host memory returned (the
+//! allocated bytes of the VMM's guest-RAM memfd, found through /proc/PID/fd: guest RAM is a
+//! shared memfd in both; RSS would count pages a zap span only unmapped), KVM
 //! `remote_tlb_flush_requests` during the inflate (our control API; QEMU's QMP
 //! `query-stats`), and the guest's own memory throughput during the inflate against before it
-//! (its verifier vCPUs; `balloon: throughput` lines). Prints medians and ratios as a Markdown
-//! table.
+//! (its verifier vCPUs; `balloon: throughput` lines), with the verifier work that cost: the
+//! rate lost times the inflate's duration, in seconds of full-speed verifying. Prints medians
+//! and ratios as a Markdown table.
 //!
 //! vCPUs: `--vcpus N` boots N on both. QEMU's PVH entry starts only the boot vCPU; the guest
 //! brings up the others itself with INIT/SIPI (`cpus=N`, `vmm::qemu::guest_cmdline`), as
@@ -95,16 +97,20 @@ struct Run {
     throughput: Option<Throughput>,
 }
 
-fn rss_shmem(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("RssShmem:"))
-                .map(str::to_owned)
+/// Allocated bytes of the largest memfd process `pid` holds open: its guest RAM (ours is
+/// "memfd:guest-ram", QEMU's memory-backend-memfd "memfd:ram").
+fn guest_memfd_bytes(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.filter_map(Result::ok)
+        .filter(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:"))
         })
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+        .filter_map(|fd| std::fs::metadata(fd.path()).ok())
+        .max_by_key(|m| m.size())
+        .map_or(0, |m| m.blocks() * 512)
 }
 
 /// Our VMM's process: its console collected, and a channel that fires when the driver is
@@ -214,14 +220,14 @@ fn run_ours(a: &Args, peer: Peer, dir: &Path) -> Result<Run> {
     let api = |req| vmm::api::request(&sock, &req).context("control API");
     settle(a);
     let before = api(json!({"cmd": "stats"}))?;
-    let rss_before = rss_shmem(vm.child.id());
+    let rss_before = guest_memfd_bytes(vm.child.id());
     api(json!({"cmd": "set", "target_bytes": a.balloon}))?;
     let inflate_s =
         poll_until(|| Ok(api(json!({"cmd": "stats"}))?["stats"]["actual_bytes"] == a.balloon))?;
     // Let a pending gather window close before measuring what the host got back.
     std::thread::sleep(Duration::from_millis(50));
     let after = api(json!({"cmd": "stats"}))?;
-    let rss_after = rss_shmem(vm.child.id());
+    let rss_after = guest_memfd_bytes(vm.child.id());
     settle(a);
     api(json!({"cmd": "set", "target_bytes": 0}))?;
     let code = wait_exit(&mut vm.child)?;
@@ -274,12 +280,12 @@ fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
         |cmd: &str, args: serde_json::Value| qmp.execute(cmd, args).map_err(|e| vm.qmp_error(e));
     settle(a);
     let flushes_before = qemu_flushes(&mut execute)?;
-    let rss_before = rss_shmem(pid);
+    let rss_before = guest_memfd_bytes(pid);
     let logical = a.memory - a.balloon;
     execute("balloon", json!({ "value": logical }))?;
     let inflate_s = poll_until(|| Ok(execute("query-balloon", json!({}))?["actual"] == logical))?;
     std::thread::sleep(Duration::from_millis(50));
-    let rss_after = rss_shmem(pid);
+    let rss_after = guest_memfd_bytes(pid);
     let flushes_after = qemu_flushes(&mut execute)?;
     settle(a);
     execute("balloon", json!({ "value": a.memory }))?;
@@ -338,8 +344,8 @@ fn main() -> Result<()> {
         a.zap_span_gap,
         a.settle_ms
     );
-    println!("| VMM | vCPUs | launch s | inflate s | MiB/s | host MiB returned | KVM flush requests | per GiB | guest throughput kept during inflate | speed vs QEMU | QEMU flushes / these |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| VMM | vCPUs | launch s | inflate s | MiB/s | host MiB returned | KVM flush requests | per GiB | guest throughput kept during inflate | verifier work lost, s | speed vs QEMU | QEMU flushes / these |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, p) in peers.iter().enumerate() {
         let inflate = med(i, |r| r.inflate_s);
         let flushes = med(i, |r| r.flushes as f64);
@@ -347,14 +353,22 @@ fn main() -> Result<()> {
             .iter()
             .filter_map(|r| r.throughput?.retained_during())
             .collect();
-        let kept = if kept.is_empty() {
-            "n/a (no verifier vCPU)".to_string()
+        // Full-speed verifier seconds the inflate cost: the rate lost times its duration.
+        let lost: Vec<f64> = runs[i]
+            .iter()
+            .filter_map(|r| Some((1.0 - r.throughput?.retained_during()?) * r.inflate_s))
+            .collect();
+        let (kept, lost) = if kept.is_empty() {
+            ("n/a (no verifier vCPU)".to_string(), "n/a".to_string())
         } else {
-            format!("{:.0}%", median(kept) * 100.0)
+            (
+                format!("{:.0}%", median(kept) * 100.0),
+                format!("{:.2}", median(lost)),
+            )
         };
         let vs = |f: &dyn Fn(usize) -> String| qemu.map_or("n/a".into(), f);
         println!(
-            "| {} | {} | {:.2} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            "| {} | {} | {:.2} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
             p.name(&a),
             a.vcpus,
             med(i, |r| r.launch_s),
@@ -364,6 +378,7 @@ fn main() -> Result<()> {
             flushes,
             flushes / gib,
             kept,
+            lost,
             vs(&|q| format!("{:.1}x", med(q, |r| r.inflate_s) / inflate)),
             vs(&|q| format!("{:.0}x", med(q, |r| r.flushes as f64) / flushes.max(1.0))),
         );

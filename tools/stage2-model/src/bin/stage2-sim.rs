@@ -24,6 +24,9 @@ struct Cli {
 enum Config {
     /// 2 vCPUs, 3 frames, a fixed workload (for the exhaustive search).
     Small,
+    /// 2 vCPUs, 4 frames, one zap span bridging an in-use frame the vCPUs write and read
+    /// (for the exhaustive search).
+    SmallSpan,
     /// 4 vCPUs (or --vcpus), 1024 frames, random inflate/deflate/writes/writeback.
     Random,
 }
@@ -48,7 +51,8 @@ enum Cmd {
         config: Config,
         #[arg(long, value_enum, default_value = "random")]
         search: SearchKind,
-        /// correct, free-before-flush or early-rmap-drop (the last two are wrong on purpose).
+        /// correct, free-before-flush, early-rmap-drop, release-whole-span or
+        /// early-bridged-rmap-drop (all but the first are wrong on purpose).
         #[arg(long, default_value = "correct")]
         order: Order,
         /// per-page, per-buffer or gather.
@@ -130,6 +134,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let mut s = match config {
                 Config::Small => Scenario::small(order),
+                Config::SmallSpan => Scenario::small_span(order),
                 Config::Random => Scenario::random(order),
             };
             s.strategy = strategy;
@@ -139,8 +144,8 @@ fn run(cli: Cli) -> Result<()> {
             let search = match search {
                 SearchKind::Exhaustive => {
                     anyhow::ensure!(
-                        matches!(config, Config::Small),
-                        "the exhaustive search needs --config small (fixed workload)"
+                        matches!(config, Config::Small | Config::SmallSpan),
+                        "the exhaustive search needs --config small or small-span (fixed workloads)"
                     );
                     Search::Exhaustive { preemptions }
                 }
