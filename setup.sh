@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a fresh Debian machine with rustup. Idempotent.
 #  - rustup target x86_64-unknown-none (the test guests are built for it)
-#  - Debian packages: qemu-system-x86 (the peer VMM the tests and benchmarks compare against)
+#  - Debian packages: qemu-system-x86 (the peer VMM the tests and benchmarks compare against),
+#    curl (the tests drive the control API with it, as users do)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -10,6 +11,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 packages=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || packages+=(qemu-system-x86)
+command -v curl >/dev/null 2>&1 || packages+=(curl)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${packages[*]}"
     $SUDO apt-get update -qq

@@ -27,9 +27,11 @@ fn stop_mid_inflate(signal: i32, test: &str) {
         .spawn()
         .unwrap();
     let start = Instant::now();
+    let api = vmm::api::ApiClient::new(&sock).unwrap();
     loop {
-        let ready = vmm::api::request(&sock, &serde_json::json!({"cmd": "stats"}))
-            .map(|r| r["stats"]["guest"]["updates"].as_u64().unwrap_or(0) > 0)
+        let ready = api
+            .reclaim()
+            .map(|r| r["guest"]["updates"].as_u64().unwrap_or(0) > 0)
             .unwrap_or(false);
         if ready {
             break;
@@ -40,17 +42,9 @@ fn stop_mid_inflate(signal: i32, test: &str) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let r = vmm::api::request(
-        &sock,
-        &serde_json::json!({"cmd": "set", "target_bytes": 384u64 << 20}),
-    )
-    .unwrap();
-    assert_eq!(r["ok"], true);
+    api.set_balloon_mib(384).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let actual = vmm::api::request(&sock, &serde_json::json!({"cmd": "stats"})).unwrap()["stats"]
-        ["actual_bytes"]
-        .as_u64()
-        .unwrap();
+    let actual = api.reclaim().unwrap()["actual_bytes"].as_u64().unwrap();
     assert!(
         actual < 768 << 20,
         "the inflate should still be running (actual {actual})"

@@ -104,13 +104,36 @@ struct BalloonArgs {
 
 #[derive(Subcommand)]
 enum BalloonAction {
-    /// Set the balloon target: how much guest memory to take back, e.g. 768M (0 deflates).
+    /// Set the balloon target: how much guest memory to take back, e.g. 768M (0 deflates); a
+    /// whole number of MiB (PATCH /balloon).
     Set {
         #[arg(value_parser = parse_size)]
         size: u64,
     },
-    /// Print target, actual, guest stats, gather stats, KVM flush counters and host bytes held.
+    /// Print the balloon's target, actual size and the guest's statistics, as Firecracker
+    /// names them (GET /balloon/statistics).
     Stats,
+    /// Print the balloon's configuration: target, deflate-on-oom, statistics polling
+    /// interval (GET /balloon).
+    Config,
+    /// Set how often the device asks the guest for statistics, in seconds; 0 stops it
+    /// (PATCH /balloon/statistics).
+    Polling { seconds: u64 },
+    /// Print everything this VMM reports about reclaim: device, gather and KVM counters,
+    /// recent batches, host bytes held (GET /vm/reclaim).
+    Reclaim,
+    /// Print the reclaim settings, or change those given (GET/PATCH /vm/reclaim/config).
+    ReclaimConfig {
+        /// per-page, per-buffer or gather.
+        #[arg(long)]
+        strategy: Option<String>,
+        #[arg(long)]
+        batch_pages: Option<u64>,
+        #[arg(long)]
+        batch_window_ms: Option<u64>,
+        #[arg(long)]
+        zap_span_gap: Option<u64>,
+    },
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -173,23 +196,55 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn balloon(args: BalloonArgs) -> anyhow::Result<ExitCode> {
-    let req = match args.action {
-        BalloonAction::Set { size } => serde_json::json!({ "cmd": "set", "target_bytes": size }),
-        BalloonAction::Stats => serde_json::json!({ "cmd": "stats" }),
+    let api = vmm::api::ApiClient::new(&args.api_sock)?;
+    let out = match args.action {
+        BalloonAction::Set { size } => {
+            if !size.is_multiple_of(1 << 20) {
+                anyhow::bail!(
+                    "the balloon target is set in whole MiB (Firecracker's amount_mib); {size} bytes is not"
+                );
+            }
+            api.set_balloon_mib(size >> 20)?;
+            serde_json::json!({ "amount_mib": size >> 20 })
+        }
+        BalloonAction::Stats => api.get("/balloon/statistics")?,
+        BalloonAction::Config => api.get("/balloon")?,
+        BalloonAction::Polling { seconds } => {
+            api.patch(
+                "/balloon/statistics",
+                &serde_json::json!({ "stats_polling_interval_s": seconds }),
+            )?;
+            api.get("/balloon")?
+        }
+        BalloonAction::Reclaim => api.reclaim()?,
+        BalloonAction::ReclaimConfig {
+            strategy,
+            batch_pages,
+            batch_window_ms,
+            zap_span_gap,
+        } => {
+            let mut change = serde_json::Map::new();
+            let fields = [
+                ("strategy", strategy.map(serde_json::Value::from)),
+                ("batch_pages", batch_pages.map(serde_json::Value::from)),
+                (
+                    "batch_window_ms",
+                    batch_window_ms.map(serde_json::Value::from),
+                ),
+                ("zap_span_gap", zap_span_gap.map(serde_json::Value::from)),
+            ];
+            for (k, v) in fields {
+                if let Some(v) = v {
+                    change.insert(k.into(), v);
+                }
+            }
+            if !change.is_empty() {
+                api.patch("/vm/reclaim/config", &change.into())?;
+            }
+            api.get("/vm/reclaim/config")?
+        }
     };
-    let resp = vmm::api::request(&args.api_sock, &req).with_context(|| {
-        format!(
-            "cannot talk to the VM at {} (is `vmm run --api-sock` running?)",
-            args.api_sock.display()
-        )
-    })?;
-    if resp["ok"] != serde_json::Value::Bool(true) {
-        anyhow::bail!(
-            "the VM refused the request: {}",
-            resp["error"].as_str().unwrap_or("unknown error")
-        );
-    }
-    println!("{}", serde_json::to_string_pretty(&resp)?);
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
 }
 

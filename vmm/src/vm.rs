@@ -29,7 +29,6 @@ pub const GUEST_MAX_VCPUS: u32 = 64;
 /// Event loop tick: bounds how late a gather window or a balloon step is noticed.
 const TICK_MS: i32 = 5;
 /// How often the guest is asked for fresh balloon statistics.
-const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// Address of the TSS KVM needs on Intel hosts (three pages, inside the MMIO hole).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
@@ -199,11 +198,20 @@ impl Vm {
             shared: shared.clone(),
             signal_fd,
         })));
-        if let Some(path) = &self.api_sock {
-            let api = crate::api::ApiServer::bind(path, self.balloon.clone(), self.memory.clone())
-                .map_err(|e| VmmError::Device(format!("control socket {}: {e}", path.display())))?;
-            events.add_subscriber(Arc::new(Mutex::new(api)));
-        }
+        // Served on its own thread until the VM ends (dropped after the loop).
+        let _api = match &self.api_sock {
+            Some(path) => Some(
+                crate::api::ApiServer::start(
+                    path,
+                    crate::api::ApiState {
+                        balloon: self.balloon.clone(),
+                        memory: self.memory.clone(),
+                    },
+                )
+                .map_err(|e| VmmError::Device(format!("control socket {}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
         events.add_subscriber(Arc::new(Mutex::new(BalloonHandler {
             device: self.balloon.clone(),
         })));
@@ -217,7 +225,8 @@ impl Vm {
             // periodic request for fresh guest statistics.
             let _ = self.memory.gather.lock().unwrap().poll();
             steps.tick(&self.balloon);
-            if last_stats.elapsed() >= STATS_INTERVAL {
+            let every = self.balloon.stats_interval_s();
+            if every > 0 && last_stats.elapsed() >= Duration::from_secs(every) {
                 self.balloon.request_stats();
                 last_stats = Instant::now();
             }

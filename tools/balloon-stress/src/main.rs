@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
+use vmm::api::ApiClient;
 use vmm::config::parse_size;
 use vmm::guest_output::{throughputs, verifier_totals};
 
@@ -108,8 +109,8 @@ struct Args {
     quiet: bool,
 }
 
-/// The balloon set after the scenario, which the guest counts as its last change.
-const FINISH_BALLOON: u64 = 4096;
+/// The balloon set after the scenario (MiB), which the guest counts as its last change.
+const FINISH_BALLOON_MIB: u64 = 1;
 
 /// The last lines of a log, for error messages.
 fn tail(path: &Path) -> String {
@@ -118,12 +119,9 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-fn stats(sock: &Path) -> Result<Value> {
-    let r = vmm::api::request(sock, &json!({"cmd": "stats"})).context("stats request")?;
-    if r["ok"] != true {
-        bail!("stats refused: {r}");
-    }
-    Ok(r["stats"].clone())
+/// Everything the VMM reports about reclaim (GET /vm/reclaim).
+fn stats(api: &ApiClient) -> Result<Value> {
+    api.reclaim().context("reclaim statistics")
 }
 
 fn sample(t0: Instant, s: &Value) -> Sample {
@@ -138,13 +136,13 @@ fn sample(t0: Instant, s: &Value) -> Sample {
 
 /// Host bytes held once the guest's free page reports have stopped coming (no new report
 /// buffer for a second): the soak's baseline and end points.
-fn settled_host_bytes(sock: &Path, vm: &mut std::process::Child) -> Result<u64> {
+fn settled_host_bytes(api: &ApiClient, vm: &mut std::process::Child) -> Result<u64> {
     let reports = |s: &Value| s["device"]["report_buffers"].as_u64().unwrap_or(0);
-    let mut last = stats(sock)?;
+    let mut last = stats(api)?;
     let t0 = Instant::now();
     loop {
         std::thread::sleep(Duration::from_secs(1));
-        let now = stats(sock)?;
+        let now = stats(api)?;
         if reports(&now) == reports(&last) && reports(&now) > 0 {
             return Ok(now["host_bytes_held"].as_u64().unwrap_or(0));
         }
@@ -244,9 +242,10 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    let api = ApiClient::new(&sock)?;
     // The driver fills the stats queue once it is ready, after touching its memory: start
     // the scenario from there, so the host's numbers begin from a populated guest.
-    while stats(&sock)?["guest"]["updates"].as_u64().unwrap_or(0) == 0 {
+    while stats(&api)?["guest"]["updates"].as_u64().unwrap_or(0) == 0 {
         if vm.try_wait()?.is_some() || t0.elapsed() > Duration::from_secs(120) {
             bail!("the balloon driver never became ready");
         }
@@ -254,7 +253,7 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
     }
 
     let baseline = if a.soak {
-        Some(settled_host_bytes(&sock, &mut vm)?)
+        Some(settled_host_bytes(&api, &mut vm)?)
     } else {
         None
     };
@@ -270,16 +269,14 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
     let mut from = 0u64;
     for &target in &targets {
         std::thread::sleep(Duration::from_millis(a.settle_ms));
-        let before = stats(&sock)?;
-        let r = vmm::api::request(&sock, &json!({"cmd": "set", "target_bytes": target}))?;
-        if r["ok"] != true {
-            bail!("set {target} refused: {r}");
-        }
+        let before = stats(&api)?;
+        api.set_balloon_mib(target >> 20)
+            .with_context(|| format!("set the balloon to {} MiB", target >> 20))?;
         let start = Instant::now();
         let mut last = sample(t0, &before);
         let reached = loop {
             std::thread::sleep(Duration::from_millis(a.sample_ms));
-            let s = sample(t0, &stats(&sock)?);
+            let s = sample(t0, &stats(&api)?);
             let rate = (last.host_bytes_held as f64 - s.host_bytes_held as f64)
                 / (1u64 << 20) as f64
                 / (s.t - last.t).max(1e-6);
@@ -300,7 +297,7 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
                 break false;
             }
         };
-        let after = stats(&sock)?;
+        let after = stats(&api)?;
         let at = |s: &Value, path: &str| s.pointer(path).and_then(Value::as_u64).unwrap_or(0);
         let grew = |path: &str| at(&after, path).saturating_sub(at(&before, path));
         let flushes = grew("/kvm_remote_tlb_flush_requests");
@@ -337,16 +334,13 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
         }
     }
     let end = if a.soak {
-        Some(settled_host_bytes(&sock, &mut vm)?)
+        Some(settled_host_bytes(&api, &mut vm)?)
     } else {
         None
     };
-    let final_stats = stats(&sock)?;
+    let final_stats = stats(&api)?;
     bar.finish_and_clear();
-    vmm::api::request(
-        &sock,
-        &json!({"cmd": "set", "target_bytes": FINISH_BALLOON}),
-    )?;
+    api.set_balloon_mib(FINISH_BALLOON_MIB)?;
 
     // The guest finishes by itself once it has reached every target.
     let deadline = Instant::now() + Duration::from_secs(a.step_timeout);

@@ -217,33 +217,28 @@ fn run_ours(a: &Args, peer: Peer, dir: &Path) -> Result<Run> {
         .recv_timeout(Duration::from_secs(120))
         .context("driver never ready")?;
     let launch_s = t0.elapsed().as_secs_f64();
-    let api = |req| vmm::api::request(&sock, &req).context("control API");
+    let api = vmm::api::ApiClient::new(&sock)?;
     settle(a);
-    let before = api(json!({"cmd": "stats"}))?;
-    let rss_before = guest_memfd_bytes(vm.child.id());
-    api(json!({"cmd": "set", "target_bytes": a.balloon}))?;
-    let inflate_s =
-        poll_until(|| Ok(api(json!({"cmd": "stats"}))?["stats"]["actual_bytes"] == a.balloon))?;
+    let before = api.reclaim()?;
+    let held_before = guest_memfd_bytes(vm.child.id());
+    api.set_balloon_mib(a.balloon >> 20)?;
+    let inflate_s = poll_until(|| Ok(api.reclaim()?["actual_bytes"] == a.balloon))?;
     // Let a pending gather window close before measuring what the host got back.
     std::thread::sleep(Duration::from_millis(50));
-    let after = api(json!({"cmd": "stats"}))?;
-    let rss_after = guest_memfd_bytes(vm.child.id());
+    let after = api.reclaim()?;
+    let held_after = guest_memfd_bytes(vm.child.id());
     settle(a);
-    api(json!({"cmd": "set", "target_bytes": 0}))?;
+    api.set_balloon_mib(0)?;
     let code = wait_exit(&mut vm.child)?;
     if code != 0 {
         bail!("guest failed on this VMM ({strategy}): exit {code}");
     }
-    let f = |v: &serde_json::Value| {
-        v["stats"]["kvm_remote_tlb_flush_requests"]
-            .as_u64()
-            .unwrap_or(0)
-    };
+    let f = |v: &serde_json::Value| v["kvm_remote_tlb_flush_requests"].as_u64().unwrap_or(0);
     let console = vm.console.lock().unwrap().clone();
     Ok(Run {
         launch_s,
         inflate_s,
-        returned_bytes: rss_before.saturating_sub(rss_after),
+        returned_bytes: held_before.saturating_sub(held_after),
         flushes: f(&after) - f(&before),
         throughput: throughputs(&console).first().copied(),
     })
@@ -280,12 +275,12 @@ fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
         |cmd: &str, args: serde_json::Value| qmp.execute(cmd, args).map_err(|e| vm.qmp_error(e));
     settle(a);
     let flushes_before = qemu_flushes(&mut execute)?;
-    let rss_before = guest_memfd_bytes(pid);
+    let held_before = guest_memfd_bytes(pid);
     let logical = a.memory - a.balloon;
     execute("balloon", json!({ "value": logical }))?;
     let inflate_s = poll_until(|| Ok(execute("query-balloon", json!({}))?["actual"] == logical))?;
     std::thread::sleep(Duration::from_millis(50));
-    let rss_after = guest_memfd_bytes(pid);
+    let held_after = guest_memfd_bytes(pid);
     let flushes_after = qemu_flushes(&mut execute)?;
     settle(a);
     execute("balloon", json!({ "value": a.memory }))?;
@@ -294,7 +289,7 @@ fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
     Ok(Run {
         launch_s,
         inflate_s,
-        returned_bytes: rss_before.saturating_sub(rss_after),
+        returned_bytes: held_before.saturating_sub(held_after),
         flushes: flushes_after - flushes_before,
         throughput: throughputs(&vm.stdout()).first().copied(),
     })

@@ -9,6 +9,7 @@ use crate::memory::MemoryManager;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -22,7 +23,12 @@ const QUEUE_NOTIFY: u64 = 0x50;
 pub struct BalloonDevice {
     pub transport: Mutex<MmioTransport<Balloon>>,
     queue_evts: Vec<EventFd>,
+    /// How often the event loop asks the driver for fresh statistics (0: never).
+    stats_interval_s: AtomicU64,
 }
+
+/// The statistics polling interval a VM starts with.
+pub const DEFAULT_STATS_INTERVAL_S: u64 = 1;
 
 impl BalloonDevice {
     /// Creates the device and wires its notifications and interrupt into KVM.
@@ -49,6 +55,7 @@ impl BalloonDevice {
         Ok(Arc::new(Self {
             transport: Mutex::new(transport),
             queue_evts,
+            stats_interval_s: AtomicU64::new(DEFAULT_STATS_INTERVAL_S),
         }))
     }
 
@@ -88,6 +95,14 @@ impl BalloonDevice {
                 None => tracing::warn!("balloon: notify for nonexistent queue {q} ignored"),
             }
         }
+    }
+
+    pub fn stats_interval_s(&self) -> u64 {
+        self.stats_interval_s.load(Ordering::Relaxed)
+    }
+
+    pub fn set_stats_interval_s(&self, s: u64) {
+        self.stats_interval_s.store(s, Ordering::Relaxed);
     }
 
     /// Asks the driver for fresh statistics.

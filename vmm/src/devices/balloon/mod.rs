@@ -65,13 +65,58 @@ pub const DEFLATE_Q: usize = 1;
 pub const STATS_Q: usize = 2;
 pub const REPORTING_Q: usize = 3;
 
-/// Guest statistics, by virtio tag (§5.5.6.3).
+/// Guest statistics, by virtio tag (virtio 1.2 §5.5.6.3; VIRTIO_BALLOON_S_*), named as
+/// Firecracker's API names them. Memory amounts are bytes, the others counts; a tag the
+/// driver never sent stays `None`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GuestStats {
-    pub free_bytes: Option<u64>,
-    pub total_bytes: Option<u64>,
-    pub available_bytes: Option<u64>,
+    /// 0: bytes swapped in.
+    pub swap_in: Option<u64>,
+    /// 1: bytes swapped out.
+    pub swap_out: Option<u64>,
+    /// 2: major page faults.
+    pub major_faults: Option<u64>,
+    /// 3: minor page faults.
+    pub minor_faults: Option<u64>,
+    /// 4: memory the guest does not use at all.
+    pub free_memory: Option<u64>,
+    /// 5: memory the guest has.
+    pub total_memory: Option<u64>,
+    /// 6: memory available for new work (free plus reclaimable caches).
+    pub available_memory: Option<u64>,
+    /// 7: disk caches.
+    pub disk_caches: Option<u64>,
+    /// 8: successful hugetlb page allocations.
+    pub hugetlb_allocations: Option<u64>,
+    /// 9: failed hugetlb page allocations.
+    pub hugetlb_failures: Option<u64>,
+    /// Entries with a tag this device does not know (ignored, counted).
+    pub unknown_tags: u64,
+    /// Statistics buffers received.
     pub updates: u64,
+}
+
+impl GuestStats {
+    /// Records one (tag, value) entry.
+    fn record(&mut self, tag: u16, val: u64) {
+        let slot = match tag {
+            0 => &mut self.swap_in,
+            1 => &mut self.swap_out,
+            2 => &mut self.major_faults,
+            3 => &mut self.minor_faults,
+            4 => &mut self.free_memory,
+            5 => &mut self.total_memory,
+            6 => &mut self.available_memory,
+            7 => &mut self.disk_caches,
+            8 => &mut self.hugetlb_allocations,
+            9 => &mut self.hugetlb_failures,
+            _ => {
+                self.unknown_tags += 1;
+                return;
+            }
+        };
+        *slot = Some(val);
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -215,12 +260,7 @@ impl Balloon {
             match queues::stats_buffer(chain, mem) {
                 Ok(stats) => {
                     for (tag, val) in stats {
-                        match tag {
-                            4 => self.guest_stats.free_bytes = Some(val),
-                            5 => self.guest_stats.total_bytes = Some(val),
-                            6 => self.guest_stats.available_bytes = Some(val),
-                            _ => {}
-                        }
+                        self.guest_stats.record(tag, val);
                     }
                     self.guest_stats.updates += 1;
                 }

@@ -463,20 +463,30 @@ fn stats_are_parsed_and_refreshed_on_request() {
     let mut h = Harness::new(Strategy::Gather);
     h.init(ALL, None);
     let mut b = Vec::new();
-    for (tag, val) in [(4u16, 100u64), (5, 200), (6, 150)] {
+    for (tag, val) in [(4u16, 100u64), (5, 200), (6, 150), (2, 7), (9, 1), (77, 5)] {
         b.extend(tag.to_le_bytes());
         b.extend(val.to_le_bytes());
     }
     h.mem().write_slice(&b, GuestAddress(BUF)).unwrap();
     assert_eq!(
-        h.submit(STATS_Q, &[(BUF, 30, 0)]),
+        h.submit(STATS_Q, &[(BUF, 60, 0)]),
         0,
         "the device keeps the stats buffer"
     );
     let s = &h.t.device().guest_stats;
     assert_eq!(
-        (s.free_bytes, s.total_bytes, s.available_bytes),
+        (s.free_memory, s.total_memory, s.available_memory),
         (Some(100), Some(200), Some(150))
+    );
+    assert_eq!(
+        (
+            s.major_faults,
+            s.hugetlb_failures,
+            s.swap_in,
+            s.unknown_tags
+        ),
+        (Some(7), Some(1), None, 1),
+        "every virtio tag kept by name, unknown ones counted"
     );
     h.t.with_device_and_queue(STATS_Q, |d, q, m| d.request_stats(q, m));
     assert_eq!(

@@ -1,5 +1,6 @@
 //! Random sequences of guest operations (inflate, deflate, free page report, reclaim probe,
-//! device reset, batch window) on the real device through real rings, for every strategy,
+//! device reset, batch window) on the real device through real rings, for every strategy
+//! (and for the gather both by range and with zap spans),
 //! checked after each step against the ownership invariants (`ownership::check`), against
 //! the host calls (`OwnershipChecked` panics on a zap or release of a frame the balloon does
 //! not own), and against a model of who owns each frame: the set of frames in the balloon
@@ -82,8 +83,16 @@ impl Model {
     }
 }
 
-fn run(strategy: Reclaim, ops: &[Op]) {
+fn run(strategy: Reclaim, zap_span_gap: u64, ops: &[Op]) {
     let mut h = Harness::new(strategy);
+    {
+        let mut g = h.mm.gather.lock().unwrap();
+        let c = GatherConfig {
+            zap_span_gap,
+            ..*g.config()
+        };
+        g.set_config(c);
+    }
     h.init(ALL, None);
     let mut model = Model::default();
     for op in ops {
@@ -186,7 +195,9 @@ proptest! {
     fn random_operation_sequences_keep_one_owner_per_frame(
         ops in prop::collection::vec(op(), 1..40),
         strategy in prop_oneof![Just(Reclaim::PerPage), Just(Reclaim::PerBuffer), Just(Reclaim::Gather)],
+        // Gather by range, or with zap spans bridging the in-use frames between ranges.
+        zap_span_gap in prop_oneof![Just(0u64), Just(64u64)],
     ) {
-        run(strategy, &ops);
+        run(strategy, zap_span_gap, &ops);
     }
 }
