@@ -73,8 +73,11 @@ impl std::fmt::Display for Strategy {
 /// measured here (88–250 µs per call).
 pub const DEFAULT_MAX_BATCH_PAGES: u64 = 16 * 1024;
 /// Default latency window: a batch is flushed this long after its first frame arrived, even
-/// if it is not full, so a slow trickle of frames still reaches the host promptly.
-pub const DEFAULT_WINDOW: Duration = Duration::from_millis(10);
+/// if it is not full, so a slow trickle of frames still reaches the host promptly. 40 ms:
+/// with 4 vCPUs on 2 cores the Linux-style driver is slow enough that a 10 ms window closed
+/// batches at 4,000-5,000 pages, 50-63 flushes per GiB on the fragmented balloon; at 40 ms
+/// 18-19 (docs/BENCHMARKS.md, "Zap spans", the batch window), with the same reclaim rate.
+pub const DEFAULT_WINDOW: Duration = Duration::from_millis(40);
 /// Readers slower than this to quiesce are kicked.
 pub const DEFAULT_KICK_AFTER: Duration = Duration::from_millis(1);
 /// Default bound on the in-use frames one zap span may bridge per gap between reclaimed

@@ -33,6 +33,26 @@ pub struct Answer {
     pub body: Value,
 }
 
+/// How long a connect may keep finding the server's accept queue full.
+const CONNECT_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Connects, retrying while the server's accept queue is full: a connect to a Unix socket
+/// whose backlog is full fails with EAGAIN instead of waiting, as many busy clients see.
+async fn connect(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
+    let start = std::time::Instant::now();
+    loop {
+        match tokio::net::UnixStream::connect(path).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && start.elapsed() < CONNECT_RETRY_FOR =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 pub struct ApiClient {
     sock: PathBuf,
     runtime: tokio::runtime::Runtime,
@@ -57,12 +77,10 @@ impl ApiClient {
     ) -> Result<Answer, ApiError> {
         let path = self.sock.clone();
         self.runtime.block_on(async {
-            let stream = tokio::net::UnixStream::connect(&path)
-                .await
-                .map_err(|err| ApiError::Connect {
-                    path: path.clone(),
-                    err,
-                })?;
+            let stream = connect(&path).await.map_err(|err| ApiError::Connect {
+                path: path.clone(),
+                err,
+            })?;
             let http = |err| ApiError::Http {
                 path: path.clone(),
                 err,
