@@ -2,7 +2,9 @@
 # The main job: set up, build, boot the balloon test guest on 4 vCPUs with 1 GiB, inflate
 # the balloon by 768 MiB (reclaimed through the Stage2Gather while 3 vCPUs keep verifying
 # their memory), deflate it back to 0, and print what happened. Then the same inflate with
-# one host call per 4 KiB page, as QEMU does, for comparison.
+# one host call per 4 KiB page, as QEMU does, for comparison. Then a fragmented guest (every
+# other frame of its free memory in use), whose inflate gets scattered frames: through zap
+# spans (one invalidation per batch), and with one zap per range for comparison.
 set -euo pipefail
 cd "$(dirname "$0")"
 ./setup.sh
@@ -17,3 +19,13 @@ echo
 echo "== 2. a 256 MiB inflate with one host call per 4 KiB page (what QEMU does), for comparison =="
 $vmm run --guest balloon --vcpus 4 --memory 1G --balloon-steps 256M,0 \
     --cmdline "changes=2 touch=32M" --reclaim-strategy per-page
+
+echo
+echo "== 3. a fragmented guest: 384 MiB of scattered frames through zap spans (one invalidation per batch) =="
+$vmm run --guest balloon --vcpus 4 --memory 1G --balloon-steps 384M,0 \
+    --cmdline "changes=2 touch=32M fragment=1" --reclaim-strategy gather
+
+echo
+echo "== 4. the same with one zap per range (--zap-span-gap 0), for comparison =="
+$vmm run --guest balloon --vcpus 4 --memory 1G --balloon-steps 384M,0 \
+    --cmdline "changes=2 touch=32M fragment=1" --reclaim-strategy gather --zap-span-gap 0

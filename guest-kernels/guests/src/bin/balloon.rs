@@ -419,10 +419,22 @@ impl Throughput {
             rate(self.started, reached),
             rate(reached, end),
         );
-        let pct = |x: u64| if before == 0 { 0 } else { x * 100 / before };
+        if before == 0 {
+            // No verifier work before the inflate began (it began at once): no ratio.
+            println!(
+                "balloon: throughput inflate to {} pages: before {} during {} after {} pages/Mtick; retained during n/a after n/a",
+                self.target, before, during, after
+            );
+            return;
+        }
         println!(
             "balloon: throughput inflate to {} pages: before {} during {} after {} pages/Mtick; retained during {}% after {}%",
-            self.target, before, during, after, pct(during), pct(after)
+            self.target,
+            before,
+            during,
+            after,
+            during * 100 / before,
+            after * 100 / before
         );
     }
 }
