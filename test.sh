@@ -12,9 +12,15 @@ cargo test --workspace --locked --no-fail-fast "$@" || status=$?
 count() { { find "$markers/$1" -type f 2>/dev/null || true; } | wc -l; }
 ran=$(count ran)
 skipped=$(count skipped)
-echo "KVM tests: $ran ran, $skipped skipped"
+# Skips by reason: each marker holds the reason its test gave.
+reasons=""
 if [ "$skipped" -gt 0 ]; then
-    echo "WARNING: $skipped KVM test(s) did not run because /dev/kvm is not available"
+    reasons=" ($(for f in "$markers"/skipped/*; do cat "$f"; echo; done | sort | uniq -c \
+        | sed 's/^ *\([0-9]*\) \(.*\)/\1: \2/' | paste -sd ';' - | sed 's/;/; /g'))"
+fi
+echo "KVM tests: $ran ran, $skipped skipped$reasons"
+if [ "$skipped" -gt 0 ]; then
+    echo "WARNING: $skipped KVM test(s) did not run on this host$reasons"
 fi
 if [ "${FUZZ_SECONDS:-0}" -gt 0 ]; then
     ./vmm/fuzz/run.sh "$FUZZ_SECONDS" || status=$?

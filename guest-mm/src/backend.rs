@@ -27,6 +27,8 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum BackendError {
+    #[error("range {start:#x}+{count} is not whole 2 MiB blocks, and this backend's huge pages cannot be freed in part; refusing the host call")]
+    PartialBlock { start: u64, count: u64 },
     #[error("range {start:#x}+{count} is not inside one guest RAM range; refusing the host call")]
     OutsideRam { start: u64, count: u64 },
     #[error("{call} on guest frames {start:#x}+{count} failed: {err}")]
@@ -38,8 +40,23 @@ pub enum BackendError {
     },
 }
 
+/// The unit a backend gives memory back in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Granule {
+    /// 4 KiB pages: any range of frames.
+    Page,
+    /// 2 MiB blocks: only whole, 2 MiB-aligned blocks, unless `can_split` (the kernel splits
+    /// a shmem huge page when part of it is punched; a hugetlb page is all or nothing).
+    Block { can_split: bool },
+}
+
 pub trait Stage2Backend: Send + Sync {
     fn name(&self) -> &'static str;
+    /// What the backend gives back in. The gather holds 4 KiB frames of a block backend in
+    /// their 2 MiB blocks until each block is complete (`blocks`).
+    fn granule(&self) -> Granule {
+        Granule::Page
+    }
     /// Whether a zap leaves the contents of the frames it covers in place (they fault back in
     /// unchanged). Only then may the gather give it spans that bridge in-use frames; a backend
     /// whose zap destroys contents (guest_memfd punch-hole, a MAP_PRIVATE mapping) says false
@@ -100,9 +117,37 @@ fn host_call_result(
     })
 }
 
+/// Frames per 2 MiB block.
+pub const BLOCK_FRAMES: u64 = crate::backing::HUGE_PAGE / PAGE_SIZE;
+
+impl KvmMemfd {
+    /// On a backend whose huge pages cannot be split, only whole blocks may be zapped or
+    /// released (madvise and fallocate would fail or zero the rest of the page).
+    fn check_granule(&self, range: GfnRange) -> Result<(), BackendError> {
+        let whole =
+            range.start.is_multiple_of(BLOCK_FRAMES) && range.count.is_multiple_of(BLOCK_FRAMES);
+        if self.granule() == (Granule::Block { can_split: false }) && !whole {
+            return Err(BackendError::PartialBlock {
+                start: range.start,
+                count: range.count,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Stage2Backend for KvmMemfd {
     fn name(&self) -> &'static str {
         "kvm-memfd"
+    }
+
+    fn granule(&self) -> Granule {
+        match self.ram.backend().page_size() {
+            PAGE_SIZE => Granule::Page,
+            _ => Granule::Block {
+                can_split: self.ram.backend().can_split(),
+            },
+        }
     }
 
     fn zap_keeps_contents(&self) -> bool {
@@ -112,6 +157,7 @@ impl Stage2Backend for KvmMemfd {
 
     fn zap(&self, span: &ZapSpan) -> Result<(), BackendError> {
         let range = span.span;
+        self.check_granule(range)?;
         let (host, _, len) = self.locate(range)?;
         // SAFETY: [host, host+len) is inside guest RAM's shared mapping (checked by locate);
         // MADV_DONTNEED on it only drops page table entries, never the mapping itself, and
@@ -121,6 +167,7 @@ impl Stage2Backend for KvmMemfd {
     }
 
     fn release(&self, range: GfnRange) -> Result<(), BackendError> {
+        self.check_granule(range)?;
         let (_, offset, len) = self.locate(range)?;
         // SAFETY: plain syscall on our memfd for a range inside guest RAM (checked by locate).
         let rc = unsafe {
@@ -166,6 +213,10 @@ impl Stage2Backend for OwnershipChecked {
         self.inner.name()
     }
 
+    fn granule(&self) -> Granule {
+        self.inner.granule()
+    }
+
     fn zap_keeps_contents(&self) -> bool {
         self.inner.zap_keeps_contents()
     }
@@ -200,6 +251,13 @@ impl Stage2Backend for OwnershipChecked {
 
     fn release(&self, range: GfnRange) -> Result<(), BackendError> {
         self.require("release", range, FrameState::Zapped);
+        if let Granule::Block { can_split: false } = self.inner.granule() {
+            assert!(
+                range.start.is_multiple_of(BLOCK_FRAMES)
+                    && range.count.is_multiple_of(BLOCK_FRAMES),
+                "release of {range:?}, part of a 2 MiB block a backend cannot split"
+            );
+        }
         self.inner.release(range)
     }
 }

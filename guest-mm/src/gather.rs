@@ -21,6 +21,8 @@
 //! `InvalidatedBatch` that alone can `release`. Release before invalidate does not compile.
 
 use crate::backend::Stage2Backend;
+use crate::backend::{Granule, BLOCK_FRAMES};
+use crate::blocks::{self, Blocks};
 use crate::coalesce::coalesce;
 use crate::gfn::{FrameError, Gfn, GfnRange};
 use crate::grace::Readers;
@@ -94,6 +96,10 @@ pub struct GatherConfig {
     /// In-use frames a zap span may bridge per gap (gather strategy only, and only where the
     /// backend's zap keeps contents). 0: one zap per range.
     pub zap_span_gap: u64,
+    /// Block backends that can split (shmem THP): once the balloon reaches its target,
+    /// release the frames still waiting in partial 2 MiB blocks at 4 KiB (the kernel splits
+    /// each huge page). Otherwise partial blocks stay held until they complete.
+    pub split_partial_blocks: bool,
 }
 
 impl GatherConfig {
@@ -104,6 +110,7 @@ impl GatherConfig {
             window: DEFAULT_WINDOW,
             kick_after: DEFAULT_KICK_AFTER,
             zap_span_gap: DEFAULT_ZAP_SPAN_GAP,
+            split_partial_blocks: false,
         }
     }
 }
@@ -350,6 +357,8 @@ pub struct Stage2Gather {
     pending_since: Option<Instant>,
     next_batch: u64,
     stats: GatherStats,
+    /// 2 MiB block tracking, where the backend gives memory back in blocks.
+    blocks: Option<Blocks>,
     /// Where the last batch's per-vCPU counts start from.
     last_batch_counts: Option<BatchCountsFrom>,
 }
@@ -367,7 +376,12 @@ impl Stage2Gather {
         backend: Arc<dyn Stage2Backend>,
         readers: Arc<Readers>,
     ) -> Self {
+        let blocks = match backend.granule() {
+            Granule::Page => None,
+            Granule::Block { .. } => Some(Blocks::new(map.layout())),
+        };
         Self {
+            blocks,
             config,
             map,
             backend,
@@ -471,6 +485,9 @@ impl Stage2Gather {
                 Ok(()) => {
                     self.pending.push(g);
                     out.accepted.push(g);
+                    if let Some(b) = self.blocks.as_mut() {
+                        b.add(g);
+                    }
                 }
                 Err(e) => out.invalid.push(e),
             }
@@ -516,8 +533,83 @@ impl Stage2Gather {
         }
         let first_frame_at = self.pending_since.take().unwrap_or_else(Instant::now);
         let mut frames = std::mem::take(&mut self.pending);
+        if self.blocks.is_some() {
+            frames = self.complete_blocks(frames);
+            if frames.is_empty() {
+                return None;
+            }
+        }
+        self.run_batch(frames, first_frame_at)
+    }
+
+    /// Block backends: of the pending frames, those whose 2 MiB block is now complete are
+    /// returned with the rest of their block (frames that waited as Partial go back to
+    /// Gathered); the others wait as Partial. A block with a frame that cannot join a batch
+    /// (Retained after a failed host call) waits too.
+    fn complete_blocks(&mut self, mut frames: Vec<Gfn>) -> Vec<Gfn> {
+        let blocks = self.blocks.as_mut().expect("block mode");
+        frames.sort_unstable();
+        frames.dedup();
+        let mut ready: Vec<usize> = frames
+            .iter()
+            .map(|&g| blocks::block_of(g))
+            .filter(|&b| blocks.complete(b))
+            .collect();
+        ready.dedup();
+        ready.retain(|&b| {
+            (0..BLOCK_FRAMES).all(|i| {
+                matches!(
+                    self.map.state(blocks::first_frame(b) + i),
+                    Ok(FrameState::Gathered | FrameState::Partial)
+                )
+            })
+        });
+        let mut out = Vec::with_capacity(ready.len() * BLOCK_FRAMES as usize);
+        for &b in &ready {
+            for g in blocks::first_frame(b)..blocks::first_frame(b) + BLOCK_FRAMES {
+                if self.map.unpark(g).is_ok() {
+                    blocks.unwait(g);
+                }
+                out.push(g);
+            }
+        }
+        for g in frames {
+            if ready.binary_search(&blocks::block_of(g)).is_err() {
+                self.map.mark_partial(g);
+                blocks.wait(g);
+            }
+        }
+        self.stats.partial_blocks = blocks.partial_blocks();
+        out
+    }
+
+    /// Block backends that can split (shmem THP): releases every frame waiting in a partial
+    /// block at 4 KiB, by range; the kernel splits each huge page it punches a part of. The
+    /// balloon calls this when its target is reached with memory still held in partial
+    /// blocks and the user allowed splitting.
+    pub fn split_partial_blocks(&mut self) -> Option<BatchReport> {
+        if self.backend.granule() != (Granule::Block { can_split: true }) {
+            return None;
+        }
+        let frames = self.map.frames_in(&[FrameState::Partial]);
+        if frames.is_empty() {
+            return None;
+        }
+        let blocks = self.blocks.as_mut().expect("block mode");
+        let before = blocks.partial_blocks();
+        for &g in &frames {
+            if self.map.unpark(g).is_ok() {
+                blocks.unwait(g);
+            }
+        }
+        self.stats.blocks_split += before - blocks.partial_blocks();
+        self.run_batch(frames, Instant::now())
+    }
+
+    /// Runs `frames` (Gathered) through zap → invalidate → release as one batch.
+    fn run_batch(&mut self, mut frames: Vec<Gfn>, first_frame_at: Instant) -> Option<BatchReport> {
         let mut ranges = coalesce(&mut frames, self.map.layout()).ranges;
-        if self.config.strategy == Strategy::PerPage {
+        if self.config.strategy == Strategy::PerPage && self.blocks.is_none() {
             ranges = ranges
                 .iter()
                 .flat_map(|r| r.iter().map(|g| GfnRange::new(g, 1)))
@@ -574,6 +666,22 @@ impl Stage2Gather {
         s.zap_us.record(report.zap_us);
         s.invalidate_us.record(report.invalidate_us);
         s.release_us.record(report.release_us);
+        if let Some(b) = self.blocks.as_mut() {
+            // Blocks released whole: a frame given back later makes the host back them again.
+            for r in &ranges {
+                let whole =
+                    r.start.is_multiple_of(BLOCK_FRAMES) && r.count.is_multiple_of(BLOCK_FRAMES);
+                let first = r.start / BLOCK_FRAMES;
+                for blk in first..first + r.count / BLOCK_FRAMES {
+                    let g = blk * BLOCK_FRAMES;
+                    if whole && self.map.state(g) == Ok(FrameState::Released) {
+                        b.set_released_whole(blk as usize);
+                        s.blocks_released += 1;
+                    }
+                }
+            }
+            s.partial_blocks = b.partial_blocks();
+        }
         if s.recent_batches.len() == crate::stats::RECENT_BATCHES {
             s.recent_batches.pop_front();
         }
@@ -590,7 +698,26 @@ impl Stage2Gather {
         let mut out = ReturnOutcome::default();
         let mut ungathered = Vec::new();
         for &g in gfns {
-            match self.map.give_back(g) {
+            let was_partial = self.map.state(g) == Ok(FrameState::Partial);
+            let given = self.map.give_back(g);
+            if let (Ok(how), Some(b)) = (&given, self.blocks.as_mut()) {
+                b.remove(g);
+                if was_partial {
+                    b.unwait(g);
+                }
+                // The rest of a block released whole is backed again once the guest touches
+                // this frame: it waits as Partial.
+                let blk = blocks::block_of(g);
+                if *how == GivenBack::Repopulated && b.take_released_whole(blk) {
+                    for s in blocks::first_frame(blk)..blocks::first_frame(blk) + BLOCK_FRAMES {
+                        if self.map.state(s) == Ok(FrameState::Released) {
+                            self.map.rebacked(s);
+                            b.wait(s);
+                        }
+                    }
+                }
+            }
+            match given {
                 Ok(GivenBack::Ungathered) => {
                     ungathered.push(g);
                     out.ungathered += 1;
@@ -599,6 +726,9 @@ impl Stage2Gather {
                 Ok(GivenBack::Retained) => out.retained += 1,
                 Err(e) => out.invalid.push(e),
             }
+        }
+        if let Some(b) = &self.blocks {
+            self.stats.partial_blocks = b.partial_blocks();
         }
         if !ungathered.is_empty() {
             ungathered.sort_unstable();
@@ -664,6 +794,8 @@ mod tests {
         log: Arc<EventLog>,
         /// Whether its zap destroys contents (like guest_memfd punch-hole).
         destroys: bool,
+        /// A 2 MiB block backend (and whether it can split), instead of 4 KiB pages.
+        block: Option<bool>,
         spans: Mutex<Vec<ZapSpan>>,
         zaps: Mutex<Vec<GfnRange>>,
         releases: Mutex<Vec<GfnRange>>,
@@ -675,6 +807,12 @@ mod tests {
         }
         fn zap_keeps_contents(&self) -> bool {
             !self.destroys
+        }
+        fn granule(&self) -> Granule {
+            match self.block {
+                None => Granule::Page,
+                Some(can_split) => Granule::Block { can_split },
+            }
         }
         fn zap(&self, s: &ZapSpan) -> Result<(), BackendError> {
             self.zaps.lock().unwrap().push(s.span);
@@ -1020,6 +1158,195 @@ mod tests {
                 let ranges: Vec<GfnRange> =
                     rec.spans.lock().unwrap().iter().flat_map(|s| s.ranges.clone()).collect();
                 prop_assert_eq!(&*rec.releases.lock().unwrap(), &ranges);
+            }
+        }
+    }
+
+    mod blocks {
+        use super::Strategy as Reclaim;
+        use super::*;
+        use crate::backend::OwnershipChecked;
+        use proptest::prelude::*;
+        use proptest::strategy::Strategy;
+        use std::collections::BTreeSet;
+
+        const BLOCKS: u64 = 4;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            /// A run of frames inside the first BLOCKS blocks, shuffled into buffers of 256.
+            Inflate {
+                start: u64,
+                len: u64,
+            },
+            Deflate {
+                start: u64,
+                len: u64,
+            },
+            /// A free page report of one 2 MiB block (what Linux reports), or of a run.
+            Report {
+                start: u64,
+                len: u64,
+            },
+            Flush,
+        }
+
+        fn run() -> impl Strategy<Value = (u64, u64)> {
+            (0..BLOCKS * BLOCK_FRAMES, 1..=BLOCK_FRAMES)
+                .prop_map(|(s, l)| (s, l.min(BLOCKS * BLOCK_FRAMES - s)))
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                5 => run().prop_map(|(start, len)| Op::Inflate { start, len }),
+                2 => run().prop_map(|(start, len)| Op::Deflate { start, len }),
+                1 => (0..BLOCKS).prop_map(|b| Op::Report { start: b * BLOCK_FRAMES, len: BLOCK_FRAMES }),
+                1 => run().prop_map(|(start, len)| Op::Report { start, len }),
+                3 => Just(Op::Flush),
+            ]
+        }
+
+        fn setup(can_split: bool) -> (Stage2Gather, Arc<Recording>, Arc<Stage2Map>) {
+            let map = Arc::new(Stage2Map::new(Layout::new(64 << 20).unwrap()));
+            let rec = Arc::new(Recording {
+                block: Some(can_split),
+                ..Recording::default()
+            });
+            let checked = Arc::new(OwnershipChecked::new(rec.clone(), map.clone()));
+            let g = Stage2Gather::new(
+                GatherConfig::new(Reclaim::Gather),
+                map.clone(),
+                checked,
+                Readers::new(),
+            );
+            (g, rec, map)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+            /// Across any interleaving of inflate, deflate and report buffers, a 2 MiB block
+            /// is released exactly when all 512 of its frames are in the balloon (at the flush
+            /// after its last one arrived), and only whole; a partial block is never released
+            /// and its frames wait as Partial; the partial-block count is right.
+            #[test]
+            fn a_block_is_released_exactly_when_its_last_frame_arrives(
+                ops in prop::collection::vec(op(), 1..40),
+                can_split in any::<bool>(),
+            ) {
+                let (mut g, rec, map) = setup(can_split);
+                let mut balloon: BTreeSet<u64> = BTreeSet::new();
+                for op in ops {
+                    match op {
+                        Op::Inflate { start, len } => {
+                            let frames: Vec<u64> = (start..start + len).rev().collect();
+                            for b in frames.chunks(256) {
+                                g.add_buffer(b);
+                            }
+                            balloon.extend(start..start + len);
+                        }
+                        Op::Deflate { start, len } => {
+                            let frames: Vec<u64> = (start..start + len).collect();
+                            g.return_frames(&frames);
+                            for f in start..start + len {
+                                balloon.remove(&f);
+                            }
+                        }
+                        Op::Report { start, len } => {
+                            let frames: Vec<u64> = (start..start + len).filter(|f| !balloon.contains(f)).collect();
+                            g.reclaim_and_give_back([frames.as_slice()]);
+                        }
+                        Op::Flush => {
+                            g.flush();
+                        }
+                    }
+                    for r in rec.releases.lock().unwrap().iter() {
+                        prop_assert!(r.start % BLOCK_FRAMES == 0 && r.count % BLOCK_FRAMES == 0, "partial release {:?}", r);
+                    }
+                    let pending = g.pending_pages() > 0;
+                    let mut partial_blocks = 0;
+                    for b in 0..BLOCKS {
+                        let frames = b * BLOCK_FRAMES..(b + 1) * BLOCK_FRAMES;
+                        let states: Vec<FrameState> = frames.clone().map(|f| map.state(f).unwrap()).collect();
+                        let complete = frames.clone().all(|f| balloon.contains(&f));
+                        let released = states.iter().filter(|s| **s == FrameState::Released).count() as u64;
+                        if complete && !pending {
+                            prop_assert_eq!(released, BLOCK_FRAMES, "complete block {} not released: {:?}", b, states);
+                        }
+                        if !complete {
+                            prop_assert_eq!(released, 0, "incomplete block {} released in part", b);
+                        }
+                        for (f, s) in frames.zip(&states) {
+                            let want_in = balloon.contains(&f);
+                            prop_assert_eq!(s.owner() == crate::Owner::Balloon, want_in, "frame {} is {:?}", f, s);
+                            if want_in && !complete {
+                                prop_assert!(matches!(s, FrameState::Partial | FrameState::Gathered), "frame {} of incomplete block is {:?}", f, s);
+                            }
+                        }
+                        partial_blocks += u64::from(states.contains(&FrameState::Partial));
+                    }
+                    prop_assert_eq!(g.stats().partial_blocks, partial_blocks);
+                }
+            }
+        }
+
+        #[test]
+        fn a_block_goes_when_its_last_frame_comes_and_is_backed_again_when_one_goes_back() {
+            let (mut g, rec, map) = setup(false);
+            let block: Vec<u64> = (512..1024).collect();
+            g.add_buffer(&block[..300]);
+            g.flush();
+            assert!(rec.releases.lock().unwrap().is_empty());
+            assert_eq!(
+                (map.count(FrameState::Partial), g.stats().partial_blocks),
+                (300, 1)
+            );
+            g.add_buffer(&block[300..]);
+            g.flush();
+            assert_eq!(*rec.releases.lock().unwrap(), vec![GfnRange::new(512, 512)]);
+            assert_eq!(
+                *rec.zaps.lock().unwrap(),
+                vec![GfnRange::new(512, 512)],
+                "one zap, one release"
+            );
+            assert_eq!(
+                (g.stats().blocks_released, g.stats().partial_blocks),
+                (1, 0)
+            );
+            // One frame back to the guest: the host backs the whole block again when it is
+            // touched, so the other 511 wait again, and nothing more is released...
+            g.return_frames(&[700]);
+            assert_eq!(map.count(FrameState::Partial), 511);
+            assert_eq!(map.count(FrameState::Released), 0);
+            g.flush();
+            assert_eq!(rec.releases.lock().unwrap().len(), 1);
+            // ...until the frame is in the balloon again: then the block goes again, whole.
+            g.add_buffer(&[700]);
+            g.flush();
+            assert_eq!(rec.releases.lock().unwrap().len(), 2);
+            assert_eq!(map.count(FrameState::Released), 512);
+        }
+
+        #[test]
+        fn splitting_releases_the_waiting_frames_at_4k_only_where_the_backend_can() {
+            for can_split in [true, false] {
+                let (mut g, rec, map) = setup(can_split);
+                g.add_buffer(&(10..20).collect::<Vec<_>>());
+                g.flush();
+                assert_eq!(map.count(FrameState::Partial), 10);
+                assert!(
+                    rec.releases.lock().unwrap().is_empty(),
+                    "a partial block is never released"
+                );
+                let r = g.split_partial_blocks();
+                if can_split {
+                    assert_eq!(r.map(|r| r.pages), Some(10));
+                    assert_eq!(*rec.releases.lock().unwrap(), vec![GfnRange::new(10, 10)]);
+                    assert_eq!((g.stats().blocks_split, g.stats().partial_blocks), (1, 0));
+                } else {
+                    assert!(r.is_none(), "hugetlb pages cannot be freed in part");
+                    assert_eq!(map.count(FrameState::Partial), 10);
+                }
             }
         }
     }

@@ -6,6 +6,8 @@
 //! This crate knows nothing about virtio or devices; the VMM hands it guest frame numbers.
 
 pub mod backend;
+pub mod backing;
+pub mod blocks;
 pub mod coalesce;
 pub mod fault_around;
 pub mod gather;
@@ -18,7 +20,8 @@ pub mod span;
 pub mod stage2_map;
 pub mod stats;
 
-pub use backend::{BackendError, KvmMemfd, OwnershipChecked, Stage2Backend};
+pub use backend::{BackendError, Granule, KvmMemfd, OwnershipChecked, Stage2Backend};
+pub use backing::MemoryBackend;
 pub use gather::{BatchReport, GatherConfig, Stage2Gather, Strategy};
 pub use gfn::{FrameError, Gfn, GfnRange};
 pub use grace::{Reader, Readers};

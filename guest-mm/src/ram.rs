@@ -1,14 +1,16 @@
-//! Guest RAM backed by one memfd, mapped MAP_SHARED through vm-memory.
+//! Guest RAM backed by one file (a memfd, a file on a huge-page tmpfs, or a hugetlb memfd:
+//! `backing`), mapped MAP_SHARED through vm-memory.
 //!
-//! The memfd is the host's record of what the guest holds: its allocated blocks are exactly
+//! The file is the host's record of what the guest holds: its allocated blocks are exactly
 //! the host memory the guest uses, and punching a hole in it gives pages back to the host.
 //! The shared mapping is what KVM's memslots point at, so a host call on it (madvise) makes
 //! KVM zap the stage-2 entries for that range.
 
+use crate::backing::{BackingError, MemoryBackend};
 use crate::layout::{Layout, LayoutError, RamRange};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use thiserror::Error;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -16,8 +18,10 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, Mmap
 pub enum RamError {
     #[error(transparent)]
     Layout(#[from] LayoutError),
-    #[error("memfd_create failed: {0}")]
-    Memfd(io::Error),
+    #[error(transparent)]
+    Backing(#[from] BackingError),
+    #[error("cannot duplicate the guest memory file's descriptor: {0}")]
+    Dup(io::Error),
     #[error("cannot size the guest memory file to {size} bytes: {err}")]
     Truncate { size: u64, err: io::Error },
     #[error("cannot map guest RAM at {gpa:#x} ({size} bytes): {err}")]
@@ -32,6 +36,7 @@ pub struct GuestRam {
     layout: Layout,
     memfd: File,
     mem: GuestMemoryMmap,
+    backend: MemoryBackend,
     /// Keeps the host's fault-around off on the mappings (`fault_around`), if it could be.
     fault_around_off: Option<std::os::fd::OwnedFd>,
 }
@@ -41,7 +46,20 @@ impl GuestRam {
     /// with the host's fault-around off where the kernel allows it (`fault_around`; a
     /// warning says so where it does not).
     pub fn new(size: u64) -> Result<Self, RamError> {
-        let mut ram = Self::new_keeping_fault_around(size)?;
+        Self::with_backend(size, &MemoryBackend::Memfd, false)
+    }
+
+    /// Guest RAM of `size` bytes on `backend`, with the host's fault-around off unless
+    /// `keep_fault_around`.
+    pub fn with_backend(
+        size: u64,
+        backend: &MemoryBackend,
+        keep_fault_around: bool,
+    ) -> Result<Self, RamError> {
+        let mut ram = Self::map(size, backend)?;
+        if keep_fault_around {
+            return Ok(ram);
+        }
         let mappings: Vec<(*mut u8, usize)> = ram
             .layout
             .ranges()
@@ -64,8 +82,24 @@ impl GuestRam {
 
     /// As `new`, but leaves the host's fault-around on (for comparison).
     pub fn new_keeping_fault_around(size: u64) -> Result<Self, RamError> {
+        Self::with_backend(size, &MemoryBackend::Memfd, true)
+    }
+
+    /// What backs this RAM.
+    pub fn backend(&self) -> &MemoryBackend {
+        &self.backend
+    }
+
+    fn map(size: u64, backend: &MemoryBackend) -> Result<Self, RamError> {
         let layout = Layout::new(size)?;
-        let memfd = create_memfd("guest-ram")?;
+        let memfd = crate::backing::create(backend, layout.total_bytes())?;
+        // Hugetlb pages are reserved at mmap time (a fault without one would be SIGBUS);
+        // the others are allocated as the guest touches them.
+        let flags = if backend.reserves() {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_SHARED | libc::MAP_NORESERVE
+        };
         memfd
             .set_len(layout.total_bytes())
             .map_err(|err| RamError::Truncate {
@@ -74,12 +108,12 @@ impl GuestRam {
             })?;
         let mut regions = Vec::new();
         for r in layout.ranges() {
-            let file = memfd.try_clone().map_err(RamError::Memfd)?;
+            let file = memfd.try_clone().map_err(RamError::Dup)?;
             let mmap = MmapRegion::build(
                 Some(FileOffset::new(file, r.file_offset)),
                 r.size as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                flags,
             )
             .map_err(|e| RamError::Mmap {
                 gpa: r.gpa,
@@ -102,6 +136,7 @@ impl GuestRam {
             layout,
             memfd,
             mem,
+            backend: backend.clone(),
             fault_around_off: None,
         })
     }
@@ -136,17 +171,6 @@ impl GuestRam {
         }
         Ok(st.st_blocks as u64 * 512)
     }
-}
-
-fn create_memfd(name: &str) -> Result<File, RamError> {
-    let cname = std::ffi::CString::new(name).expect("no NUL in name");
-    // SAFETY: cname is a valid C string; the returned fd is checked and then owned by File.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(RamError::Memfd(io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a fresh, owned file descriptor.
-    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 #[cfg(test)]

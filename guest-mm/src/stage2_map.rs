@@ -6,7 +6,7 @@
 //! | owner   | states                                   |
 //! |---------|------------------------------------------|
 //! | guest   | `Mapped`                                 |
-//! | balloon | `Gathered`, `Zapped`, `Released`, `Retained` |
+//! | balloon | `Gathered`, `Zapped`, `Released`, `Retained`, `Partial` |
 //! | device  | `DeviceMapped` (a virtqueue's rings)     |
 //!
 //! and moves only along these transitions (every other one is refused with a typed error):
@@ -22,6 +22,11 @@
 //!     │  map_device / unmap_device
 //!     └──────▶ DeviceMapped
 //! ```
+//!
+//! On a backend that gives memory back in 2 MiB blocks (`blocks`), a frame whose block is not
+//! complete waits as `Partial` (Gathered → Partial → Gathered once the block is complete), and
+//! when a frame of a block released whole is given back, the other 511 become Partial again
+//! (Released → Partial): the host backs the whole block again as soon as the guest touches it.
 //!
 //! A frame leaves the balloon only through `give_back`, which the gather calls for a deflate,
 //! for a completed free page report of the guest's own free frames, and for a device reset
@@ -57,6 +62,8 @@ pub enum FrameState {
     Retained = 4,
     /// A device keeps a long-lived mapping of it (a virtqueue's rings); never reclaimed.
     DeviceMapped = 5,
+    /// In the balloon, waiting for the rest of its 2 MiB block (block backends); still backed.
+    Partial = 6,
 }
 
 /// Who a frame belongs to.
@@ -68,20 +75,22 @@ pub enum Owner {
 }
 
 impl FrameState {
-    pub const ALL: [FrameState; 6] = [
+    pub const ALL: [FrameState; 7] = [
         FrameState::Mapped,
         FrameState::Gathered,
         FrameState::Zapped,
         FrameState::Released,
         FrameState::Retained,
         FrameState::DeviceMapped,
+        FrameState::Partial,
     ];
     /// The balloon's states.
-    pub const BALLOON: [FrameState; 4] = [
+    pub const BALLOON: [FrameState; 5] = [
         FrameState::Gathered,
         FrameState::Zapped,
         FrameState::Released,
         FrameState::Retained,
+        FrameState::Partial,
     ];
 
     fn from_bits(b: u8) -> Self {
@@ -91,7 +100,8 @@ impl FrameState {
             2 => FrameState::Zapped,
             3 => FrameState::Released,
             4 => FrameState::Retained,
-            // 6 and 7 are never written; treat them as the most restrictive owner.
+            6 => FrameState::Partial,
+            // 7 is never written; treat it as the most restrictive owner.
             _ => FrameState::DeviceMapped,
         }
     }
@@ -119,6 +129,10 @@ impl FrameState {
                 | (Retained, Mapped)
                 | (Mapped, DeviceMapped)
                 | (DeviceMapped, Mapped)
+                | (Gathered, Partial)
+                | (Partial, Gathered)
+                | (Partial, Mapped)
+                | (Released, Partial)
         )
     }
 
@@ -255,9 +269,10 @@ impl Stage2Map {
             FrameState::Gathered,
             FrameState::Released,
             FrameState::Retained,
+            FrameState::Partial,
         ];
         Ok(match self.transition(gfn, &from, FrameState::Mapped)? {
-            FrameState::Gathered => GivenBack::Ungathered,
+            FrameState::Gathered | FrameState::Partial => GivenBack::Ungathered,
             FrameState::Released => GivenBack::Repopulated,
             _ => GivenBack::Retained,
         })
@@ -275,6 +290,24 @@ impl Stage2Map {
             self.transition(g, &[FrameState::Zapped], FrameState::Released)
                 .expect("only zapped frames are released");
         }
+    }
+
+    /// Gathered → Partial: the frame waits for the rest of its 2 MiB block.
+    pub(crate) fn mark_partial(&self, g: Gfn) {
+        self.transition(g, &[FrameState::Gathered], FrameState::Partial)
+            .expect("only gathered frames wait in a block");
+    }
+
+    /// Partial → Gathered: the frame's block is complete and goes to a batch.
+    pub(crate) fn unpark(&self, g: Gfn) -> Result<(), FrameError> {
+        self.transition(g, &[FrameState::Partial], FrameState::Gathered)
+            .map(drop)
+    }
+
+    /// Released → Partial: the frame's block, released whole, is backed again (one of its
+    /// frames went back to the guest). Frames not Released are left as they are.
+    pub(crate) fn rebacked(&self, g: Gfn) {
+        let _ = self.transition(g, &[FrameState::Released], FrameState::Partial);
     }
 
     /// A host call failed: the frames stay in the balloon, their host pages still held.
@@ -421,8 +454,12 @@ mod tests {
             .filter(|&(a, b)| a.may_become(b))
             .collect();
         // Nothing reaches Released except from Zapped; nothing enters the device's state
-        // except from the guest's; nothing leaves the balloon except to the guest.
+        // except from the guest's; nothing leaves the balloon except to the guest; a frame
+        // waiting in a block goes only back to a batch or to the guest.
         for &(a, b) in &allowed {
+            if a == Partial {
+                assert!(b == Gathered || b == Mapped, "{a:?} -> {b:?}");
+            }
             if b == Released {
                 assert_eq!(a, Zapped);
             }
@@ -433,7 +470,7 @@ mod tests {
                 assert_eq!(b, Mapped);
             }
         }
-        assert_eq!(allowed.len(), 10);
+        assert_eq!(allowed.len(), 14);
     }
 
     #[test]

@@ -68,6 +68,13 @@ pub struct GatherStats {
     pub ranges: u64,
     /// Zap calls made: one per span.
     pub spans: u64,
+    /// Block backends: 2 MiB blocks released whole.
+    pub blocks_released: u64,
+    /// Block backends: blocks holding frames that wait for the rest of their block (the host
+    /// still holds these blocks whole).
+    pub partial_blocks: u64,
+    /// Block backends: partial blocks whose waiting frames were released at 4 KiB (split).
+    pub blocks_split: u64,
     /// In-use frames bridged by spans (zapped and kept).
     pub bridged: u64,
     /// Host calls made: one zap per span and one release per range.

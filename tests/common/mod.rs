@@ -22,6 +22,16 @@ fn mark(kind: &str, test: &str) {
     std::fs::write(marker_dir(kind).join(test), b"").unwrap();
 }
 
+/// Says loudly that `test` cannot run on this host and why, and records the skip with its
+/// reason (test.sh's summary counts skips by reason). A test that ran past `kvm_or_skip`
+/// and then skips for another reason is counted as skipped, not as run.
+pub fn skip(test: &str, reason: &str) {
+    println!("SKIPPED: {reason} ({test})");
+    eprintln!("SKIPPED: {reason} ({test})");
+    let _ = std::fs::remove_file(marker_dir("ran").join(test));
+    std::fs::write(marker_dir("skipped").join(test), reason.as_bytes()).unwrap();
+}
+
 /// True if /dev/kvm can be opened. Otherwise prints the SKIPPED line and records the skip.
 pub fn kvm_or_skip(test: &str) -> bool {
     let ok = std::fs::OpenOptions::new()
@@ -32,11 +42,94 @@ pub fn kvm_or_skip(test: &str) -> bool {
     if ok {
         mark("ran", test);
     } else {
-        println!("SKIPPED: /dev/kvm not available ({test})");
-        eprintln!("SKIPPED: /dev/kvm not available ({test})");
-        mark("skipped", test);
+        skip(test, "/dev/kvm not available");
     }
     ok
+}
+
+/// Whether this process runs as root (mounting a private tmpfs, reserving hugetlb pages).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A tmpfs mounted for one test in a scratch directory, unmounted when dropped.
+pub struct TmpfsMount {
+    pub dir: PathBuf,
+}
+
+impl TmpfsMount {
+    /// Mounts a tmpfs with `options` (e.g. "huge=always,size=600m") at a fresh directory.
+    pub fn new(name: &str, options: &str) -> Result<Self, String> {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("tmpfs-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        let c = |s: &str| std::ffi::CString::new(s).unwrap();
+        let (src, target, fstype, opts) =
+            (c("tmpfs"), c(dir.to_str().unwrap()), c("tmpfs"), c(options));
+        // SAFETY: valid C strings; mounting a fresh tmpfs on our own scratch directory.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "mount -t tmpfs -o {options}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(Self { dir })
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(self.dir.to_str().unwrap()).unwrap();
+        // SAFETY: unmounting the tmpfs this guard mounted.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+const NR_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+/// 2 MiB hugetlb pages reserved for one test on top of what the host had, given back when
+/// dropped.
+pub struct HugetlbPages {
+    before: u64,
+}
+
+impl HugetlbPages {
+    pub fn reserve(pages: u64) -> Result<Self, String> {
+        let read = |f: &str| -> u64 {
+            std::fs::read_to_string(f)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let before = read(NR_HUGEPAGES);
+        std::fs::write(NR_HUGEPAGES, (before + pages).to_string())
+            .map_err(|e| format!("write {NR_HUGEPAGES}: {e}"))?;
+        let guard = Self { before };
+        let free = read("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages");
+        if free < pages {
+            return Err(format!(
+                "the host found only {free} of {pages} free 2 MiB pages"
+            ));
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for HugetlbPages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
+    }
 }
 
 /// Held by every VM-running test of a binary with a test that counts KVM's flushes while its

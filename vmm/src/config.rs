@@ -26,6 +26,8 @@ pub struct VmConfig {
     pub reclaim_probe: bool,
     /// Leave the host's fault-around on for guest RAM (`guest_mm::fault_around`).
     pub keep_host_fault_around: bool,
+    /// What backs guest RAM (4 KiB memfd, shmem huge pages, hugetlb).
+    pub memory_backend: guest_mm::MemoryBackend,
 }
 
 /// Parses sizes such as `512M`, `2G`, `64KiB`, `4096` (bytes). Suffixes are powers of 1024.

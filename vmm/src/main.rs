@@ -91,6 +91,24 @@ struct RunArgs {
     /// next to them back in before they are released (docs/ARCHITECTURE.md). For comparison.
     #[arg(long)]
     keep_host_fault_around: bool,
+    /// What backs guest RAM: memfd (4 KiB pages), shmem-thp (a file on a tmpfs mounted with
+    /// huge=always or huge=within_size, given by --memory-path: transparent 2 MiB pages) or
+    /// hugetlb (a memfd of 2 MiB hugetlb pages, reserved beforehand in
+    /// /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages). With 2 MiB pages the gather
+    /// releases whole 2 MiB blocks once all 512 of their frames are in the balloon
+    /// (docs/ARCHITECTURE.md, "Huge pages").
+    #[arg(long, default_value = "memfd", value_parser = ["memfd", "shmem-thp", "hugetlb"])]
+    memory_backend: String,
+    /// For --memory-backend shmem-thp: a directory on a tmpfs mounted with huge=always (e.g.
+    /// `mount -t tmpfs -o huge=always,size=8G tmpfs DIR`).
+    #[arg(long)]
+    memory_path: Option<PathBuf>,
+    /// With 2 MiB pages: what to do with frames waiting in partial blocks once the balloon
+    /// reaches its target. hold: keep them until their blocks complete (the host keeps those
+    /// blocks); split: release them at 4 KiB (shmem-thp only: the kernel splits each huge
+    /// page it punches part of; hugetlb pages cannot be freed in part).
+    #[arg(long, default_value = "hold", value_parser = ["hold", "split"])]
+    partial_blocks: String,
 }
 
 #[derive(clap::Args)]
@@ -136,8 +154,28 @@ enum BalloonAction {
     },
 }
 
+fn memory_backend(args: &RunArgs) -> anyhow::Result<guest_mm::MemoryBackend> {
+    use guest_mm::MemoryBackend;
+    let backend = match (args.memory_backend.as_str(), &args.memory_path) {
+        ("shmem-thp", Some(dir)) => MemoryBackend::ShmemThp { dir: dir.clone() },
+        ("shmem-thp", None) => anyhow::bail!(
+            "--memory-backend shmem-thp needs --memory-path DIR, a directory on a tmpfs mounted with huge=always (e.g. `mount -t tmpfs -o huge=always,size=8G tmpfs DIR`)"
+        ),
+        (_, Some(_)) => anyhow::bail!("--memory-path is only for --memory-backend shmem-thp"),
+        ("hugetlb", None) => MemoryBackend::Hugetlb,
+        _ => MemoryBackend::Memfd,
+    };
+    if args.partial_blocks == "split" && !matches!(backend, MemoryBackend::ShmemThp { .. }) {
+        anyhow::bail!(
+            "--partial-blocks split needs --memory-backend shmem-thp: hugetlb pages cannot be freed in part, and 4 KiB memfd pages have no blocks"
+        );
+    }
+    Ok(backend)
+}
+
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let guest = guests::resolve(&args.guest)?;
+    let memory_backend = memory_backend(&args)?;
     let config = VmConfig {
         guest: guest.clone(),
         vcpus: args.vcpus,
@@ -148,6 +186,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             max_batch_pages: args.batch_pages.max(1),
             window: Duration::from_millis(args.batch_window_ms),
             zap_span_gap: args.zap_span_gap,
+            split_partial_blocks: args.partial_blocks == "split",
             ..GatherConfig::new(args.reclaim_strategy)
         },
         balloon_steps: args.balloon_steps,
@@ -155,6 +194,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         api_sock: args.api_sock.clone(),
         reclaim_probe: args.reclaim_probe,
         keep_host_fault_around: args.keep_host_fault_around,
+        memory_backend,
     };
     let vm = Vm::new(&config).with_context(|| format!("cannot start guest {}", guest.display()))?;
     eprintln!(

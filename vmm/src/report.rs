@@ -40,12 +40,21 @@ pub struct BalloonReport {
     pub host_bytes_held: u64,
     /// Frames the balloon owns, from the stage-2 map's ownership states (not from counters).
     pub frames_in_balloon: u64,
+    /// What backs guest RAM: memfd, shmem-thp or hugetlb.
+    pub memory_backend: String,
+    /// Block backends: bytes of balloon frames waiting in partial 2 MiB blocks, which the
+    /// host still holds.
+    pub partial_block_bytes: u64,
     pub strategy: String,
     pub device: BalloonCounters,
     pub guest: GuestStats,
     pub gather: GatherStats,
     pub kvm_remote_tlb_flush_requests: Option<u64>,
     pub kvm_remote_tlb_flush: Option<u64>,
+    /// KVM's stage-2 mappings by size (VM statistics `pages_4k`, `pages_2m`): whether the
+    /// guest is mapped with 2 MiB entries.
+    pub kvm_pages_4k: Option<u64>,
+    pub kvm_pages_2m: Option<u64>,
 }
 
 impl BalloonReport {
@@ -60,12 +69,16 @@ impl BalloonReport {
             guest_ram_bytes: mm.ram.layout().total_bytes(),
             host_bytes_held: mm.ram.host_bytes_held().unwrap_or(0),
             frames_in_balloon: mm.map.in_balloon(),
+            memory_backend: mm.ram.backend().name().into(),
+            partial_block_bytes: mm.map.count(guest_mm::FrameState::Partial) * PAGE_SIZE,
             strategy: gather.config().strategy.to_string(),
             device: b.counters.clone(),
             guest: b.guest_stats.clone(),
             gather: gather.stats().clone(),
             kvm_remote_tlb_flush_requests: mm.kvm_stat("remote_tlb_flush_requests"),
             kvm_remote_tlb_flush: mm.kvm_stat("remote_tlb_flush"),
+            kvm_pages_4k: mm.kvm_stat("pages_4k"),
+            kvm_pages_2m: mm.kvm_stat("pages_2m"),
         }
     }
 
@@ -102,6 +115,14 @@ impl BalloonReport {
                 "vmm: gather ({}): {} batches, {} pages in {} ranges, {} zap calls bridging {} in-use frames, {} host calls, {} KVM flush requests ({:.0} per GiB reclaimed)",
                 self.strategy, g.batches, g.pages_reclaimed, g.ranges, g.spans, g.bridged, g.host_calls, g.kvm_flush_requests,
                 per_gib(g.kvm_flush_requests)
+            ),
+            format!(
+                "vmm: guest RAM on {}; KVM stage-2 mappings: {} of 4 KiB, {} of 2 MiB; 2 MiB blocks released {}, split {}, partial now {} ({:.1} MiB of balloon frames held in them)",
+                self.memory_backend,
+                self.kvm_pages_4k.map_or("?".into(), |v| v.to_string()),
+                self.kvm_pages_2m.map_or("?".into(), |v| v.to_string()),
+                g.blocks_released, g.blocks_split, g.partial_blocks,
+                mib(self.partial_block_bytes)
             ),
             format!(
                 "vmm: gather latency p50/p99 us: gather {}/{}, zap {}/{}, invalidate {}/{}, release {}/{}",

@@ -73,11 +73,11 @@ impl Vm {
         guest_mm::Layout::new(config.memory)?;
 
         let vm_fd = kvm.create_vm().map_err(err("KVM_CREATE_VM"))?;
-        let ram = Arc::new(if config.keep_host_fault_around {
-            GuestRam::new_keeping_fault_around(config.memory)?
-        } else {
-            GuestRam::new(config.memory)?
-        });
+        let ram = Arc::new(GuestRam::with_backend(
+            config.memory,
+            &config.memory_backend,
+            config.keep_host_fault_around,
+        )?);
         for (slot, r) in ram.layout().ranges().iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,

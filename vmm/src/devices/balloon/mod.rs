@@ -254,6 +254,24 @@ impl Balloon {
         }
     }
 
+    /// The driver reports the target reached. On 2 MiB pages with `--partial-blocks split`,
+    /// the frames still waiting in partial blocks then go back to the host at 4 KiB: the
+    /// target can only be met by splitting them (the pending batch is flushed first, so that
+    /// nothing the driver sent is left waiting).
+    fn target_reached(&mut self) {
+        let mut gather = self.memory.gather.lock().unwrap();
+        if !gather.config().split_partial_blocks {
+            return;
+        }
+        let _ = gather.flush();
+        if let Some(r) = gather.split_partial_blocks() {
+            tracing::info!(
+                "balloon: target reached; split partial 2 MiB blocks, releasing {} frames at 4 KiB",
+                r.pages
+            );
+        }
+    }
+
     fn process_stats(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) {
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -318,6 +336,9 @@ impl VirtioDevice for Balloon {
                 return;
             }
             self.actual = v;
+            if v > 0 && v == self.num_pages {
+                self.target_reached();
+            }
         } else {
             tracing::warn!(
                 "balloon: write of {} bytes at config offset {offset} ignored",

@@ -19,6 +19,33 @@ const RING_BASE: u64 = 0x10000;
 const BUF: u64 = 0x40000;
 const CANARY: std::ops::Range<u64> = 0x2000..0x2010;
 
+/// The memfd backend presented as a 2 MiB block backend: the host calls are real, the
+/// gather's block logic is what a huge-page backend gets.
+struct AsBlocks {
+    inner: KvmMemfd,
+    can_split: bool,
+}
+
+impl guest_mm::Stage2Backend for AsBlocks {
+    fn name(&self) -> &'static str {
+        "memfd-as-blocks"
+    }
+    fn granule(&self) -> guest_mm::Granule {
+        guest_mm::Granule::Block {
+            can_split: self.can_split,
+        }
+    }
+    fn zap_keeps_contents(&self) -> bool {
+        self.inner.zap_keeps_contents()
+    }
+    fn zap(&self, s: &guest_mm::ZapSpan) -> Result<(), guest_mm::BackendError> {
+        self.inner.zap(s)
+    }
+    fn release(&self, r: guest_mm::GfnRange) -> Result<(), guest_mm::BackendError> {
+        self.inner.release(r)
+    }
+}
+
 struct Harness {
     t: MmioTransport<Balloon>,
     mm: Arc<MemoryManager>,
@@ -39,16 +66,26 @@ fn read_reg(t: &MmioTransport<Balloon>, off: u64) -> u32 {
 
 impl Harness {
     fn new(strategy: Strategy) -> Self {
+        Self::with_blocks(strategy, None)
+    }
+
+    /// With `blocks`, the memfd backend is driven as a 2 MiB block backend (that can split,
+    /// or not), so the gather holds frames in their blocks as it does on huge pages.
+    fn with_blocks(strategy: Strategy, blocks: Option<bool>) -> Self {
         let ram = Arc::new(GuestRam::new(MEM).unwrap());
         // Every host call is checked against the frames' owners.
         let mm = Arc::new(MemoryManager::with_backend(
             ram.clone(),
             GatherConfig::new(strategy),
             |ram, map| {
-                Arc::new(OwnershipChecked::new(
-                    Arc::new(KvmMemfd::new(ram.clone())),
-                    map.clone(),
-                ))
+                let kvm: Arc<dyn guest_mm::Stage2Backend> = match blocks {
+                    None => Arc::new(KvmMemfd::new(ram.clone())),
+                    Some(can_split) => Arc::new(AsBlocks {
+                        inner: KvmMemfd::new(ram.clone()),
+                        can_split,
+                    }),
+                };
+                Arc::new(OwnershipChecked::new(kvm, map.clone()))
             },
             None,
             None,

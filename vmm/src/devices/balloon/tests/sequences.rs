@@ -1,6 +1,7 @@
 //! Random sequences of guest operations (inflate, deflate, free page report, reclaim probe,
 //! device reset, batch window) on the real device through real rings, for every strategy
-//! (and for the gather both by range and with zap spans),
+//! (and for the gather both by range and with zap spans), on 4 KiB pages and in 2 MiB
+//! blocks,
 //! checked after each step against the ownership invariants (`ownership::check`), against
 //! the host calls (`OwnershipChecked` panics on a zap or release of a frame the balloon does
 //! not own), and against a model of who owns each frame: the set of frames in the balloon
@@ -54,6 +55,9 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => prop::collection::vec(frame(), 1..24).prop_map(Op::Inflate),
         3 => prop::collection::vec(frame(), 1..24).prop_map(Op::Deflate),
+        // Half of one of two 2 MiB blocks at LOW, so that blocks complete and go whole.
+        2 => (0..4u64).prop_map(|h| Op::Inflate((LOW + h * 256..LOW + (h + 1) * 256).rev().collect())),
+        1 => (0..4u64).prop_map(|h| Op::Deflate((LOW + h * 256..LOW + (h + 1) * 256).collect())),
         2 => (0..WINDOW, 1..16u64).prop_map(|(i, pages)| Op::Report { first: LOW + i, pages }),
         1 => (0..WINDOW, 1..16u64, any::<bool>())
             .prop_map(|(i, pages, contiguous)| Op::Probe { first: LOW + i, pages, contiguous }),
@@ -83,8 +87,8 @@ impl Model {
     }
 }
 
-fn run(strategy: Reclaim, zap_span_gap: u64, ops: &[Op]) {
-    let mut h = Harness::new(strategy);
+fn run(strategy: Reclaim, zap_span_gap: u64, blocks: Option<bool>, ops: &[Op]) {
+    let mut h = Harness::with_blocks(strategy, blocks);
     {
         let mut g = h.mm.gather.lock().unwrap();
         let c = GatherConfig {
@@ -197,7 +201,9 @@ proptest! {
         strategy in prop_oneof![Just(Reclaim::PerPage), Just(Reclaim::PerBuffer), Just(Reclaim::Gather)],
         // Gather by range, or with zap spans bridging the in-use frames between ranges.
         zap_span_gap in prop_oneof![Just(0u64), Just(64u64)],
+        // 4 KiB pages, or 2 MiB blocks (that can split, or not), as on huge pages.
+        blocks in prop_oneof![Just(None), Just(Some(true)), Just(Some(false))],
     ) {
-        run(strategy, zap_span_gap, &ops);
+        run(strategy, zap_span_gap, blocks, &ops);
     }
 }
