@@ -9,7 +9,8 @@
 //! thread is a scheduling point that shuttle can interleave.
 
 use crate::machine::{Machine, Op, Order};
-use guest_mm::{BackendError, GfnRange, Stage2Backend, ZapSpan};
+use guest_mm::backend::BLOCK_FRAMES;
+use guest_mm::{BackendError, GfnRange, Granule, Stage2Backend, ZapSpan};
 use shuttle::sync::{Condvar, Mutex, MutexGuard};
 use std::sync::Arc;
 
@@ -60,11 +61,17 @@ impl Shared {
 
 pub struct ModelBackend {
     shared: Arc<Shared>,
+    granule: Granule,
 }
 
 impl ModelBackend {
     pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+        Self::with_granule(shared, Granule::Page)
+    }
+
+    /// As a backend that gives memory back in `granule` (2 MiB blocks: huge pages).
+    pub fn with_granule(shared: Arc<Shared>, granule: Granule) -> Self {
+        Self { shared, granule }
     }
 
     fn check(&self, m: &Machine, r: GfnRange) -> Result<(), BackendError> {
@@ -81,6 +88,10 @@ impl ModelBackend {
 impl Stage2Backend for ModelBackend {
     fn name(&self) -> &'static str {
         "stage2-model"
+    }
+
+    fn granule(&self) -> Granule {
+        self.granule
     }
 
     fn zap_keeps_contents(&self) -> bool {
@@ -106,6 +117,16 @@ impl Stage2Backend for ModelBackend {
     fn release(&self, r: GfnRange) -> Result<(), BackendError> {
         let mut m = self.shared.lock();
         self.check(&m, r)?;
+        if let Granule::Block { can_split: false } = self.granule {
+            let whole =
+                r.start.is_multiple_of(BLOCK_FRAMES) && r.count.is_multiple_of(BLOCK_FRAMES);
+            if !whole {
+                m.violation_report(format!(
+                    "release of gfns {:#x}+{}, part of a 2 MiB block whose huge page cannot be freed in part",
+                    r.start, r.count
+                ));
+            }
+        }
         m = self.shared.wait_writeback(m, r);
         m.release(r.start, r.count);
         self.shared.released.notify_all();

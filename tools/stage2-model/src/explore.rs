@@ -48,6 +48,9 @@ pub struct Scenario {
     pub max_batch_pages: u64,
     /// In-use frames a span may bridge per gap (the gather's `zap_span_gap`).
     pub zap_span_gap: u64,
+    /// Give memory back in whole 2 MiB blocks that cannot be split (hugetlb), instead of
+    /// 4 KiB pages: the gather holds frames in their blocks until each is complete.
+    pub blocks: bool,
     pub order: Order,
     pub writeback_rounds: usize,
     pub workload: Workload,
@@ -65,9 +68,24 @@ impl Scenario {
             strategy: Strategy::Gather,
             max_batch_pages: 16,
             zap_span_gap: guest_mm::gather::DEFAULT_ZAP_SPAN_GAP,
+            blocks: false,
             order,
             writeback_rounds: 1,
             workload: Workload::Small,
+        }
+    }
+
+    /// The random configuration on 2 MiB blocks: each round the balloon takes one of the two
+    /// blocks whole (in 256-frame buffers) besides its random frames, and gives some back.
+    pub fn random_blocks(order: Order) -> Self {
+        Self {
+            blocks: true,
+            workload: Workload::Random {
+                ops: 24,
+                rounds: 3,
+                buffer: 16,
+            },
+            ..Self::random(order)
         }
     }
 
@@ -93,6 +111,7 @@ impl Scenario {
             strategy: Strategy::Gather,
             max_batch_pages: 24,
             zap_span_gap: guest_mm::gather::DEFAULT_ZAP_SPAN_GAP,
+            blocks: false,
             order,
             writeback_rounds: 2,
             workload: Workload::Random {
@@ -176,14 +195,20 @@ fn script(s: &Scenario) -> Script {
                 })
                 .collect();
             let rounds = (0..rounds)
-                .map(|_| {
-                    let buffers: Vec<Vec<u64>> = (0..1 + r.below(3))
+                .map(|round| {
+                    let mut buffers: Vec<Vec<u64>> = (0..1 + r.below(3))
                         .map(|_| {
                             (0..1 + r.below(buffer as u64))
                                 .map(|_| pick(&mut r))
                                 .collect()
                         })
                         .collect();
+                    if s.blocks {
+                        // One whole 2 MiB block, descending, in Linux-sized buffers.
+                        let first = (round as u64 % (s.frames / 512)) * 512;
+                        let block: Vec<u64> = (first..first + 512).rev().collect();
+                        buffers.extend(block.chunks(256).map(<[u64]>::to_vec));
+                    }
                     let all: Vec<u64> = buffers.iter().flatten().copied().collect();
                     let back = all.iter().copied().filter(|_| r.below(2) == 0).collect();
                     (buffers, back)
@@ -215,7 +240,14 @@ pub fn execution(s: &Scenario) -> Counters {
             ..GatherConfig::new(s.strategy)
         },
         Arc::new(Stage2Map::new(layout)),
-        Arc::new(ModelBackend::new(shared.clone())),
+        Arc::new(ModelBackend::with_granule(
+            shared.clone(),
+            if s.blocks {
+                guest_mm::Granule::Block { can_split: false }
+            } else {
+                guest_mm::Granule::Page
+            },
+        )),
         // The VMM's own references are not modelled (guest-mm's grace tests cover them):
         // no readers, so the grace period returns at once.
         Readers::new(),

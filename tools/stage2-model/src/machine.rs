@@ -248,6 +248,11 @@ impl Machine {
         self.trace.push_back(line);
     }
 
+    /// Fails the execution with a violation found outside the machine (the backend's checks).
+    pub fn violation_report(&self, what: String) -> ! {
+        self.violation(what)
+    }
+
     /// Fails the execution with the violation and the interleaving that led to it.
     fn violation(&self, what: String) -> ! {
         let steps: Vec<&str> = self.trace.iter().map(String::as_str).collect();
