@@ -4,7 +4,9 @@
 
 use guest_mm::gather::{FlushCounter, GatherConfig};
 use guest_mm::kvm_stats::{KvmStats, VmCounters};
-use guest_mm::{GuestRam, KvmMemfd, Readers, Stage2Backend, Stage2Gather, Stage2Map};
+use guest_mm::{
+    GuestRam, KvmMemfd, OwnershipChecked, Readers, Stage2Backend, Stage2Gather, Stage2Map,
+};
 use kvm_ioctls::VmFd;
 use std::sync::{Arc, Mutex};
 
@@ -43,6 +45,23 @@ impl MemoryManager {
             |ram, _| Arc::new(KvmMemfd::new(ram.clone())),
             gather_stats,
             kvm_stats,
+        )
+    }
+
+    /// The KVM memfd backend wrapped so that every host call is checked against the frames'
+    /// owners (`OwnershipChecked`, which panics on a violation): for tests and fuzzing.
+    pub fn checked(ram: Arc<GuestRam>, config: GatherConfig) -> Self {
+        Self::with_backend(
+            ram,
+            config,
+            |ram, map| {
+                Arc::new(OwnershipChecked::new(
+                    Arc::new(KvmMemfd::new(ram.clone())),
+                    map.clone(),
+                ))
+            },
+            None,
+            None,
         )
     }
 

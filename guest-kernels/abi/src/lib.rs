@@ -127,4 +127,21 @@ pub mod probe {
         /// One of the `STATUS_` values.
         pub status: u64,
     }
+
+    impl Mailbox {
+        pub const EMPTY: Mailbox = Mailbox {
+            magic: 0,
+            region_gfn: 0,
+            region_pages: 0,
+            list_gfn: 0,
+            list_capacity: 0,
+            pattern: 0,
+            reclaimed: 0,
+            status: 0,
+        };
+    }
+
+    /// A mailbox on a page of its own (the guest's static), so that no list shares its frame.
+    #[repr(C, align(4096))]
+    pub struct MailboxPage(pub Mailbox);
 }

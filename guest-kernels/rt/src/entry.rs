@@ -64,6 +64,22 @@ const LAPIC_ICR_HIGH: u64 = 0xFEE0_0310;
 
 global_asm!(
     r#"
+    /* 32-bit protected mode to long mode on the page tables at EDI: CR3, CR4.PAE, EFER.LME,
+       then paging. The caller far-jumps to 64-bit code next. */
+    .macro enter_long_mode
+    mov %edi, %cr3
+    mov %cr4, %eax
+    or $0x20, %eax
+    mov %eax, %cr4
+    mov $0xC0000080, %ecx
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000001, %eax
+    mov %eax, %cr0
+    .endm
+
     .section .text.boot, "ax"
     .code64
     .global _start64
@@ -113,17 +129,7 @@ pvh_start32:
     inc %ecx
     cmp $2048, %ecx
     jb 2b
-    mov %edi, %cr3
-    mov %cr4, %eax
-    or $0x20, %eax
-    mov %eax, %cr4
-    mov $0xC0000080, %ecx
-    rdmsr
-    or $0x100, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $0x80000001, %eax
-    mov %eax, %cr0
+    enter_long_mode
     lgdt rt_pvh_gdt_ptr
     ljmp ${kernel_cs}, $3f
     .code64
@@ -163,17 +169,7 @@ rt_ap_start32:
     mov %eax, %es
     mov %eax, %ss
     mov $RT_PVH_TABLES, %edi
-    mov %edi, %cr3
-    mov %cr4, %eax
-    or $0x20, %eax
-    mov %eax, %cr4
-    mov $0xC0000080, %ecx
-    rdmsr
-    or $0x100, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $0x80000001, %eax
-    mov %eax, %cr0
+    enter_long_mode
     ljmp ${kernel_cs}, $4f
     .code64
 4:  mov ${kernel_ds}, %eax

@@ -5,44 +5,14 @@
 
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_fuzz::Target;
-
-const RINGS: u64 = 0x10000;
-const QSIZE: u32 = 16;
-
-fn reg(t: &mut Target, off: u64, v: u32) {
-    let _ = t.t.write(off, &v.to_le_bytes());
-}
+use vmm_fuzz::{Target, RINGS};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
         return;
     }
-    let strategy = [
-        guest_mm::Strategy::PerPage,
-        guest_mm::Strategy::PerBuffer,
-        guest_mm::Strategy::Gather,
-    ][data[0] as usize % 3];
-    let mut t = Target::new(strategy);
-    // Driver initialisation with all features and four queues at fixed rings.
-    reg(&mut t, 0x70, 3);
-    reg(&mut t, 0x24, 0);
-    reg(&mut t, 0x20, 0x26);
-    reg(&mut t, 0x24, 1);
-    reg(&mut t, 0x20, 1);
-    reg(&mut t, 0x70, 11);
-    for q in 0..4u64 {
-        let base = RINGS + q * 0x3000;
-        reg(&mut t, 0x30, q as u32);
-        reg(&mut t, 0x38, QSIZE);
-        for (o, a) in [(0x80, base), (0x90, base + 0x1000), (0xa0, base + 0x2000)] {
-            reg(&mut t, o, a as u32);
-            reg(&mut t, o + 4, 0);
-        }
-        reg(&mut t, 0x44, 1);
-    }
-    reg(&mut t, 0x70, 15);
-    assert!(t.t.is_active());
+    let mut t = Target::new(vmm_fuzz::strategy_of(data[0]));
+    t.activate();
     // The rest of the input: chunks of guest memory for the rings and the buffer area, each
     // followed by processing one queue.
     for chunk in data[1..].chunks(64) {

@@ -7,16 +7,10 @@
 
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_fuzz::{Target, RAM};
+use vmm_fuzz::{Target, QSIZE, RAM, RINGS};
 
-const RINGS: u64 = 0x10000;
-const QSIZE: u32 = 16;
 const BUF: u64 = 0x40000;
 const MAILBOX: u64 = 0x50000;
-
-fn reg(t: &mut Target, off: u64, v: u32) {
-    let _ = t.t.write(off, &v.to_le_bytes());
-}
 
 /// Puts one device-readable descriptor of `bytes` at BUF on queue `q` and processes it.
 fn submit(t: &mut Target, q: u64, bytes: &[u8], idx: &mut [u16; 2]) {
@@ -37,29 +31,8 @@ fuzz_target!(|data: &[u8]| {
     if data.is_empty() {
         return;
     }
-    let strategy = [
-        guest_mm::Strategy::PerPage,
-        guest_mm::Strategy::PerBuffer,
-        guest_mm::Strategy::Gather,
-    ][data[0] as usize % 3];
-    let mut t = Target::new(strategy);
-    reg(&mut t, 0x70, 3);
-    reg(&mut t, 0x24, 0);
-    reg(&mut t, 0x20, 0x26);
-    reg(&mut t, 0x24, 1);
-    reg(&mut t, 0x20, 1);
-    reg(&mut t, 0x70, 11);
-    for q in 0..4u64 {
-        let base = RINGS + q * 0x3000;
-        reg(&mut t, 0x30, q as u32);
-        reg(&mut t, 0x38, QSIZE);
-        for (o, a) in [(0x80, base), (0x90, base + 0x1000), (0xa0, base + 0x2000)] {
-            reg(&mut t, o, a as u32);
-            reg(&mut t, o + 4, 0);
-        }
-        reg(&mut t, 0x44, 1);
-    }
-    reg(&mut t, 0x70, 15);
+    let mut t = Target::new(vmm_fuzz::strategy_of(data[0]));
+    t.activate();
     let mut idx = [0u16; 2];
     // Steps of 65 bytes: a kind, then 64 bytes of payload.
     for step in data[1..].chunks(65) {
@@ -92,7 +65,12 @@ fuzz_target!(|data: &[u8]| {
             }
             // The probe port written with an arbitrary address.
             _ => {
-                let gpa = u32::from_le_bytes(payload.get(..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
+                let gpa = u32::from_le_bytes(
+                    payload
+                        .get(..4)
+                        .and_then(|b| b.try_into().ok())
+                        .unwrap_or([0; 4]),
+                );
                 t.probe(gpa as u64);
             }
         }

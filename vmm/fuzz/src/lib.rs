@@ -5,7 +5,7 @@
 //! ownership invariants of `vmm::devices::balloon::ownership` checked between steps.
 
 use guest_mm::layout::PAGE_SIZE;
-use guest_mm::{GatherConfig, GuestRam, KvmMemfd, OwnershipChecked, Strategy};
+use guest_mm::{GatherConfig, GuestRam, Strategy};
 use std::sync::Arc;
 use vmm::devices::balloon::{ownership, Balloon};
 use vmm::devices::virtio::{Interrupt, MmioTransport};
@@ -13,6 +13,16 @@ use vmm::memory::MemoryManager;
 use vmm_sys_util::eventfd::EventFd;
 
 pub const RAM: u64 = 8 << 20;
+/// Where `activate` puts the rings: queue q at RINGS + q * 0x3000 (descriptor table,
+/// available ring, used ring, a page each).
+pub const RINGS: u64 = 0x10000;
+/// The queues' size after `activate`.
+pub const QSIZE: u32 = 16;
+
+/// The strategy a fuzz input's first byte picks.
+pub fn strategy_of(byte: u8) -> Strategy {
+    [Strategy::PerPage, Strategy::PerBuffer, Strategy::Gather][byte as usize % 3]
+}
 
 pub struct Target {
     pub t: MmioTransport<Balloon>,
@@ -24,17 +34,9 @@ pub struct Target {
 impl Target {
     pub fn new(strategy: Strategy) -> Self {
         let ram = Arc::new(GuestRam::new(RAM).unwrap());
-        let mm = Arc::new(MemoryManager::with_backend(
+        let mm = Arc::new(MemoryManager::checked(
             ram.clone(),
             GatherConfig::new(strategy),
-            |ram, map| {
-                Arc::new(OwnershipChecked::new(
-                    Arc::new(KvmMemfd::new(ram.clone())),
-                    map.clone(),
-                ))
-            },
-            None,
-            None,
         ));
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let t = MmioTransport::new(
@@ -49,6 +51,33 @@ impl Target {
         }
     }
 
+    fn reg(&mut self, off: u64, v: u32) {
+        let _ = self.t.write(off, &v.to_le_bytes());
+    }
+
+    /// Drives a correct driver initialisation: every feature the device offers and four
+    /// queues at RINGS, then DRIVER_OK.
+    pub fn activate(&mut self) {
+        self.reg(0x70, 3);
+        self.reg(0x24, 0);
+        self.reg(0x20, 0x26);
+        self.reg(0x24, 1);
+        self.reg(0x20, 1);
+        self.reg(0x70, 11);
+        for q in 0..4u64 {
+            let base = RINGS + q * 0x3000;
+            self.reg(0x30, q as u32);
+            self.reg(0x38, QSIZE);
+            for (o, a) in [(0x80, base), (0x90, base + 0x1000), (0xa0, base + 0x2000)] {
+                self.reg(o, a as u32);
+                self.reg(o + 4, 0);
+            }
+            self.reg(0x44, 1);
+        }
+        self.reg(0x70, 15);
+        assert!(self.t.is_active());
+    }
+
     /// Runs the reclaim probe on the mailbox at `gpa` and accounts for what it did.
     pub fn probe(&mut self, gpa: u64) {
         if let Some(Ok(out)) = vmm::devices::reclaim_probe::handle(&self.mm, gpa) {
@@ -59,7 +88,8 @@ impl Target {
 
     /// Invariants that must hold between guest actions.
     pub fn check(&self) {
-        if let Err(e) = ownership::check(self.t.device(), self.t.is_active(), &self.mm, self.outside)
+        if let Err(e) =
+            ownership::check(self.t.device(), self.t.is_active(), &self.mm, self.outside)
         {
             panic!("ownership invariant broken: {e}");
         }

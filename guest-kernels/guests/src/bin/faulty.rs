@@ -13,7 +13,7 @@
 #![no_std]
 #![no_main]
 
-use abi::probe::{self, Mailbox};
+use abi::probe::{self, Mailbox, MailboxPage};
 use rt::{bootinfo, cmdline, println, Cpu, Verdict};
 
 fn main(cpu: &Cpu) -> Verdict {
@@ -49,18 +49,7 @@ fn main(cpu: &Cpu) -> Verdict {
     }
 }
 
-#[repr(C, align(4096))]
-struct MailboxPage(Mailbox);
-static mut MAILBOX: MailboxPage = MailboxPage(Mailbox {
-    magic: 0,
-    region_gfn: 0,
-    region_pages: 0,
-    list_gfn: 0,
-    list_capacity: 0,
-    pattern: 0,
-    reclaimed: 0,
-    status: 0,
-});
+static mut MAILBOX: MailboxPage = MailboxPage(Mailbox::EMPTY);
 
 /// Sends the request fields of `req` and returns (status, reclaimed).
 fn probe(req: Mailbox) -> (u64, u64) {

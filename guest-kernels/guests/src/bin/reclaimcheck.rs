@@ -25,22 +25,9 @@ use rt::pattern::{check, fill};
 use rt::sync::Barrier;
 use rt::{arch, bootinfo, cmdline, frames, println, Cpu, Verdict};
 
-use abi::probe::{self, Mailbox};
+use abi::probe::{self, MailboxPage};
 
-/// The mailbox on a page of its own, so that the VMM's list never shares its frame.
-#[repr(C, align(4096))]
-struct MailboxPage(Mailbox);
-
-static mut MAILBOX: MailboxPage = MailboxPage(Mailbox {
-    magic: 0,
-    region_gfn: 0,
-    region_pages: 0,
-    list_gfn: 0,
-    list_capacity: 0,
-    pattern: 0,
-    reclaimed: 0,
-    status: 0,
-});
+static mut MAILBOX: MailboxPage = MailboxPage(probe::Mailbox::EMPTY);
 
 static READY: Barrier = Barrier::new();
 static DONE: AtomicBool = AtomicBool::new(false);

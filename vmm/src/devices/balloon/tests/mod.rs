@@ -74,22 +74,23 @@ impl Harness {
     fn with_blocks(strategy: Strategy, blocks: Option<bool>) -> Self {
         let ram = Arc::new(GuestRam::new(MEM).unwrap());
         // Every host call is checked against the frames' owners.
-        let mm = Arc::new(MemoryManager::with_backend(
-            ram.clone(),
-            GatherConfig::new(strategy),
-            |ram, map| {
-                let kvm: Arc<dyn guest_mm::Stage2Backend> = match blocks {
-                    None => Arc::new(KvmMemfd::new(ram.clone())),
-                    Some(can_split) => Arc::new(AsBlocks {
+        let config = GatherConfig::new(strategy);
+        let mm = Arc::new(match blocks {
+            None => MemoryManager::checked(ram.clone(), config),
+            Some(can_split) => MemoryManager::with_backend(
+                ram.clone(),
+                config,
+                |ram, map| {
+                    let blocks = AsBlocks {
                         inner: KvmMemfd::new(ram.clone()),
                         can_split,
-                    }),
-                };
-                Arc::new(OwnershipChecked::new(kvm, map.clone()))
-            },
-            None,
-            None,
-        ));
+                    };
+                    Arc::new(OwnershipChecked::new(Arc::new(blocks), map.clone()))
+                },
+                None,
+                None,
+            ),
+        });
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let t = MmioTransport::new(
             Balloon::new(mm.clone(), interrupt.clone()),
