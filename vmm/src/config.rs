@@ -1,16 +1,37 @@
 //! What to boot: guest image, vCPUs, memory, command line; and human size parsing.
 
+use crate::boot::linux::LinuxBoot;
 use guest_mm::GatherConfig;
 use std::path::PathBuf;
 
+/// What the VM boots.
+#[derive(Clone, Debug)]
+pub enum BootSource {
+    /// One of the project's test guests, or another ELF with their entry contract
+    /// (`guests::resolve` finds them by name).
+    TestGuest(PathBuf),
+    /// A Linux kernel: PVH vmlinux or bzImage, with an optional initrd.
+    Linux(LinuxBoot),
+}
+
+impl BootSource {
+    /// The image's path, for messages.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            Self::TestGuest(p) => p,
+            Self::Linux(l) => &l.kernel,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct VmConfig {
-    /// Path of the guest ELF (see `guests::resolve` for names).
-    pub guest: PathBuf,
+    pub boot: BootSource,
     pub vcpus: u32,
     /// Guest RAM in bytes.
     pub memory: u64,
-    /// Guest command line, passed through the PVH start info.
+    /// Guest command line, passed through the PVH start info or boot_params. The VMM appends
+    /// its virtio-mmio device entry.
     pub cmdline: String,
     /// The KVM device node (normally /dev/kvm).
     pub kvm_device: PathBuf,

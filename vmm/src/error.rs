@@ -45,6 +45,33 @@ pub enum VmmError {
     GuestWrongArch { path: PathBuf, arch: String },
     #[error("cannot load guest {path}: {err}")]
     GuestLoad { path: PathBuf, err: String },
+    #[error("the command line is {len} bytes; this guest accepts at most {max}")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("{0} is neither an ELF vmlinux nor a bzImage (no ELF magic, no 'HdrS' at 0x202)")]
+    KernelFormat(PathBuf),
+    #[error("vmlinux {0} has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY, built with CONFIG_PVH=y): boot the kernel's bzImage instead")]
+    KernelNoPvh(PathBuf),
+    #[error("bzImage {path} has boot protocol {version:#x} without the 64-bit entry (needs 2.12+ with XLF_KERNEL_64)")]
+    KernelNo64BitEntry { path: PathBuf, version: u16 },
+    #[error("cannot load kernel {path}: {err}")]
+    KernelLoad { path: PathBuf, err: String },
+    #[error("--initrd {0} is empty")]
+    InitrdEmpty(PathBuf),
+    #[error("--memory {memory} is too small for this kernel: {why}")]
+    KernelMemory { memory: String, why: String },
+    #[error("--vcpus {requested} exceeds the {max} vCPUs the VMM's ACPI tables describe (one xAPIC ID each)")]
+    TooManyLinuxVcpus { requested: u32, max: u32 },
+    #[error("cannot write the ACPI tables: {0}")]
+    Acpi(String),
+    #[error("vCPU {vcpu}: KVM could not emulate {insn} at RIP {rip:#x} (CPL {cpl}; instruction bytes {bytes}). {why}")]
+    EmulationFailure {
+        vcpu: u32,
+        rip: u64,
+        cpl: u8,
+        bytes: String,
+        insn: String,
+        why: String,
+    },
     #[error("guest triple-faulted (KVM_EXIT_SHUTDOWN) on vCPU {vcpu}: {regs}")]
     TripleFault { vcpu: u32, regs: String },
     #[error("vCPU {vcpu}: unhandled KVM exit {reason} at RIP {rip:#x}")]

@@ -6,7 +6,8 @@ use guest_mm::{GatherConfig, Strategy};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use vmm::config::{format_size, parse_size, VmConfig};
+use vmm::boot::linux::{self, LinuxBoot};
+use vmm::config::{parse_size, BootSource, VmConfig};
 use vmm::devices::VERDICT_PASS;
 use vmm::{guests, Outcome, Vm};
 
@@ -20,12 +21,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a guest and run it until it reports a verdict.
+    /// Boot a test guest (--guest) or a Linux kernel (--kernel) and run it until it ends.
     ///
-    /// Exit status: 0 when the guest reports PASS on the exit port, 1 when it reports
-    /// anything else or stops without a verdict, 2 for VMM errors (bad arguments, KVM
-    /// unavailable, a guest crash), 128+N after signal N.
-    Run(RunArgs),
+    /// Exit status: 0 when the guest reports PASS on the exit port or powers the machine off
+    /// (ACPI S5), 1 when it reports anything else or stops without a verdict, 2 for VMM errors
+    /// (bad arguments, KVM unavailable, a guest crash, an instruction KVM cannot emulate), 3
+    /// when the guest resets the machine (this VMM does not reboot guests), 128+N after
+    /// signal N.
+    Run(Box<RunArgs>),
     /// Control the balloon of a running VM through its control socket.
     Balloon(BalloonArgs),
     /// List the project's built test guests.
@@ -33,19 +36,35 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("image").required(true).args(["guest", "kernel"])))]
 struct RunArgs {
-    /// Guest ELF: a path, or the name of a built test guest (see `vmm guests`).
+    /// Test guest ELF: a path, or the name of a built test guest (see `vmm guests`).
     #[arg(long)]
-    guest: String,
+    guest: Option<String>,
+    /// Linux kernel: an ELF vmlinux with a PVH note (booted through PVH) or a bzImage (booted
+    /// through the 64-bit boot protocol). Linux gets COM1 (ttyS0, IRQ 4), the virtio balloon
+    /// (virtio-mmio, in the DSDT and on the command line) and ACPI tables; see README.md,
+    /// "Boot your own kernel".
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk for --kernel (module 0 of the PVH start info, or boot_params' ramdisk).
+    #[arg(long, conflicts_with = "guest")]
+    initrd: Option<PathBuf>,
+    /// With --kernel: write no ACPI tables. Linux then finds no MADT (one CPU) and no DSDT:
+    /// it finds the balloon only through virtio_mmio.device= (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+    #[arg(long, conflicts_with = "guest")]
+    no_acpi: bool,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// Guest RAM, e.g. 256M or 2G (K/M/G/T are powers of 1024; must be a multiple of 4 KiB).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     memory: u64,
-    /// Guest command line, e.g. "rounds=3 bytes=64M" for memtouch.
-    #[arg(long, default_value = "")]
-    cmdline: String,
+    /// Guest command line, e.g. "rounds=3 bytes=64M" for memtouch. For --kernel the default
+    /// is "console=ttyS0 earlyprintk=ttyS0 panic=1", and the VMM appends the balloon's
+    /// virtio_mmio.device= entry; it prints the whole line it passes.
+    #[arg(long)]
+    cmdline: Option<String>,
     /// KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -173,14 +192,46 @@ fn memory_backend(args: &RunArgs) -> anyhow::Result<guest_mm::MemoryBackend> {
     Ok(backend)
 }
 
+fn boot_source(args: &RunArgs) -> anyhow::Result<(BootSource, String)> {
+    Ok(match (&args.guest, &args.kernel) {
+        (Some(guest), None) => (
+            BootSource::TestGuest(guests::resolve(guest)?),
+            args.cmdline.clone().unwrap_or_default(),
+        ),
+        (None, Some(kernel)) => {
+            for (what, path) in [
+                ("--kernel", Some(kernel)),
+                ("--initrd", args.initrd.as_ref()),
+            ] {
+                if let Some(p) = path {
+                    if !p.is_file() {
+                        anyhow::bail!("{what} {}: no such file", p.display());
+                    }
+                }
+            }
+            (
+                BootSource::Linux(LinuxBoot {
+                    kernel: kernel.clone(),
+                    initrd: args.initrd.clone(),
+                    acpi: !args.no_acpi,
+                }),
+                args.cmdline
+                    .clone()
+                    .unwrap_or_else(|| linux::DEFAULT_CMDLINE.into()),
+            )
+        }
+        _ => anyhow::bail!("give exactly one of --guest and --kernel"),
+    })
+}
+
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let guest = guests::resolve(&args.guest)?;
+    let (boot, cmdline) = boot_source(&args)?;
     let memory_backend = memory_backend(&args)?;
     let config = VmConfig {
-        guest: guest.clone(),
+        boot,
         vcpus: args.vcpus,
         memory: args.memory,
-        cmdline: args.cmdline,
+        cmdline,
         kvm_device: args.kvm_device,
         gather: GatherConfig {
             max_batch_pages: args.batch_pages.max(1),
@@ -196,13 +247,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         keep_host_fault_around: args.keep_host_fault_around,
         memory_backend,
     };
-    let vm = Vm::new(&config).with_context(|| format!("cannot start guest {}", guest.display()))?;
-    eprintln!(
-        "vmm: booting {} on {} vCPU(s) with {} of RAM",
-        guest.display(),
-        config.vcpus,
-        format_size(config.memory)
-    );
+    let vm = Vm::new(&config)
+        .with_context(|| format!("cannot start guest {}", config.boot.path().display()))?;
+    for line in vm.describe() {
+        eprintln!("vmm: {line}");
+    }
     let report_json = args.report_json.clone();
     let report = vm.run()?;
     for line in report.balloon.summary() {
@@ -230,6 +279,14 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Outcome::Signal(sig) => {
             eprintln!("vmm: stopped by signal {sig} after {secs:.2}s");
             ExitCode::from(128 + sig as u8)
+        }
+        Outcome::PowerOff => {
+            eprintln!("vmm: the guest powered the machine off after {secs:.2}s");
+            ExitCode::SUCCESS
+        }
+        Outcome::Reset => {
+            eprintln!("vmm: the guest reset the machine after {secs:.2}s; this VMM does not reboot guests");
+            ExitCode::from(3)
         }
         Outcome::Error(e) => return Err(e.into()),
     })
@@ -298,7 +355,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Balloon(args) => balloon(args),
         Command::Guests => {
             println!("guest directory: {}", guests::guest_dir().display());

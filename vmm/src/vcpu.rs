@@ -1,12 +1,14 @@
 //! vCPU threads: run KVM_RUN in a loop and handle each exit.
 //!
 //! A vCPU thread stops when the guest writes the stop port, when the VM is stopping (the
-//! shared `stop` flag, with a signal kick to leave KVM_RUN), or on a fatal exit (triple fault,
-//! an exit the VMM does not handle), which ends the VM with an error naming the vCPU, the exit
+//! shared `stop` flag, with a signal kick to leave KVM_RUN), when the guest powers off or
+//! resets the machine, or on a fatal exit (triple fault, an instruction KVM cannot emulate, an
+//! exit the VMM does not handle), which ends the VM with an error naming the vCPU, the exit
 //! reason and RIP.
 
 use crate::devices::balloon::BalloonDevice;
 use crate::devices::{reclaim_probe, IoAction, PortIo};
+use crate::emulation;
 use crate::error::VmmError;
 use crate::memory::MemoryManager;
 use crate::signals;
@@ -24,6 +26,10 @@ pub enum Outcome {
     VcpusStopped,
     /// SIGINT or SIGTERM.
     Signal(i32),
+    /// The guest powered the machine off (ACPI S5).
+    PowerOff,
+    /// The guest reset the machine; this VMM does not reboot guests.
+    Reset,
     Error(VmmError),
 }
 
@@ -125,6 +131,14 @@ pub fn run(mut vcpu: VcpuFd, index: u32, shared: Arc<VmShared>) {
                     shared.finish(Outcome::Verdict(v));
                     Next::StopVcpu
                 }
+                IoAction::PowerOff => {
+                    shared.finish(Outcome::PowerOff);
+                    Next::StopVcpu
+                }
+                IoAction::Reset => {
+                    shared.finish(Outcome::Reset);
+                    Next::StopVcpu
+                }
             },
             Ok(VcpuExit::IoIn(port, data)) => {
                 shared.io.read(port, data);
@@ -164,6 +178,9 @@ pub fn run(mut vcpu: VcpuFd, index: u32, shared: Arc<VmShared>) {
                 Next::Continue
             }
             Ok(VcpuExit::Shutdown) => Next::TripleFault,
+            Ok(VcpuExit::InternalError) => {
+                Next::Fatal(emulation::report(&mut vcpu, index, &shared.memory.ram))
+            }
             Ok(other) => {
                 let reason = exit_name(&other);
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);

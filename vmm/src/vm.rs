@@ -1,10 +1,14 @@
 //! A VM: KVM VM fd, memfd-backed RAM in memslots, the in-kernel irqchip, the loaded guest and
 //! its vCPUs; `run` drives it to the guest's verdict from an event-manager loop.
 
-use crate::boot::{self, BootImage};
-use crate::config::VmConfig;
+use crate::acpi;
+use crate::boot::{cpu, linux, test_guest, BootPlan};
+use crate::config::{format_size, BootSource, VmConfig};
 use crate::devices::balloon::steps::BalloonSteps;
 use crate::devices::balloon::{BalloonDevice, BalloonHandler};
+use crate::devices::balloon::{BALLOON_GSI, BALLOON_MMIO_BASE};
+use crate::devices::serial::{COM1_BASE, COM1_GSI};
+use crate::devices::virtio::MMIO_SIZE;
 use crate::devices::{PortIo, SerialPort};
 use crate::error::VmmError;
 use crate::kvm::{self, err};
@@ -42,7 +46,35 @@ pub struct Vm {
     api_sock: Option<std::path::PathBuf>,
     reclaim_probe: bool,
     vcpus: Vec<VcpuFd>,
-    image: BootImage,
+    serial_irq: EventFd,
+    boot: BootSummary,
+}
+
+/// What was booted, for the VMM's start-up lines.
+#[derive(Clone, Debug)]
+pub struct BootSummary {
+    /// e.g. "test guest memtouch" or "Linux (bzImage, 64-bit boot protocol)".
+    pub what: String,
+    /// The command line as the guest receives it.
+    pub cmdline: String,
+    /// Where the RSDP is, if the VMM wrote ACPI tables.
+    pub rsdp: Option<u64>,
+    /// The initrd's place in guest memory.
+    pub initrd: Option<(u64, u64)>,
+}
+
+/// The machine the ACPI tables describe: the devices this VMM always has.
+pub fn acpi_platform(vcpus: u32) -> acpi::Platform {
+    acpi::Platform {
+        vcpus,
+        serial: (COM1_BASE, COM1_GSI),
+        virtio_mmio: vec![acpi::VirtioMmio {
+            base: BALLOON_MMIO_BASE,
+            size: MMIO_SIZE,
+            gsi: BALLOON_GSI,
+        }],
+        power: crate::devices::power::PORTS,
+    }
 }
 
 pub struct RunReport {
@@ -64,11 +96,20 @@ impl Vm {
                 max,
             });
         }
-        if config.vcpus > GUEST_MAX_VCPUS {
-            return Err(VmmError::TooManyGuestVcpus {
-                requested: config.vcpus,
-                max: GUEST_MAX_VCPUS,
-            });
+        match &config.boot {
+            BootSource::TestGuest(_) if config.vcpus > GUEST_MAX_VCPUS => {
+                return Err(VmmError::TooManyGuestVcpus {
+                    requested: config.vcpus,
+                    max: GUEST_MAX_VCPUS,
+                })
+            }
+            BootSource::Linux(_) if config.vcpus > acpi::MAX_VCPUS => {
+                return Err(VmmError::TooManyLinuxVcpus {
+                    requested: config.vcpus,
+                    max: acpi::MAX_VCPUS,
+                })
+            }
+            _ => {}
         }
         guest_mm::Layout::new(config.memory)?;
 
@@ -95,33 +136,39 @@ impl Vm {
             .set_tss_address(KVM_TSS_ADDR)
             .map_err(err("KVM_SET_TSS_ADDR"))?;
         vm_fd.create_irq_chip().map_err(err("KVM_CREATE_IRQCHIP"))?;
+        if matches!(config.boot, BootSource::Linux(_)) {
+            // Linux calibrates against the PIT when it has no better clock.
+            let pit = kvm_bindings::kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm_fd.create_pit2(pit).map_err(err("KVM_CREATE_PIT2"))?;
+        }
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Device(e.to_string()))?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_GSI)
+            .map_err(err("KVM_IRQFD"))?;
 
         let memory = Arc::new(MemoryManager::for_vm(ram.clone(), &vm_fd, config.gather));
         let balloon = BalloonDevice::attach(&vm_fd, memory.clone()).map_err(VmmError::Device)?;
         let steps = BalloonSteps::new(config.balloon_steps.clone(), config.balloon_step_timeout);
 
-        let image = boot::load_guest(&ram, &config.guest)?;
-        let cr3 = boot::write_page_tables(&ram)?;
-        boot::write_gdt(&ram)?;
         let cmdline = format!("{} {}", config.cmdline, BalloonDevice::cmdline_entry());
-        let start_info = boot::write_start_info(&ram, cmdline.trim())?;
+        let (plan, boot) = Self::load(&ram, config, cmdline.trim())?;
 
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
-        for i in 0..config.vcpus {
+        for (i, entry) in plan.entries.iter().enumerate() {
             let vcpu = vm_fd
-                .create_vcpu(u64::from(i))
+                .create_vcpu(i as u64)
                 .map_err(err("KVM_CREATE_VCPU"))?;
-            boot::setup_vcpu(&vcpu, &cpuid, i, config.vcpus, image.entry, start_info, cr3)?;
-            // With the in-kernel irqchip, application processors wait for INIT/SIPI; ours start
-            // directly at the 64-bit entry like the boot processor.
-            let runnable = kvm_bindings::kvm_mp_state {
-                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
-            };
-            vcpu.set_mp_state(runnable)
-                .map_err(err("KVM_SET_MP_STATE"))?;
+            cpu::set_cpuid(&vcpu, &cpuid, i as u32)?;
+            if let Some(entry) = entry {
+                cpu::enter(&vcpu, entry)?;
+            }
             vcpus.push(vcpu);
         }
         memory.attach_vcpu_stats(&vm_fd, &vcpus);
@@ -136,8 +183,70 @@ impl Vm {
             steps,
             api_sock,
             vcpus,
-            image,
+            serial_irq,
+            boot,
         })
+    }
+
+    /// Loads what `config` boots and writes its boot data (and, for Linux, the ACPI tables).
+    fn load(
+        ram: &GuestRam,
+        config: &VmConfig,
+        cmdline: &str,
+    ) -> Result<(BootPlan, BootSummary), VmmError> {
+        match &config.boot {
+            BootSource::TestGuest(path) => {
+                let (_, plan) = test_guest::prepare(ram, path, cmdline, config.vcpus)?;
+                let summary = BootSummary {
+                    what: format!("test guest {}", path.display()),
+                    cmdline: plan.cmdline.clone(),
+                    rsdp: None,
+                    initrd: None,
+                };
+                Ok((plan, summary))
+            }
+            BootSource::Linux(l) => {
+                let rsdp = if l.acpi {
+                    let tables =
+                        acpi::build(&acpi_platform(config.vcpus)).map_err(VmmError::Acpi)?;
+                    Some(acpi::write(ram, &tables).map_err(VmmError::Acpi)?)
+                } else {
+                    None
+                };
+                let (loaded, plan) = linux::prepare(ram, l, cmdline, rsdp, config.vcpus)?;
+                let summary = BootSummary {
+                    what: format!(
+                        "Linux {} ({}, entry {:#x})",
+                        l.kernel.display(),
+                        loaded.format.describe(),
+                        loaded.entry
+                    ),
+                    cmdline: plan.cmdline.clone(),
+                    rsdp,
+                    initrd: loaded.initrd.map(|m| (m.addr, m.size)),
+                };
+                Ok((plan, summary))
+            }
+        }
+    }
+
+    /// The lines the VMM prints when it starts the guest.
+    pub fn describe(&self) -> Vec<String> {
+        let b = &self.boot;
+        let mut lines = vec![format!(
+            "booting {} on {} vCPU(s) with {} of RAM",
+            b.what,
+            self.vcpus.len(),
+            format_size(self.ram.layout().total_bytes())
+        )];
+        if let Some((addr, size)) = b.initrd {
+            lines.push(format!("initrd: {size} bytes at {addr:#x}"));
+        }
+        if let Some(rsdp) = b.rsdp {
+            lines.push(format!("ACPI: RSDP at {rsdp:#x}"));
+        }
+        lines.push(format!("command line: {}", b.cmdline));
+        lines
     }
 
     pub fn ram(&self) -> &Arc<GuestRam> {
@@ -152,15 +261,29 @@ impl Vm {
         &self.vm_fd
     }
 
-    pub fn image(&self) -> &BootImage {
-        &self.image
+    pub fn balloon(&self) -> &Arc<BalloonDevice> {
+        &self.balloon
+    }
+
+    /// The vCPUs' file descriptors, by index (until `run` takes them).
+    pub fn vcpu_fds(&self) -> &[VcpuFd] {
+        &self.vcpus
+    }
+
+    /// The irqfd COM1 raises its interrupt on (GSI 4).
+    pub fn serial_irq(&self) -> &EventFd {
+        &self.serial_irq
+    }
+
+    pub fn boot(&self) -> &BootSummary {
+        &self.boot
     }
 
     /// Runs the guest until its verdict, all vCPUs stop, a fatal exit, or SIGINT/SIGTERM.
     pub fn run(self) -> Result<RunReport, VmmError> {
         let started = Instant::now();
         let io = PortIo::new(
-            SerialPort::new(Box::new(std::io::stdout())),
+            SerialPort::new(Box::new(std::io::stdout()), self.serial_irq),
             self.reclaim_probe,
         );
         let shared = Arc::new(

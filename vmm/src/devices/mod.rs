@@ -1,8 +1,10 @@
-//! Port I/O devices: COM1 serial and the exit ports. Ports no device claims read as all
-//! ones and ignore writes, as on a PC; that is logged once per port at debug level.
+//! Port I/O devices: COM1 serial, the exit ports, the power ports (ACPI sleep/reset, i8042
+//! reset). Ports no device claims read as all ones and ignore writes, as on a PC; that is
+//! logged once per port at debug level.
 
 pub mod balloon;
 pub mod exit_port;
+pub mod power;
 pub mod reclaim_probe;
 pub mod serial;
 pub mod virtio;
@@ -23,6 +25,10 @@ pub enum IoAction {
     Exit(u8),
     /// The guest asked for a reclaim probe with the mailbox at this address.
     ReclaimProbe(u64),
+    /// The guest powered the machine off (ACPI S5).
+    PowerOff,
+    /// The guest reset the machine (ACPI reset register, i8042 reset).
+    Reset,
 }
 
 pub struct PortIo {
@@ -60,7 +66,8 @@ impl PortIo {
                 return IoAction::ReclaimProbe(u32::from_le_bytes(gpa) as u64);
             }
         }
-        match ExitPort::decode(port, data) {
+        let power = data.first().and_then(|v| power::decode_write(port, *v));
+        match ExitPort::decode(port, data).or(power) {
             Some(action) => action,
             None => {
                 self.note_unclaimed(port);
@@ -70,16 +77,22 @@ impl PortIo {
     }
 
     pub fn read(&self, port: u16, data: &mut [u8]) {
-        if let Some(offset) = SerialPort::offset(port) {
-            let v = self.serial.lock().unwrap().read(offset);
-            data.fill(0);
-            if let Some(b) = data.first_mut() {
-                *b = v;
+        let value = match SerialPort::offset(port) {
+            Some(offset) => Some(self.serial.lock().unwrap().read(offset)),
+            None => power::decode_read(port),
+        };
+        match value {
+            Some(v) => {
+                data.fill(0);
+                if let Some(b) = data.first_mut() {
+                    *b = v;
+                }
             }
-            return;
+            None => {
+                self.note_unclaimed(port);
+                data.fill(0xff);
+            }
         }
-        self.note_unclaimed(port);
-        data.fill(0xff);
     }
 
     fn note_unclaimed(&self, port: u16) {

@@ -1,19 +1,24 @@
-//! COM1: a 16550 UART (vm-superio) at 0x3f8 whose output goes to the VMM's stdout.
-//! The test guests poll; the UART's interrupt line is not wired.
+//! COM1: a 16550 UART (vm-superio) at 0x3f8 whose output goes to the VMM's stdout. Its
+//! interrupt (IRQ 4, as on a PC) is an irqfd into the in-kernel IOAPIC: Linux's 8250 driver
+//! needs the transmitter-empty interrupt once userspace writes to the console. The test
+//! guests poll and never enable it.
 
 use std::io::Write;
 use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
 
 pub const COM1_BASE: u16 = 0x3f8;
+/// COM1's GSI (an IOAPIC pin, edge-triggered, routed identically by KVM's default routing).
+pub const COM1_GSI: u32 = 4;
 const COM1_PORTS: u16 = 8;
 
-/// The UART's interrupt, unconnected.
-pub struct NoIrq;
+/// The UART's interrupt line: each trigger is one edge on the irqfd.
+pub struct IrqLine(pub EventFd);
 
-impl Trigger for NoIrq {
-    type E = std::convert::Infallible;
+impl Trigger for IrqLine {
+    type E = std::io::Error;
     fn trigger(&self) -> Result<(), Self::E> {
-        Ok(())
+        self.0.write(1)
     }
 }
 
@@ -50,14 +55,14 @@ impl Drop for LineBuffered {
 }
 
 pub struct SerialPort {
-    uart: Serial<NoIrq, vm_superio::serial::NoEvents, LineBuffered>,
+    uart: Serial<IrqLine, vm_superio::serial::NoEvents, LineBuffered>,
 }
 
 impl SerialPort {
-    pub fn new(out: Box<dyn Write + Send>) -> Self {
+    pub fn new(out: Box<dyn Write + Send>, irq: EventFd) -> Self {
         Self {
             uart: Serial::new(
-                NoIrq,
+                IrqLine(irq),
                 LineBuffered {
                     out,
                     line: Vec::new(),
