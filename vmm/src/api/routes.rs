@@ -173,10 +173,7 @@ impl ApiState {
         }
         // At most the guest's RAM, so the page count fits in the device's u32.
         let pages = (b.amount_mib * MIB / PAGE_SIZE) as u32;
-        let mut t = self.balloon.transport.lock().unwrap();
-        if t.device_mut().set_num_pages(pages) {
-            t.config_changed();
-        }
+        self.balloon.set_target_pages(pages);
         tracing::info!("api: balloon target set to {} MiB", b.amount_mib);
         Reply::no_content()
     }

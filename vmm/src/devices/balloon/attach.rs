@@ -59,6 +59,14 @@ impl BalloonDevice {
         }))
     }
 
+    /// Sets the target in 4 KiB pages; a change raises the configuration-change interrupt.
+    pub fn set_target_pages(&self, pages: u32) {
+        let mut t = self.transport.lock().unwrap();
+        if t.device_mut().set_num_pages(pages) {
+            t.config_changed();
+        }
+    }
+
     /// The kernel command line entry that tells a Linux-style driver where the device is.
     pub fn cmdline_entry() -> String {
         format!(

@@ -90,6 +90,18 @@ pub struct GuestStats {
     pub hugetlb_allocations: Option<u64>,
     /// 9: failed hugetlb page allocations.
     pub hugetlb_failures: Option<u64>,
+    /// 10: processes the guest's OOM killer killed (Linux 6.12+ sends 10-15).
+    pub oom_kills: Option<u64>,
+    /// 11: allocations that stalled for reclaim.
+    pub alloc_stalls: Option<u64>,
+    /// 12: pages scanned by background reclaim (kswapd).
+    pub async_scans: Option<u64>,
+    /// 13: pages scanned by direct reclaim.
+    pub direct_scans: Option<u64>,
+    /// 14: pages reclaimed by background reclaim.
+    pub async_reclaims: Option<u64>,
+    /// 15: pages reclaimed by direct reclaim.
+    pub direct_reclaims: Option<u64>,
     /// Entries with a tag this device does not know (ignored, counted).
     pub unknown_tags: u64,
     /// Statistics buffers received.
@@ -110,6 +122,12 @@ impl GuestStats {
             7 => &mut self.disk_caches,
             8 => &mut self.hugetlb_allocations,
             9 => &mut self.hugetlb_failures,
+            10 => &mut self.oom_kills,
+            11 => &mut self.alloc_stalls,
+            12 => &mut self.async_scans,
+            13 => &mut self.direct_scans,
+            14 => &mut self.async_reclaims,
+            15 => &mut self.direct_reclaims,
             _ => {
                 self.unknown_tags += 1;
                 return;

@@ -501,13 +501,16 @@ fn stats_are_parsed_and_refreshed_on_request() {
     let mut h = Harness::new(Strategy::Gather);
     h.init(ALL, None);
     let mut b = Vec::new();
-    for (tag, val) in [(4u16, 100u64), (5, 200), (6, 150), (2, 7), (9, 1), (77, 5)] {
+    // Tags 0-9 as every Linux sends them, 10-15 as Linux 6.12+ adds them, and one unknown.
+    let entries = [(4u16, 100u64), (5, 200), (6, 150), (2, 7), (9, 1), (10, 3)];
+    let newer = [(11u16, 4u64), (12, 5), (13, 6), (14, 7), (15, 8), (77, 5)];
+    for (tag, val) in entries.into_iter().chain(newer) {
         b.extend(tag.to_le_bytes());
         b.extend(val.to_le_bytes());
     }
     h.mem().write_slice(&b, GuestAddress(BUF)).unwrap();
     assert_eq!(
-        h.submit(STATS_Q, &[(BUF, 60, 0)]),
+        h.submit(STATS_Q, &[(BUF, 120, 0)]),
         0,
         "the device keeps the stats buffer"
     );
@@ -526,6 +529,17 @@ fn stats_are_parsed_and_refreshed_on_request() {
         (Some(7), Some(1), None, 1),
         "every virtio tag kept by name, unknown ones counted"
     );
+    assert_eq!(
+        [
+            s.oom_kills,
+            s.alloc_stalls,
+            s.async_scans,
+            s.direct_scans,
+            s.async_reclaims,
+            s.direct_reclaims
+        ],
+        [Some(3), Some(4), Some(5), Some(6), Some(7), Some(8)]
+    );
     h.t.with_device_and_queue(STATS_Q, |d, q, m| d.request_stats(q, m));
     assert_eq!(
         h.mem()
@@ -533,6 +547,39 @@ fn stats_are_parsed_and_refreshed_on_request() {
             .unwrap(),
         1
     );
+}
+
+/// A new target raises the config-change interrupt; under memory pressure a driver that
+/// negotiated DEFLATE_ON_OOM (Linux does) deflates below the target on its own and reports
+/// the smaller `actual`. The device takes those frames back and does not re-raise the target.
+#[test]
+fn deflate_on_oom_gives_frames_back_below_the_target() {
+    let mut h = Harness::new(Strategy::PerBuffer);
+    h.init(ALL, None);
+    let _ = read_reg(&h.t, 0x60);
+    reg(&mut h.t, 0x64, 3); // acknowledge anything pending
+    assert!(h.t.device_mut().set_num_pages(16));
+    h.t.config_changed();
+    assert_eq!(read_reg(&h.t, 0x60) & 2, 2, "config-change interrupt");
+    reg(&mut h.t, 0x64, 2);
+    let pfns: Vec<u32> = (0x1000..0x1010).collect();
+    let buf = h.pfn_buffer(&pfns);
+    h.submit(INFLATE_Q, &[buf]);
+    h.t.write(0x104, &16u32.to_le_bytes());
+    let held = h.mm.ram.host_bytes_held().unwrap();
+    // The OOM notifier deflates 8 pages with the target unchanged.
+    let buf = h.pfn_buffer(&pfns[..8]);
+    assert_eq!(h.submit(DEFLATE_Q, &[buf]), 1);
+    h.t.write(0x104, &8u32.to_le_bytes());
+    assert_eq!((h.t.device().actual(), h.t.device().num_pages()), (8, 16));
+    assert_eq!(h.state(0x1007), FrameState::Mapped);
+    assert_eq!(h.state(0x1008), FrameState::Released);
+    h.fill(0x1007, 0xcd);
+    assert!(h.page_is(0x1007, 0xcd), "a deflated frame is usable RAM");
+    assert!(h.mm.ram.host_bytes_held().unwrap() >= held);
+    assert_eq!(read_reg(&h.t, 0x60) & 2, 0, "no new config change");
+    assert_eq!(h.counters().pages_deflated, 8);
+    assert!(h.canary_intact());
 }
 
 #[test]
