@@ -2,7 +2,10 @@
 # Installs everything the project needs on a fresh Debian machine with rustup. Idempotent.
 #  - rustup target x86_64-unknown-none (the test guests are built for it)
 #  - Debian packages: qemu-system-x86 (the peer VMM the tests and benchmarks compare against),
-#    curl (the tests drive the control API with it, as users do)
+#    curl (the tests drive the control API with it, as users do), busybox-static (the Linux
+#    test initramfs), acpica-tools (iasl checks the ACPI tables)
+#  - Debian's stock kernel and the test initramfs for it (guest-kernels/linux/build.sh; cached
+#    under ~/.cache/vmm/linux, linked from target/linux-guest)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -12,6 +15,9 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 packages=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || packages+=(qemu-system-x86)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
+command -v busybox >/dev/null 2>&1 || packages+=(busybox-static)
+command -v iasl >/dev/null 2>&1 || packages+=(acpica-tools)
+command -v xz >/dev/null 2>&1 || packages+=(xz-utils)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${packages[*]}"
     $SUDO apt-get update -qq
@@ -26,3 +32,5 @@ fi
 if [ ! -e /dev/kvm ]; then
     echo "setup: WARNING: /dev/kvm is missing; the VMM cannot run guests here and KVM tests will be SKIPPED"
 fi
+
+guest-kernels/linux/build.sh
