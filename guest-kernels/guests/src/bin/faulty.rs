@@ -55,7 +55,7 @@ static mut MAILBOX: MailboxPage = MailboxPage(Mailbox::EMPTY);
 fn probe(req: Mailbox) -> (u64, u64) {
     // SAFETY: only this vCPU uses the mailbox; the VMM writes it during the port access.
     unsafe {
-        let mb = &raw mut (*(&raw mut MAILBOX)).0;
+        let mb = &raw mut MAILBOX.0;
         mb.write_volatile(Mailbox {
             reclaimed: 0,
             status: probe::STATUS_PENDING,
