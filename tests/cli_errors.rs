@@ -186,11 +186,15 @@ fn help_lists_every_run_option() {
     assert_eq!(r.status, Some(0), "{}", r.all());
     for opt in [
         "--guest",
+        "--kernel",
+        "--initrd",
+        "--no-acpi",
         "--vcpus",
         "--memory",
         "--cmdline",
         "--kvm-device",
         "Exit status",
+        "earlyprintk=ttyS0",
     ] {
         assert!(r.stdout.contains(opt), "--help lacks {opt}\n{}", r.all());
     }
@@ -217,4 +221,56 @@ fn a_report_on_a_full_disk_is_an_error_with_context_not_a_silent_drop() {
         ],
         "cannot write report to /dev/full: No space left on device",
     );
+}
+
+/// Files that are not what `--kernel`/`--initrd` need, and limits of the Linux boot, are
+/// refused before anything runs, each with what is wrong.
+#[test]
+fn bad_kernels_initrds_and_linux_limits_are_refused_with_the_reason() {
+    if !common::kvm_or_skip("bad_kernels_initrds_and_linux_limits_are_refused_with_the_reason") {
+        return;
+    }
+    let dir = common::linux_guest();
+    let (vmlinux, vmlinuz) = (dir.join("vmlinux"), dir.join("vmlinuz"));
+    let (vmlinux, vmlinuz) = (vmlinux.to_str().unwrap(), vmlinuz.to_str().unwrap());
+    let scratch = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let garbage = scratch.join("not-a-kernel");
+    std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
+    let empty = scratch.join("empty-initrd");
+    std::fs::write(&empty, b"").unwrap();
+    let (garbage, empty) = (garbage.to_str().unwrap(), empty.to_str().unwrap());
+    let long = "a".repeat(3000);
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["run", "--kernel", garbage],
+            "is neither an ELF vmlinux nor a bzImage",
+        ),
+        (
+            &["run", "--kernel", vmlinux, "--initrd", empty],
+            "is empty",
+        ),
+        (
+            &["run", "--kernel", vmlinux, "--memory", "32M"],
+            "--memory 32 MiB is too small for this kernel: the kernel's ELF segments need RAM up to 0x",
+        ),
+        (
+            &["run", "--kernel", vmlinuz, "--memory", "16M"],
+            "--memory 16 MiB is too small for this kernel: the kernel needs RAM up to 0x",
+        ),
+        (
+            &["run", "--kernel", vmlinux, "--vcpus", "255"],
+            "--vcpus 255 exceeds the 254 vCPUs",
+        ),
+        (
+            &["run", "--kernel", vmlinux, "--cmdline", &long],
+            "this guest accepts at most 2047",
+        ),
+        (
+            &["run", "--guest", "memtouch", "--initrd", empty],
+            "'--guest <GUEST>' cannot be used with '--initrd <INITRD>'",
+        ),
+    ];
+    for (args, expect) in cases {
+        assert_error(args, expect);
+    }
 }

@@ -298,3 +298,137 @@ pub fn read_json(path: &Path) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
+
+/// A `vmm run` whose console (stdout) is read line by line as it comes, so that a test can
+/// stop the VM once it has seen what it checks.
+pub struct Watched {
+    /// Console lines with the seconds since start at which each arrived.
+    pub lines: Vec<(f64, String)>,
+    pub stderr: String,
+    /// Exit status; None if the VMM was killed by a signal.
+    pub status: Option<i32>,
+    /// Whether the test stopped the VM (SIGTERM) because `done` held.
+    pub stopped: bool,
+}
+
+impl Watched {
+    /// The first console line containing `needle`, with its arrival time.
+    pub fn find(&self, needle: &str) -> Option<&(f64, String)> {
+        self.lines.iter().find(|(_, l)| l.contains(needle))
+    }
+
+    /// Like `find`, but panics with everything seen when no line contains `needle`.
+    pub fn expect(&self, needle: &str) -> &str {
+        match self.find(needle) {
+            Some((_, l)) => l,
+            None => panic!("no console line contains '{needle}'\n{}", self.all()),
+        }
+    }
+
+    pub fn all(&self) -> String {
+        let console: Vec<String> = self
+            .lines
+            .iter()
+            .map(|(t, l)| format!("[{t:6.1} s] {l}"))
+            .collect();
+        format!(
+            "status {:?}, stopped by the test: {}\n--- console ---\n{}\n--- stderr ---\n{}",
+            self.status,
+            self.stopped,
+            console.join("\n"),
+            self.stderr
+        )
+    }
+}
+
+/// Runs `vmm` with `args` until it exits, or until `done(lines so far, time since start)`
+/// holds (then the VM is stopped with SIGTERM), or until `timeout` (then it is killed and
+/// the test fails, showing what the console printed). `done` may drive the VM meanwhile.
+pub fn watch_vmm(
+    args: &[&str],
+    timeout: Duration,
+    mut done: impl FnMut(&[(f64, String)], Duration) -> bool,
+) -> Watched {
+    use std::io::BufRead;
+    let mut child = Command::new(VMM)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {VMM}: {e}"));
+    let start = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out)
+            .split(b'\n')
+            .map_while(Result::ok)
+        {
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+            if tx.send((start.elapsed().as_secs_f64(), text)).is_err() {
+                break;
+            }
+        }
+    });
+    let mut err = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let mut lines = Vec::new();
+    let mut stopped = false;
+    let mut timed_out = false;
+    let status = loop {
+        while let Ok(l) = rx.try_recv() {
+            lines.push(l);
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if !stopped && done(&lines, start.elapsed()) {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            stopped = true;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            timed_out = true;
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = reader.join();
+    lines.extend(rx.try_iter());
+    let w = Watched {
+        lines,
+        stderr: err_reader.join().unwrap(),
+        status: status.code(),
+        stopped,
+    };
+    assert!(
+        !timed_out,
+        "vmm {args:?} timed out after {timeout:?}\n{}",
+        w.all()
+    );
+    w
+}
+
+/// The stock Debian kernel and its test initramfs, fetched and built by ./setup.sh
+/// (guest-kernels/linux/build.sh) into a cache that `target/linux-guest` links to.
+/// VMM_LINUX_DIR points elsewhere (a directory with vmlinux, vmlinuz, initramfs.cpio).
+pub fn linux_guest() -> PathBuf {
+    let dir = std::env::var_os("VMM_LINUX_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/linux-guest"));
+    for f in ["vmlinux", "vmlinuz", "initramfs.cpio"] {
+        assert!(
+            dir.join(f).is_file(),
+            "no {f} in {}: run ./setup.sh (it runs guest-kernels/linux/build.sh, which fetches \
+             Debian's kernel with apt-get download and builds the initramfs)",
+            dir.display()
+        );
+    }
+    dir
+}
