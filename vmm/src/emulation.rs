@@ -17,8 +17,13 @@ use vm_memory::{Bytes, GuestAddress};
 /// Longest x86 instruction.
 const MAX_INSN: usize = 15;
 
-/// Whether this host's CPU has VT-x or AMD-V (the flags /proc/cpuinfo lists).
+/// Whether this host's KVM runs guests on VT-x or AMD-V: kvm_intel or kvm_amd is loaded and
+/// kvm_pvm (which emulates guest ring 0) is not. Without /sys/module, the CPU's flags.
 pub fn host_has_hardware_virtualization() -> bool {
+    let loaded = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
+    if std::path::Path::new("/sys/module/kvm").exists() {
+        return (loaded("kvm_intel") || loaded("kvm_amd")) && !loaded("kvm_pvm");
+    }
     std::fs::read_to_string("/proc/cpuinfo")
         .map(|s| {
             s.lines()
@@ -139,7 +144,8 @@ pub fn report(vcpu: &mut VcpuFd, index: u32, ram: &GuestRam) -> VmmError {
     let internal = unsafe { run.__bindgen_anon_1.internal };
     let exit_bytes = bytes_from_exit(internal.suberror, internal.ndata, &internal.data);
     let (rip, cs_base, cpl) = match (vcpu.get_regs(), vcpu.get_sregs()) {
-        (Ok(r), Ok(s)) => (r.rip, s.cs.base, s.cs.selector as u8 & 3),
+        // SS.DPL is the CPL (what KVM itself reports); CS's RPL is not, in real mode.
+        (Ok(r), Ok(s)) => (r.rip, s.cs.base, s.ss.dpl),
         _ => (0, 0, 0),
     };
     let bytes =

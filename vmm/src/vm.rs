@@ -160,12 +160,13 @@ impl Vm {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(err("KVM_GET_SUPPORTED_CPUID"))?;
+        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         let mut vcpus = Vec::new();
         for (i, entry) in plan.entries.iter().enumerate() {
             let vcpu = vm_fd
                 .create_vcpu(i as u64)
                 .map_err(err("KVM_CREATE_VCPU"))?;
-            cpu::set_cpuid(&vcpu, &cpuid, i as u32)?;
+            cpu::set_cpuid(&vcpu, &cpuid, i as u32, tsc_deadline)?;
             if let Some(entry) = entry {
                 cpu::enter(&vcpu, entry)?;
             }

@@ -51,13 +51,32 @@ pub fn segment(gdt: &Gdt, selector: u16) -> kvm_segment {
     }
 }
 
-/// Gives vCPU `index` the host's supported CPUID with its own initial APIC ID.
-pub fn set_cpuid(vcpu: &VcpuFd, cpuid: &CpuId, index: u32) -> Result<(), VmmError> {
+/// CPUID.1:ECX bits the VMM sets.
+const CPUID_HYPERVISOR: u32 = 1 << 31;
+const CPUID_TSC_DEADLINE: u32 = 1 << 24;
+
+/// Gives vCPU `index` KVM's supported CPUID with its APIC ID, the hypervisor bit, and the
+/// TSC-deadline timer when KVM_CAP_TSC_DEADLINE_TIMER says the in-kernel LAPIC has it (KVM's
+/// api.rst: that bit is reported through the capability, not in the CPUID it returns).
+pub fn set_cpuid(
+    vcpu: &VcpuFd,
+    cpuid: &CpuId,
+    index: u32,
+    tsc_deadline: bool,
+) -> Result<(), VmmError> {
     let mut cpuid = cpuid.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
-            // Initial APIC ID in EBX[31:24].
-            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (index << 24),
+            // Initial APIC ID in EBX[31:24]; ECX bit 31 says "running under a hypervisor"
+            // (KVM_GET_SUPPORTED_CPUID leaves it clear), so Linux finds KVM's paravirt
+            // clock and features instead of calibrating against the PIT.
+            1 => {
+                e.ebx = (e.ebx & 0x00ff_ffff) | (index << 24);
+                e.ecx |= CPUID_HYPERVISOR;
+                if tsc_deadline {
+                    e.ecx |= CPUID_TSC_DEADLINE;
+                }
+            }
             // x2APIC ID.
             0xb | 0x1f => e.edx = index,
             _ => {}

@@ -143,7 +143,7 @@ pub fn prepare(
         KernelFormat::PvhElf => load_pvh(ram, boot, &map, cmdline, rsdp)?,
         KernelFormat::BzImage => load_bzimage(ram, boot, &map, cmdline, rsdp)?,
     };
-    let mut entries = vec![None; vcpus as usize];
+    let mut entries = vec![None; vcpus.max(1) as usize];
     entries[0] = Some(entry);
     Ok((
         loaded,
@@ -193,32 +193,27 @@ fn load_initrd(
     Ok(pvh::Module { addr, size })
 }
 
-/// The end of the highest PT_LOAD segment of an ELF64 file (physical addresses), so that a
-/// kernel too big for RAM gets that said rather than linux-loader's "Unable to read kernel
-/// image". None if the headers cannot be read; linux-loader then reports what is wrong.
+/// The end of the highest PT_LOAD segment of the ELF file at `path`; None if its headers
+/// cannot be read (linux-loader then says what is wrong).
 fn elf_load_end(path: &Path) -> Option<u64> {
-    let mut f = File::open(path).ok()?;
-    let mut ehdr = [0u8; 64];
-    f.read_exact(&mut ehdr).ok()?;
-    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
-    let (phoff, phentsize, phnum) = (
-        u64_at(&ehdr, 0x20),
-        u16_at(&ehdr, 0x36),
-        u16_at(&ehdr, 0x38),
-    );
-    if ehdr[4] != 2 || phentsize < 0x38 {
-        return None; // not ELF64
-    }
-    let mut table = vec![0u8; phentsize as usize * phnum as usize];
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(phoff)).ok()?;
-    f.read_exact(&mut table).ok()?;
-    const PT_LOAD: u32 = 1;
-    table
-        .chunks_exact(phentsize as usize)
-        .filter(|ph| u32::from_le_bytes(ph[..4].try_into().unwrap()) == PT_LOAD)
-        .map(|ph| u64_at(ph, 0x18).checked_add(u64_at(ph, 0x28)))
-        .try_fold(0u64, |max, end| end.map(|e| max.max(e)))
+    let bytes = std::fs::read(path).ok()?;
+    let segments = super::elf::load_segments(&bytes).ok()?;
+    segments.iter().map(|s| s.end).max()
+}
+
+/// The end of the memory a bzImage's decompressor uses: init_size bytes from where the kernel
+/// will run (boot.rst, "init_size"), which for a relocatable kernel is the load address or
+/// pref_address, whichever is higher, aligned up to kernel_alignment; otherwise pref_address.
+/// Debian's 6.1: load 1 MiB, pref_address 16 MiB, init_size 0x3f98000, so RAM up to about
+/// 79.6 MiB, not 1 MiB + init_size.
+fn decompress_end(load: u64, hdr: &setup_header) -> Option<u64> {
+    let start = if hdr.relocatable_kernel != 0 {
+        let align = u64::from(hdr.kernel_alignment).max(1);
+        load.max(hdr.pref_address).checked_next_multiple_of(align)?
+    } else {
+        hdr.pref_address
+    };
+    start.checked_add(u64::from(hdr.init_size))
 }
 
 /// Loads the kernel file with linux-loader's `L` (Elf or BzImage), at or above 1 MiB.
@@ -343,12 +338,9 @@ fn load_bzimage(
             version: hdr.version,
         });
     }
-    // The decompressor needs init_size bytes from the load address.
-    let load = result.kernel_load.0;
-    let kernel_end = load
-        .checked_add(u64::from(hdr.init_size))
+    let kernel_end = decompress_end(result.kernel_load.0, &hdr)
         .map(|e| e.max(result.kernel_end))
-        .ok_or_else(|| load_err(path, "init_size overflows"))?;
+        .ok_or_else(|| load_err(path, "pref_address + init_size overflows"))?;
     if kernel_end > low_ram_end(ram) {
         return Err(VmmError::KernelMemory {
             memory: format_size(ram.layout().total_bytes()),
@@ -378,7 +370,7 @@ fn load_bzimage(
     .map_err(|e| load_err(path, e))?;
     let cr3 = tables::write_page_tables(ram)?;
     tables::write_gdt(ram, &tables::LINUX_64_GDT)?;
-    let entry = load + STARTUP_64_OFFSET;
+    let entry = result.kernel_load.0 + STARTUP_64_OFFSET;
     Ok((
         LoadedKernel {
             format: KernelFormat::BzImage,
@@ -418,41 +410,31 @@ mod tests {
         }
     }
 
-    /// An ELF64 header and one PT_LOAD program header at `paddr` of `memsz` bytes.
-    fn elf_with_segment(paddr: u64, memsz: u64) -> Vec<u8> {
-        let mut f = vec![0u8; 64 + 0x38];
-        f[..4].copy_from_slice(b"\x7fELF");
-        f[4] = 2;
-        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
-        f[0x36..0x38].copy_from_slice(&0x38u16.to_le_bytes());
-        f[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
-        f[64..68].copy_from_slice(&1u32.to_le_bytes());
-        f[64 + 0x18..64 + 0x20].copy_from_slice(&paddr.to_le_bytes());
-        f[64 + 0x28..64 + 0x30].copy_from_slice(&memsz.to_le_bytes());
-        f
-    }
-
     #[test]
-    fn elf_load_end_is_the_highest_segment_end_with_checked_arithmetic() {
-        let dir = std::env::temp_dir().join(format!("elf-end-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let end = |bytes: &[u8]| {
-            let p = dir.join("k");
-            std::fs::write(&p, bytes).unwrap();
-            elf_load_end(&p)
+    fn decompression_counts_init_size_from_where_the_kernel_runs() {
+        let hdr = setup_header {
+            pref_address: 0x100_0000,
+            kernel_alignment: 0x20_0000,
+            relocatable_kernel: 1,
+            init_size: 0x3f9_8000,
+            ..Default::default()
         };
+        assert_eq!(decompress_end(0x10_0000, &hdr), Some(0x4f9_8000));
+        // Loaded above pref_address: runs at the load address aligned up.
         assert_eq!(
-            end(&elf_with_segment(0x100_0000, 0x20_0000)),
-            Some(0x120_0000)
+            decompress_end(0x210_0000, &hdr),
+            Some(0x220_0000 + 0x3f9_8000)
         );
-        assert_eq!(end(&elf_with_segment(u64::MAX, 2)), None, "overflow");
-        assert_eq!(
-            end(&elf_with_segment(0x100_0000, 1)[..80]),
-            None,
-            "truncated"
-        );
-        assert_eq!(end(b"not an elf at all, not even 64 bytes"), None);
-        let _ = std::fs::remove_dir_all(&dir);
+        let fixed = setup_header {
+            relocatable_kernel: 0,
+            ..hdr
+        };
+        assert_eq!(decompress_end(0x10_0000, &fixed), Some(0x4f9_8000));
+        let huge = setup_header {
+            pref_address: u64::MAX - 0x1000,
+            ..hdr
+        };
+        assert_eq!(decompress_end(0x10_0000, &huge), None, "overflow");
     }
 
     #[test]

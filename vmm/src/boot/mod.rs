@@ -5,7 +5,8 @@
 //!   64-bit boot protocol; only the boot processor starts, Linux wakes the others.
 //!
 //! Shared by both: the memory map Linux sees (`memmap`), the PVH start info (`pvh`), the
-//! identity page tables and GDTs (`tables`), and each vCPU's entry registers (`cpu`).
+//! identity page tables and GDTs (`tables`), each vCPU's entry registers (`cpu`), and the
+//! ELF segment check before loading (`elf`).
 //!
 //! Low memory used by the VMM (guests never allocate below 1 MiB):
 //! 0x500 GDT · 0x6000 hvm_start_info · 0x6040 its memory map · 0x6800 its module list ·
@@ -13,6 +14,7 @@
 //! 0x12000.. page directories (2 MiB pages) · 0xe0000.. ACPI tables (see `crate::acpi`).
 
 pub mod cpu;
+pub mod elf;
 pub mod linux;
 pub mod memmap;
 pub mod pvh;

@@ -68,38 +68,15 @@ fn inspect(path: &Path, layout: &Layout) -> Result<u64, VmmError> {
         path: path.into(),
         err,
     };
-    let u64_at = |o: usize| -> Result<u64, VmmError> {
-        bytes
-            .get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
-            .ok_or_else(|| load_err("truncated program header".into()))
-    };
-    let phoff = u64_at(32)? as usize;
-    let phentsize = u16_at(54) as usize;
-    let phnum = u16_at(56) as usize;
     let mut image_end = 0u64;
-    for i in 0..phnum {
-        let ph = phoff.saturating_add(i.saturating_mul(phentsize));
-        let p_type = bytes
-            .get(ph..ph + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()));
-        if p_type != Some(1) {
-            continue; // not PT_LOAD
-        }
-        let paddr = u64_at(ph + 24)?;
-        let memsz = u64_at(ph + 40)?;
-        if memsz == 0 {
-            continue;
-        }
-        if paddr < IMAGE_MIN_ADDR {
+    for seg in super::elf::load_segments(&bytes).map_err(load_err)? {
+        if seg.paddr < IMAGE_MIN_ADDR {
             return Err(load_err(format!(
-                "segment at {paddr:#x} overlaps the VMM's boot area below {IMAGE_MIN_ADDR:#x}"
+                "segment at {:#x} overlaps the VMM's boot area below {IMAGE_MIN_ADDR:#x}",
+                seg.paddr
             )));
         }
-        let end = paddr
-            .checked_add(memsz)
-            .ok_or_else(|| load_err("segment size overflows".into()))?;
-        image_end = image_end.max(end);
+        image_end = image_end.max(seg.end);
     }
     if image_end == 0 {
         return Err(load_err("no loadable segments".into()));
