@@ -15,7 +15,8 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 packages=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || packages+=(qemu-system-x86)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
-command -v busybox >/dev/null 2>&1 || packages+=(busybox-static)
+# Static: the Linux test initramfs has no libc (the plain busybox package is dynamic).
+dpkg-query -W -f '${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || packages+=(busybox-static)
 command -v iasl >/dev/null 2>&1 || packages+=(acpica-tools)
 command -v xz >/dev/null 2>&1 || packages+=(xz-utils)
 if [ ${#packages[@]} -gt 0 ]; then

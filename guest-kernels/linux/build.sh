@@ -17,13 +17,15 @@ link="$workspace/target/linux-guest"
 
 fail() { echo "linux guest: $*" >&2; exit 1; }
 command -v busybox >/dev/null || fail "busybox is missing: install busybox-static (./setup.sh does)"
+# The initramfs has no libc: Debian's plain busybox package is dynamically linked.
+ldd "$(command -v busybox)" >/dev/null 2>&1 && fail "$(command -v busybox) is dynamically linked: install busybox-static (it replaces busybox)"
 command -v xz >/dev/null || fail "xz is missing: install xz-utils (./setup.sh does)"
 
 pkg_of() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
-pkg="$(pkg_of)"
+pkg="$(pkg_of || true)"
 if [ -z "$pkg" ]; then
     apt-get update -qq || fail "apt-get update failed; the kernel comes from the Debian archive"
-    pkg="$(pkg_of)"
+    pkg="$(pkg_of || true)"
 fi
 [ -n "$pkg" ] || fail "apt-cache does not know linux-image-amd64, so there is no Debian kernel to fetch"
 release="${pkg#linux-image-}"
@@ -31,26 +33,37 @@ dir="$cache/$release"
 # The initramfs is rebuilt whenever this script or the init changes.
 stamp="$(cat "$here/build.sh" "$here/init" "$(command -v busybox)" | sha256sum | cut -c1-16)"
 
+mkdir -p "$cache"
+# One build at a time per cache (two test runs may set up at once).
+exec 9>"$cache/.lock"
+flock 9
 if [ ! -f "$dir/vmlinux" ] || [ "$(cat "$dir/stamp" 2>/dev/null)" != "$stamp" ]; then
     echo "linux guest: building $release in $dir"
-    mkdir -p "$cache"
     work="$(mktemp -d "$cache/.build.XXXXXX")"
     trap 'rm -rf "$work"' EXIT
-    chmod 755 "$work" # apt-get download drops to user _apt, which must be able to write here
+    chmod 755 "$work" # mktemp makes it private; the cache is readable like any other
     if [ -f "$dir/vmlinuz" ]; then
         cp "$dir/vmlinuz" "$dir/config" "$work/"
         cp -r "$dir/modules" "$work/"
     else
+        # As root, apt cannot drop to its _apt user for a directory it does not own and says
+        # so in a warning; the download itself works.
         (cd "$work" && apt-get download -q "$pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
         deb="$(ls "$work"/*.deb 2>/dev/null | head -1)"
         [ -n "$deb" ] || fail "apt-get download $pkg fetched nothing"
         mkdir "$work/x" "$work/modules"
+        # Newer Debian kernels ship modules compressed (.ko.xz); busybox insmod wants them plain.
         dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$work/x" --wildcards './boot/*' \
-            '*/drivers/virtio/virtio.ko' '*/drivers/virtio/virtio_ring.ko' \
-            '*/drivers/virtio/virtio_mmio.ko' '*/drivers/virtio/virtio_balloon.ko'
+            '*/drivers/virtio/*.ko*'
         cp "$work/x/boot/vmlinuz-$release" "$work/vmlinuz"
         cp "$work/x/boot/config-$release" "$work/config"
-        find "$work/x" -name '*.ko' -exec cp {} "$work/modules/" \;
+        for m in virtio_ring virtio virtio_mmio virtio_balloon; do
+            f="$(find "$work/x" -name "$m.ko" -o -name "$m.ko.xz" | head -1)"
+            case "$f" in
+                *.ko) cp "$f" "$work/modules/$m.ko" ;;
+                *.ko.xz) xz -dc "$f" > "$work/modules/$m.ko" ;;
+            esac
+        done
         rm -rf "$work/x" "$deb"
     fi
     for m in virtio_ring virtio virtio_mmio virtio_balloon; do
@@ -61,7 +74,9 @@ if [ ! -f "$dir/vmlinux" ] || [ "$(cat "$dir/stamp" 2>/dev/null)" != "$stamp" ];
     grep -q '^CONFIG_KERNEL_XZ=y' "$work/config" || fail "$release is not XZ-compressed; cannot extract vmlinux"
     offset="$(LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$work/vmlinuz" | head -1 | cut -d: -f1)"
     [ -n "$offset" ] || fail "no XZ stream in vmlinuz-$release"
-    tail -c +$((offset + 1)) "$work/vmlinuz" | xz -dcq > "$work/vmlinux" 2>/dev/null || true
+    # xz stops reading after the stream, so tail may die of SIGPIPE: only xz's status counts.
+    { tail -c +$((offset + 1)) "$work/vmlinuz" || true; } | xz -dc --single-stream > "$work/vmlinux" \
+        || fail "the XZ stream in vmlinuz-$release does not decompress"
     [ "$(head -c 4 "$work/vmlinux" | od -An -tx1 | tr -d ' ')" = 7f454c46 ] || fail "the XZ stream in vmlinuz-$release is not an ELF"
 
     root="$work/root"
