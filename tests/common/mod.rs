@@ -350,13 +350,24 @@ pub fn watch_vmm(
     mut done: impl FnMut(&[(f64, String)], Duration) -> bool,
 ) -> Watched {
     use std::io::BufRead;
-    let mut child = Command::new(VMM)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn {VMM}: {e}"));
+    /// Kills the VMM if the test panics (in `done`, say) before it has exited.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut guard = KillOnDrop(
+        Command::new(VMM)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {VMM}: {e}")),
+    );
+    let child = &mut guard.0;
     let start = Instant::now();
     let (tx, rx) = std::sync::mpsc::channel();
     let out = child.stdout.take().unwrap();
