@@ -188,6 +188,26 @@ fn pvh_vmlinux_on_two_vcpus_sees_ram_above_4g() {
     print_timings(&w);
 }
 
+/// Without ACPI, Linux takes its CPUs from the MP table (which it finds at once in the EBDA)
+/// and the balloon from the command line only. Stopped once SMP setup is printed.
+#[test]
+fn without_acpi_linux_finds_its_cpus_in_the_mp_table() {
+    require_kvm!("without_acpi_linux_finds_its_cpus_in_the_mp_table");
+    let w = run_linux("vmlinux", "512M", 2, &["--no-acpi"], |lines, _| {
+        lines.iter().any(|(_, l)| l.contains("smpboot: Allowing"))
+    });
+    w.expect("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]");
+    w.expect("smpboot: Allowing 2 CPUs");
+    assert!(w.find("ACPI: RSDP 0x").is_none(), "{}", w.all());
+    assert!(!w.stderr.contains("vmm: ACPI:"), "{}", w.all());
+    assert!(
+        w.stopped || !host_has_hardware_virtualization(),
+        "{}",
+        w.all()
+    );
+    print_timings(&w);
+}
+
 /// The bzImage path. Here its decompressor (guest ring 0) takes minutes, so the test gives
 /// it 20 s: a wrong entry, zero page or page table would fault in the first milliseconds
 /// (a triple fault or an error ends the run), and a zero page the decompressor rejects

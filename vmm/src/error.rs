@@ -63,6 +63,8 @@ pub enum VmmError {
     TooManyLinuxVcpus { requested: u32, max: u32 },
     #[error("cannot write the ACPI tables: {0}")]
     Acpi(String),
+    #[error("cannot write the MP table: {0}")]
+    MpTable(String),
     #[error("vCPU {vcpu}: KVM could not emulate {insn} at RIP {rip:#x} (CPL {cpl}; instruction bytes {bytes}). {why}")]
     EmulationFailure {
         vcpu: u32,

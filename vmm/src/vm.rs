@@ -2,7 +2,7 @@
 //! its vCPUs; `run` drives it to the guest's verdict from an event-manager loop.
 
 use crate::acpi;
-use crate::boot::{cpu, linux, test_guest, BootPlan};
+use crate::boot::{cpu, linux, mptable, test_guest, BootPlan};
 use crate::config::{format_size, BootSource, VmConfig};
 use crate::devices::balloon::steps::BalloonSteps;
 use crate::devices::balloon::{BalloonDevice, BalloonHandler};
@@ -214,6 +214,7 @@ impl Vm {
                 } else {
                     None
                 };
+                mptable::write(ram, config.vcpus).map_err(VmmError::MpTable)?;
                 let (loaded, plan) = linux::prepare(ram, l, cmdline, rsdp, config.vcpus)?;
                 let summary = BootSummary {
                     what: format!(

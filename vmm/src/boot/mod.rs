@@ -11,12 +11,14 @@
 //! Low memory used by the VMM (guests never allocate below 1 MiB):
 //! 0x500 GDT · 0x6000 hvm_start_info · 0x6040 its memory map · 0x6800 its module list ·
 //! 0x7000 boot_params (bzImage) · 0xa000 command line · 0x10000 PML4 · 0x11000 PDPT ·
-//! 0x12000.. page directories (2 MiB pages) · 0xe0000.. ACPI tables (see `crate::acpi`).
+//! 0x12000.. page directories (2 MiB pages) · 0x9fc00 MP floating pointer · 0xe0000.. ACPI
+//! tables (see `crate::acpi`) · 0xf0000 MP configuration table (`mptable`; Linux only).
 
 pub mod cpu;
 pub mod elf;
 pub mod linux;
 pub mod memmap;
+pub mod mptable;
 pub mod pvh;
 pub mod tables;
 pub mod test_guest;
