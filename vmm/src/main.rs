@@ -50,8 +50,9 @@ struct RunArgs {
     /// Initial ramdisk for --kernel (module 0 of the PVH start info, or boot_params' ramdisk).
     #[arg(long, conflicts_with = "guest")]
     initrd: Option<PathBuf>,
-    /// With --kernel: write no ACPI tables. Linux then finds no MADT (one CPU) and no DSDT:
-    /// it finds the balloon only through virtio_mmio.device= (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+    /// With --kernel: write no ACPI tables. Linux then takes its CPUs from the MP table and,
+    /// with no DSDT, finds the balloon only through virtio_mmio.device=
+    /// (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; Debian's kernel lacks it).
     #[arg(long, conflicts_with = "guest")]
     no_acpi: bool,
     /// Number of vCPUs.
