@@ -67,9 +67,10 @@ pub fn set_cpuid(
     let mut cpuid = cpuid.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
-            // Initial APIC ID in EBX[31:24]; ECX bit 31 says "running under a hypervisor"
-            // (KVM_GET_SUPPORTED_CPUID leaves it clear), so Linux finds KVM's paravirt
-            // clock and features instead of calibrating against the PIT.
+            // Initial APIC ID in EBX[31:24]; ECX bit 31 says "running under a hypervisor",
+            // so Linux finds KVM's paravirt clock and features instead of calibrating
+            // against the PIT. Set whatever KVM_GET_SUPPORTED_CPUID says (this host's PVM
+            // already reports it; a KVM that does not would leave Linux without kvm-clock).
             1 => {
                 e.ebx = (e.ebx & 0x00ff_ffff) | (index << 24);
                 e.ecx |= CPUID_HYPERVISOR;
