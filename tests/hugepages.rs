@@ -98,11 +98,8 @@ fn whole_blocks(r: &common::Run, rep: &serde_json::Value, backend: &str) {
 #[test]
 fn shmem_huge_pages_go_back_in_whole_2mib_blocks() {
     let test = "shmem_huge_pages_go_back_in_whole_2mib_blocks";
-    if !common::kvm_or_skip(test) {
+    if !common::kvm_as_root_or_skip(test, "needs root to mount a private tmpfs") {
         return;
-    }
-    if !common::is_root() {
-        return common::skip(test, "needs root to mount a private tmpfs");
     }
     let _alone = common::counting_kvm_flushes();
     let m = common::TmpfsMount::new("thp", "huge=always,size=600m").unwrap();
@@ -120,11 +117,8 @@ fn shmem_huge_pages_go_back_in_whole_2mib_blocks() {
 #[test]
 fn hugetlb_pages_go_back_in_whole_2mib_blocks() {
     let test = "hugetlb_pages_go_back_in_whole_2mib_blocks";
-    if !common::kvm_or_skip(test) {
+    if !common::kvm_as_root_or_skip(test, "needs root to reserve hugetlb pages") {
         return;
-    }
-    if !common::is_root() {
-        return common::skip(test, "needs root to reserve hugetlb pages");
     }
     let _alone = common::counting_kvm_flushes();
     // 512 MiB of guest RAM, and a few to spare.
@@ -149,11 +143,8 @@ fn hugetlb_pages_go_back_in_whole_2mib_blocks() {
 #[test]
 fn partial_blocks_are_held_or_split_when_allowed() {
     let test = "partial_blocks_are_held_or_split_when_allowed";
-    if !common::kvm_or_skip(test) {
+    if !common::kvm_as_root_or_skip(test, "needs root to mount a private tmpfs") {
         return;
-    }
-    if !common::is_root() {
-        return common::skip(test, "needs root to mount a private tmpfs");
     }
     let _alone = common::counting_kvm_flushes();
     let m = common::TmpfsMount::new("thp-partial", "huge=always,size=600m").unwrap();
@@ -201,11 +192,8 @@ fn partial_blocks_are_held_or_split_when_allowed() {
 #[test]
 fn free_page_reports_go_back_as_whole_blocks() {
     let test = "free_page_reports_go_back_as_whole_blocks";
-    if !common::kvm_or_skip(test) {
+    if !common::kvm_as_root_or_skip(test, "needs root to mount a private tmpfs") {
         return;
-    }
-    if !common::is_root() {
-        return common::skip(test, "needs root to mount a private tmpfs");
     }
     let _alone = common::counting_kvm_flushes();
     let m = common::TmpfsMount::new("thp-report", "huge=always,size=600m").unwrap();

@@ -47,6 +47,19 @@ pub fn kvm_or_skip(test: &str) -> bool {
     ok
 }
 
+/// True if /dev/kvm can be opened and this process is root; otherwise the test is recorded
+/// as skipped, with `why` root is needed when it is KVM that is there.
+pub fn kvm_as_root_or_skip(test: &str, why: &str) -> bool {
+    if !kvm_or_skip(test) {
+        return false;
+    }
+    if !is_root() {
+        skip(test, why);
+        return false;
+    }
+    true
+}
+
 /// Whether this process runs as root (mounting a private tmpfs, reserving hugetlb pages).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

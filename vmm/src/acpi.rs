@@ -264,22 +264,10 @@ pub fn write(ram: &GuestRam, tables: &[Table]) -> Result<u64, String> {
 mod tests {
     use super::*;
 
-    pub fn platform(vcpus: u32) -> Platform {
-        Platform {
-            vcpus,
-            serial: (0x3f8, 4),
-            virtio_mmio: vec![VirtioMmio {
-                base: 0xd000_0000,
-                size: 0x1000,
-                gsi: 5,
-            }],
-            power: PowerPorts {
-                sleep_control: 0x600,
-                sleep_status: 0x601,
-                reset: 0x602,
-                reset_value: 1,
-            },
-        }
+    /// The machine the VMM describes (COM1 at 0x3f8 on GSI 4, the balloon at 0xd0000000 on
+    /// GSI 5, the power ports from 0x600).
+    fn platform(vcpus: u32) -> Platform {
+        crate::vm::acpi_platform(vcpus)
     }
 
     fn sum(b: &[u8]) -> u8 {

@@ -197,10 +197,10 @@ impl Vm {
     ) -> Result<(BootPlan, BootSummary), VmmError> {
         match &config.boot {
             BootSource::TestGuest(path) => {
-                let (_, plan) = test_guest::prepare(ram, path, cmdline, config.vcpus)?;
+                let plan = test_guest::prepare(ram, path, cmdline, config.vcpus)?;
                 let summary = BootSummary {
                     what: format!("test guest {}", path.display()),
-                    cmdline: plan.cmdline.clone(),
+                    cmdline: cmdline.to_string(),
                     rsdp: None,
                     initrd: None,
                 };
@@ -223,7 +223,7 @@ impl Vm {
                         loaded.format.describe(),
                         loaded.entry
                     ),
-                    cmdline: plan.cmdline.clone(),
+                    cmdline: cmdline.to_string(),
                     rsdp,
                     initrd: loaded.initrd.map(|m| (m.addr, m.size)),
                 };

@@ -12,6 +12,49 @@ pub struct Segment {
 
 const PT_LOAD: u32 = 1;
 
+/// Bytes of one ELF64 program header that `load_segments` reads.
+const PHDR_SIZE: usize = 0x38;
+
+/// Where the program header table is: (offset, entry size, entry count).
+fn program_header_table(bytes: &[u8]) -> Result<(usize, usize, usize), String> {
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+            .ok_or("truncated ELF header")
+    };
+    let phoff = bytes
+        .get(0x20..0x28)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+        .ok_or("truncated ELF header")?;
+    let phoff = usize::try_from(phoff).map_err(|_| "program header offset too large")?;
+    Ok((phoff, u16_at(0x36)?, u16_at(0x38)?))
+}
+
+/// The PT_LOAD segments of the ELF64 file at `path`, reading only its header and program
+/// header table (a vmlinux is tens of MiB; linux-loader reads the rest).
+pub fn read_load_segments(path: &std::path::Path) -> Result<Vec<Segment>, String> {
+    use std::io::{Read, Seek};
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    (&mut f)
+        .take(64)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    let (phoff, phentsize, phnum) = program_header_table(&bytes)?;
+    let table_end = phentsize
+        .max(PHDR_SIZE)
+        .checked_mul(phnum)
+        .and_then(|n| n.checked_add(phoff))
+        .ok_or("program header table overflows")?;
+    bytes.clear();
+    f.rewind().map_err(|e| e.to_string())?;
+    f.take(table_end as u64)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    load_segments(&bytes)
+}
+
 /// The PT_LOAD segments with a non-zero memsz of the ELF64 file `bytes`. The caller has
 /// checked the ELF magic and class.
 pub fn load_segments(bytes: &[u8]) -> Result<Vec<Segment>, String> {
@@ -20,11 +63,9 @@ pub fn load_segments(bytes: &[u8]) -> Result<Vec<Segment>, String> {
             .and_then(|e| bytes.get(o..e))
             .ok_or("truncated program header")
     };
-    let u16_at = |o| at(o, 2).map(|b| u16::from_le_bytes(b.try_into().unwrap()));
     let u32_at = |o| at(o, 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
     let u64_at = |o| at(o, 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
-    let phoff = usize::try_from(u64_at(0x20)?).map_err(|_| "program header offset too large")?;
-    let (phentsize, phnum) = (u16_at(0x36)? as usize, u16_at(0x38)? as usize);
+    let (phoff, phentsize, phnum) = program_header_table(bytes)?;
     let mut out = Vec::new();
     for i in 0..phnum {
         let ph = (i * phentsize)
@@ -82,5 +123,26 @@ mod tests {
         let mut far = elf_with_segment(0x100_0000, 1);
         far[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(load_segments(&far).is_err(), "program headers past the end");
+    }
+
+    #[test]
+    fn a_file_is_read_only_up_to_its_program_headers() {
+        let path = std::env::temp_dir().join(format!("elf-segments-{}", std::process::id()));
+        let mut file = elf_with_segment(0x100_0000, 0x20_0000);
+        // What follows the headers is never parsed: garbage there changes nothing.
+        file.extend(std::iter::repeat_n(0xa5, 1 << 20));
+        std::fs::write(&path, &file).unwrap();
+        let segs = read_load_segments(&path);
+        std::fs::write(&path, &file[..80]).unwrap();
+        let truncated = read_load_segments(&path);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            segs,
+            Ok(vec![Segment {
+                paddr: 0x100_0000,
+                end: 0x120_0000
+            }])
+        );
+        assert!(truncated.is_err());
     }
 }

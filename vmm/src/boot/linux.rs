@@ -89,33 +89,17 @@ fn load_err(path: &Path, err: impl ToString) -> VmmError {
 
 /// Tells the two formats apart from their first bytes.
 pub fn detect(path: &Path) -> Result<KernelFormat, VmmError> {
-    let mut head = [0u8; HDRS_OFFSET + 4];
-    let mut f = File::open(path).map_err(|err| VmmError::GuestRead {
-        path: path.into(),
-        err,
-    })?;
-    let n = read_up_to(&mut f, &mut head).map_err(|err| VmmError::GuestRead {
-        path: path.into(),
-        err,
-    })?;
-    if n >= 4 && head[..4] == *b"\x7fELF" {
+    let mut head = Vec::new();
+    File::open(path)
+        .and_then(|f| f.take(HDRS_OFFSET as u64 + 4).read_to_end(&mut head))
+        .map_err(super::read_error(path))?;
+    if head.starts_with(b"\x7fELF") {
         return Ok(KernelFormat::PvhElf);
     }
-    if n == head.len() && head[HDRS_OFFSET..] == *b"HdrS" {
+    if head.get(HDRS_OFFSET..) == Some(b"HdrS") {
         return Ok(KernelFormat::BzImage);
     }
     Err(VmmError::KernelFormat(path.into()))
-}
-
-fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// The end of RAM below the MMIO hole: kernels, the initrd and the boot data live there.
@@ -145,13 +129,7 @@ pub fn prepare(
     };
     let mut entries = vec![None; vcpus.max(1) as usize];
     entries[0] = Some(entry);
-    Ok((
-        loaded,
-        BootPlan {
-            entries,
-            cmdline: cmdline.to_string(),
-        },
-    ))
+    Ok((loaded, BootPlan { entries }))
 }
 
 /// Puts the initrd at the top of low RAM, below `limit`, above `kernel_end`.
@@ -161,21 +139,14 @@ fn load_initrd(
     kernel_end: u64,
     limit: u64,
 ) -> Result<pvh::Module, VmmError> {
-    let mut f = File::open(path).map_err(|err| VmmError::GuestRead {
-        path: path.into(),
-        err,
-    })?;
-    let size = f
-        .metadata()
-        .map_err(|err| VmmError::GuestRead {
-            path: path.into(),
-            err,
-        })?
-        .len();
+    let mut f = File::open(path).map_err(super::read_error(path))?;
+    let size = f.metadata().map_err(super::read_error(path))?.len();
+    if size == 0 {
+        return Err(VmmError::InitrdEmpty(path.into()));
+    }
     let top = low_ram_end(ram).min(limit) & !(PAGE - 1);
     let addr = top.checked_sub(size).map(|a| a & !(PAGE - 1));
     let addr = match addr {
-        _ if size == 0 => return Err(VmmError::InitrdEmpty(path.into())),
         Some(a) if a >= kernel_end => a,
         _ => {
             return Err(VmmError::KernelMemory {
@@ -196,8 +167,7 @@ fn load_initrd(
 /// The end of the highest PT_LOAD segment of the ELF file at `path`; None if its headers
 /// cannot be read (linux-loader then says what is wrong).
 fn elf_load_end(path: &Path) -> Option<u64> {
-    let bytes = std::fs::read(path).ok()?;
-    let segments = super::elf::load_segments(&bytes).ok()?;
+    let segments = super::elf::read_load_segments(path).ok()?;
     segments.iter().map(|s| s.end).max()
 }
 
@@ -221,10 +191,7 @@ fn load_image<L: KernelLoader>(
     ram: &GuestRam,
     path: &Path,
 ) -> Result<linux_loader::loader::KernelLoaderResult, VmmError> {
-    let mut f = File::open(path).map_err(|err| VmmError::GuestRead {
-        path: path.to_path_buf(),
-        err,
-    })?;
+    let mut f = File::open(path).map_err(super::read_error(path))?;
     L::load(
         ram.memory(),
         None,

@@ -34,8 +34,14 @@ pub const CMDLINE_MAX: usize = 4095;
 /// INIT/SIPI from the guest (a Linux application processor).
 pub struct BootPlan {
     pub entries: Vec<Option<CpuEntry>>,
-    /// The command line as written to guest memory.
-    pub cmdline: String,
+}
+
+/// The error for a guest, kernel or initrd file that cannot be opened or read.
+fn read_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> crate::VmmError + '_ {
+    move |err| crate::VmmError::GuestRead {
+        path: path.into(),
+        err,
+    }
 }
 
 /// Writes `cmdline` with its NUL at `CMDLINE_ADDR`, refusing one longer than `max` bytes.

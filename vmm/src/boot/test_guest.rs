@@ -21,17 +21,6 @@ const IMAGE_MIN_ADDR: u64 = 0x10_0000;
 const MIN_FREE_AFTER_IMAGE: u64 = 2 << 20;
 const EM_X86_64: u16 = 62;
 
-/// The loaded guest.
-#[derive(Clone, Copy, Debug)]
-pub struct BootImage {
-    /// The 64-bit entry (ELF e_entry).
-    pub entry: u64,
-    /// One past the highest byte of any loadable segment.
-    pub image_end: u64,
-    /// Whether the image also carries a PVH entry note (what QEMU boots).
-    pub has_pvh_note: bool,
-}
-
 fn machine_name(m: u16) -> String {
     match m {
         3 => "i386".into(),
@@ -43,11 +32,8 @@ fn machine_name(m: u16) -> String {
 }
 
 /// Reads the ELF header and program headers to validate the image before loading it.
-fn inspect(path: &Path, layout: &Layout) -> Result<u64, VmmError> {
-    let bytes = std::fs::read(path).map_err(|err| VmmError::GuestRead {
-        path: path.into(),
-        err,
-    })?;
+fn inspect(path: &Path, layout: &Layout) -> Result<(), VmmError> {
+    let bytes = std::fs::read(path).map_err(super::read_error(path))?;
     if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" {
         return Err(VmmError::GuestNotElf(path.into()));
     }
@@ -82,7 +68,7 @@ fn inspect(path: &Path, layout: &Layout) -> Result<u64, VmmError> {
         return Err(load_err("no loadable segments".into()));
     }
     let low_ram_end = layout.ranges()[0].end();
-    let needed = image_end + MIN_FREE_AFTER_IMAGE;
+    let needed = image_end.saturating_add(MIN_FREE_AFTER_IMAGE);
     if needed > low_ram_end {
         return Err(VmmError::MemoryTooSmall {
             memory: format_size(layout.total_bytes()),
@@ -91,30 +77,19 @@ fn inspect(path: &Path, layout: &Layout) -> Result<u64, VmmError> {
             image_end,
         });
     }
-    Ok(image_end)
+    Ok(())
 }
 
-/// Loads the guest ELF into RAM at its physical addresses.
-pub fn load_guest(ram: &GuestRam, path: &Path) -> Result<BootImage, VmmError> {
-    let image_end = inspect(path, ram.layout())?;
-    let mut file = File::open(path).map_err(|err| VmmError::GuestRead {
-        path: path.into(),
-        err,
-    })?;
+/// Loads the guest ELF into RAM at its physical addresses; returns its 64-bit entry (e_entry).
+pub fn load_guest(ram: &GuestRam, path: &Path) -> Result<u64, VmmError> {
+    inspect(path, ram.layout())?;
+    let mut file = File::open(path).map_err(super::read_error(path))?;
     let result =
         Elf::load(ram.memory(), None, &mut file, None).map_err(|e| VmmError::GuestLoad {
             path: path.into(),
             err: e.to_string(),
         })?;
-    let has_pvh_note = matches!(
-        result.pvh_boot_cap,
-        linux_loader::loader::elf::PvhBootCapability::PvhEntryPresent(_)
-    );
-    Ok(BootImage {
-        entry: result.kernel_load.0,
-        image_end,
-        has_pvh_note,
-    })
+    Ok(result.kernel_load.0)
 }
 
 /// The test guests' memory map: every RAM range, as RAM (their frame allocator never uses
@@ -137,8 +112,8 @@ pub fn prepare(
     path: &Path,
     cmdline: &str,
     vcpus: u32,
-) -> Result<(BootImage, BootPlan), VmmError> {
-    let image = load_guest(ram, path)?;
+) -> Result<BootPlan, VmmError> {
+    let entry = load_guest(ram, path)?;
     let cr3 = tables::write_page_tables(ram)?;
     tables::write_gdt(ram, &tables::TEST_GUEST_GDT)?;
     super::write_cmdline(ram, cmdline, super::CMDLINE_MAX)?;
@@ -149,7 +124,7 @@ pub fn prepare(
                 mode: EntryMode::Long { cr3 },
                 gdt: tables::TEST_GUEST_GDT,
                 regs: kvm_regs {
-                    rip: image.entry,
+                    rip: entry,
                     rdi: start_info,
                     rsi: u64::from(i),
                     rdx: u64::from(vcpus),
@@ -158,11 +133,5 @@ pub fn prepare(
             })
         })
         .collect();
-    Ok((
-        image,
-        BootPlan {
-            entries,
-            cmdline: cmdline.to_string(),
-        },
-    ))
+    Ok(BootPlan { entries })
 }
