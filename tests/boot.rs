@@ -3,32 +3,23 @@
 
 mod common;
 
+use common::{vmm_guest, Need, RUN_LIMIT};
+
 fn memtouch_passes_on(vcpus: u32, test: &str) {
-    require_kvm!(test);
-    let n = vcpus.to_string();
-    let r = common::vmm(&[
-        "run",
-        "--guest",
-        "memtouch",
-        "--vcpus",
-        &n,
-        "--memory",
-        "256M",
-        "--cmdline",
-        "rounds=2",
-    ]);
+    require!(test, Need::Kvm);
+    let r = vmm_guest("memtouch")
+        .vcpus(vcpus)
+        .memory("256M")
+        .cmdline("rounds=2")
+        .run(RUN_LIMIT);
     assert_eq!(r.status, Some(0), "vmm failed\n{}", r.all());
-    let verdict = format!("memtouch: PASS vcpus={vcpus} rounds=2");
-    assert!(
-        r.stdout.contains(&verdict),
-        "no '{verdict}' in output\n{}",
-        r.all()
-    );
-    r.assert_stdout_has(&["errors=0"]);
+    r.assert_stdout_has(&[
+        &format!("memtouch: PASS vcpus={vcpus} rounds=2"),
+        "errors=0",
+    ]);
     for cpu in 0..vcpus {
-        let line = format!("memtouch: cpu {cpu} touched");
         assert!(
-            r.stdout.contains(&line),
+            r.find(&format!("memtouch: cpu {cpu} touched")).is_some(),
             "vCPU {cpu} did not report\n{}",
             r.all()
         );
@@ -53,35 +44,24 @@ fn memtouch_passes_on_four_vcpus() {
 
 #[test]
 fn memtouch_touches_ram_above_4g() {
-    require_kvm!("memtouch_touches_ram_above_4g");
+    require!("memtouch_touches_ram_above_4g", Need::Kvm);
     // 3.5 GiB of RAM puts 512 MiB above the MMIO hole; touch all of it once.
-    let r = common::vmm(&[
-        "run",
-        "--guest",
-        "memtouch",
-        "--vcpus",
-        "2",
-        "--memory",
-        "3584M",
-        "--cmdline",
-        "rounds=1",
-    ]);
+    let r = vmm_guest("memtouch")
+        .vcpus(2)
+        .memory("3584M")
+        .cmdline("rounds=1")
+        .run(RUN_LIMIT);
     assert_eq!(r.status, Some(0), "{}", r.all());
     r.assert_stdout_has(&["memtouch: PASS vcpus=2 rounds=1"]);
 }
 
 #[test]
 fn guest_fail_verdict_gives_exit_status_1() {
-    require_kvm!("guest_fail_verdict_gives_exit_status_1");
-    let r = common::vmm(&[
-        "run",
-        "--guest",
-        "faulty",
-        "--vcpus",
-        "2",
-        "--cmdline",
-        "mode=fail",
-    ]);
+    require!("guest_fail_verdict_gives_exit_status_1", Need::Kvm);
+    let r = vmm_guest("faulty")
+        .vcpus(2)
+        .cmdline("mode=fail")
+        .run(RUN_LIMIT);
     assert_eq!(r.status, Some(1), "{}", r.all());
     assert!(
         r.stderr
@@ -93,24 +73,22 @@ fn guest_fail_verdict_gives_exit_status_1() {
 
 #[test]
 fn guest_exception_is_reported_by_the_guest_and_fails() {
-    require_kvm!("guest_exception_is_reported_by_the_guest_and_fails");
-    let r = common::vmm(&["run", "--guest", "faulty", "--cmdline", "mode=exception"]);
+    require!(
+        "guest_exception_is_reported_by_the_guest_and_fails",
+        Need::Kvm
+    );
+    let r = vmm_guest("faulty").cmdline("mode=exception").run(RUN_LIMIT);
     assert_eq!(r.status, Some(1), "{}", r.all());
     r.assert_stdout_has(&["rt: EXCEPTION vector=6"]);
 }
 
 #[test]
 fn triple_fault_is_an_error_with_registers() {
-    require_kvm!("triple_fault_is_an_error_with_registers");
-    let r = common::vmm(&[
-        "run",
-        "--guest",
-        "faulty",
-        "--vcpus",
-        "2",
-        "--cmdline",
-        "mode=triple-fault",
-    ]);
+    require!("triple_fault_is_an_error_with_registers", Need::Kvm);
+    let r = vmm_guest("faulty")
+        .vcpus(2)
+        .cmdline("mode=triple-fault")
+        .run(RUN_LIMIT);
     assert_eq!(r.status, Some(2), "{}", r.all());
     assert!(
         r.stderr
@@ -127,16 +105,11 @@ fn triple_fault_is_an_error_with_registers() {
 
 #[test]
 fn vcpus_stopping_without_verdict_is_a_failure() {
-    require_kvm!("vcpus_stopping_without_verdict_is_a_failure");
-    let r = common::vmm(&[
-        "run",
-        "--guest",
-        "faulty",
-        "--vcpus",
-        "3",
-        "--cmdline",
-        "mode=stop",
-    ]);
+    require!("vcpus_stopping_without_verdict_is_a_failure", Need::Kvm);
+    let r = vmm_guest("faulty")
+        .vcpus(3)
+        .cmdline("mode=stop")
+        .run(RUN_LIMIT);
     assert_eq!(r.status, Some(1), "{}", r.all());
     assert!(
         r.stderr.contains("every vCPU stopped without a verdict"),

@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::{scratch, vmm_guest, Need, RUN_LIMIT};
+
 const ATTACKS: &[&str] = &[
     "pfns",
     "written",
@@ -21,7 +23,8 @@ const ATTACKS: &[&str] = &[
     "final",
 ];
 
-/// N and M from the guest's "expected at least N invalid frames and M malformed buffers".
+/// N and M from the guest's "expected at least N invalid frames and M malformed buffers" (the
+/// guest's console, not the VMM's).
 fn expected(stdout: &str) -> (u64, u64) {
     let line = stdout
         .lines()
@@ -36,29 +39,24 @@ fn expected(stdout: &str) -> (u64, u64) {
 
 #[test]
 fn every_attack_from_inside_has_its_defined_outcome() {
-    require_kvm!("every_attack_from_inside_has_its_defined_outcome");
-    let json = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostile.json");
-    let r = common::vmm(&[
-        "run",
-        "--guest",
-        "hostile",
-        "--vcpus",
-        "3",
-        "--memory",
-        "256M",
-        "--cmdline",
-        "attack=all",
-        "--report-json",
-        json.to_str().unwrap(),
-    ]);
+    require!(
+        "every_attack_from_inside_has_its_defined_outcome",
+        Need::Kvm
+    );
+    let r = vmm_guest("hostile")
+        .vcpus(3)
+        .memory("256M")
+        .cmdline("attack=all")
+        .report_json(&scratch("hostile.json"))
+        .run(RUN_LIMIT);
     assert_eq!(r.status, Some(0), "{}", r.all());
-    assert!(!r.stdout.contains("FAILED"), "{}", r.all());
+    assert!(r.find("FAILED").is_none(), "{}", r.all());
     for a in ATTACKS {
         let prefix = format!("hostile: {a}: ");
-        let line = r
-            .stdout
-            .lines()
-            .find(|l| l.starts_with(&prefix))
+        let (_, line) = r
+            .console
+            .iter()
+            .find(|(_, l)| l.starts_with(&prefix))
             .unwrap_or_else(|| panic!("no outcome line for attack {a}\n{}", r.all()));
         assert!(
             *a == "final" || line.ends_with("device alive"),
@@ -91,34 +89,26 @@ fn every_attack_from_inside_has_its_defined_outcome() {
         );
     }
     // ... and counted it: at least what the guest knows it sent (resets make some more).
-    let (min_invalid, min_malformed) = expected(&r.stdout);
-    let rep = common::read_json(&json);
-    let dev = &rep["device"];
+    let (min_invalid, min_malformed) = expected(&r.stdout());
+    let rep = r.report();
+    let dev = &rep.device;
     assert!(min_invalid > 600 && min_malformed >= 6, "{}", r.all());
-    assert!(
-        dev["invalid_frames"].as_u64().unwrap() >= min_invalid,
-        "{rep}\n{}",
-        r.all()
-    );
-    assert!(
-        dev["malformed_buffers"].as_u64().unwrap() >= min_malformed,
-        "{rep}"
-    );
+    assert!(dev.invalid_frames >= min_invalid, "{rep:#?}\n{}", r.all());
+    assert!(dev.malformed_buffers >= min_malformed, "{rep:#?}");
     // Everything the guest gave away came back, through a deflate or a reset (which empties
     // the balloon: the reset attack leaves 256 inflated frames pending in the batch, and up
     // to 256 more from the inflate in flight).
-    let count = |k: &str| dev[k].as_u64().unwrap();
     assert_eq!(
-        count("pages_inflated"),
-        count("pages_deflated") + count("pages_returned_by_reset"),
-        "{rep}"
+        dev.pages_inflated,
+        dev.pages_deflated + dev.pages_returned_by_reset,
+        "{rep:#?}"
     );
     assert!(
-        (256..=512).contains(&count("pages_returned_by_reset")),
-        "{rep}"
+        (256..=512).contains(&dev.pages_returned_by_reset),
+        "{rep:#?}"
     );
-    assert_eq!(rep["frames_in_balloon"], 0, "{rep}");
-    assert_eq!(rep["gather"]["host_call_errors"], 0, "{rep}");
+    assert_eq!(rep.frames_in_balloon, 0, "{rep:#?}");
+    assert_eq!(rep.gather.host_call_errors, 0, "{rep:#?}");
     // The `neighbours` victims were reclaimed through zap spans over the written frames.
-    assert!(rep["gather"]["bridged"].as_u64() > Some(0), "{rep}");
+    assert!(rep.gather.bridged > 0, "{rep:#?}");
 }

@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::Need;
 use kvm_bindings::{kvm_irqchip, kvm_lapic_state, KVM_IRQCHIP_IOAPIC};
 use vmm::config::{BootSource, VmConfig};
 use vmm::devices::balloon::BALLOON_GSI;
@@ -56,20 +57,23 @@ fn route(vm: &Vm, gsi: u32, vector: u8) {
 
 #[test]
 fn balloon_and_serial_interrupts_reach_the_local_apic() {
-    require_kvm!("balloon_and_serial_interrupts_reach_the_local_apic");
+    require!(
+        "balloon_and_serial_interrupts_reach_the_local_apic",
+        Need::Kvm
+    );
     let config = VmConfig {
         boot: BootSource::TestGuest(common::guest("memtouch")),
         vcpus: 2,
         memory: 64 << 20,
         cmdline: String::new(),
         kvm_device: "/dev/kvm".into(),
-        gather: guest_mm::GatherConfig::new(guest_mm::Strategy::Gather),
+        reclaim: guest_mm::ReclaimConfig::default(),
         balloon_steps: Vec::new(),
         balloon_step_timeout: std::time::Duration::from_secs(1),
         api_sock: None,
         reclaim_probe: false,
         keep_host_fault_around: false,
-        memory_backend: guest_mm::MemoryBackend::Memfd,
+        backing: guest_mm::Backing::Memfd,
     };
     let vm = Vm::new(&config).unwrap();
     let vcpu = &vm.vcpu_fds()[0];

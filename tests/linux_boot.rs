@@ -15,12 +15,13 @@
 
 mod common;
 
-use common::Watched;
-use std::path::Path;
+use common::{scratch, Need};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use vmm::boot::memmap::{linux_e820, linux_log_line};
 use vmm::emulation::host_has_hardware_virtualization;
+use vmm_harness::{Finished, VmmRun};
 
 /// Longest a boot test may run: the 2-vCPU run reaches the int3 self-test in about 100 s
 /// here when it has a core to itself.
@@ -28,33 +29,61 @@ const BOOT_LIMIT: Duration = Duration::from_secs(420);
 const NO_HARDWARE_VIRT: &str =
     "stock Linux cannot boot on this host (no VMX/SVM: guest ring 0 is emulated)";
 
-fn linux_file(name: &str) -> String {
-    common::linux_guest()
-        .join(name)
-        .to_str()
-        .unwrap()
-        .to_string()
+fn linux_file(name: &str) -> PathBuf {
+    common::linux_guest().join(name)
 }
 
 /// `vmm run` of the test kernel `kernel` (vmlinux or vmlinuz) with the test initramfs,
-/// `memory`, `vcpus`, then `extra` options; watched until `done` (see `common::watch_vmm`).
-fn run_linux(
-    kernel: &str,
-    memory: &str,
-    vcpus: u32,
-    extra: &[&str],
-    done: impl FnMut(&[(f64, String)], Duration) -> bool,
-) -> Watched {
-    let (kernel, initrd, vcpus) = (
-        linux_file(kernel),
-        linux_file("initramfs.cpio"),
-        vcpus.to_string(),
-    );
-    let mut args = vec![
-        "run", "--kernel", &kernel, "--initrd", &initrd, "--memory", memory, "--vcpus", &vcpus,
-    ];
-    args.extend(extra);
-    common::watch_vmm(&args, BOOT_LIMIT, done)
+/// `memory` and `vcpus`; the test adds its own options.
+fn linux(kernel: &str, memory: &str, vcpus: u32) -> VmmRun {
+    common::vmm_kernel(&linux_file(kernel), Some(&linux_file("initramfs.cpio")))
+        .memory(memory)
+        .vcpus(vcpus)
+}
+
+/// A Linux run watched until it ended or the test stopped it.
+struct Watched {
+    run: Finished,
+    /// Whether the test stopped the VM (SIGTERM) because what it waited for was seen.
+    stopped: bool,
+}
+
+/// The run's console, stderr and status.
+impl std::ops::Deref for Watched {
+    type Target = Finished;
+    fn deref(&self) -> &Finished {
+        &self.run
+    }
+}
+
+impl Watched {
+    fn expect(&self, needle: &str) -> &str {
+        self.run.expect_line(needle)
+    }
+
+    fn all(&self) -> String {
+        format!("stopped by the test: {}\n{}", self.stopped, self.run.all())
+    }
+}
+
+/// Runs `run` until it exits, or until `done(console lines so far, time since start)` holds
+/// (then the VM is stopped with SIGTERM), or until `BOOT_LIMIT` (then it is killed and the
+/// test fails, showing what the console printed). `done` may drive the VM meanwhile.
+fn watch(run: VmmRun, mut done: impl FnMut(&[(f64, String)], Duration) -> bool) -> Watched {
+    let start = Instant::now();
+    let mut vm = run.spawn();
+    let seen = vm.wait_until(BOOT_LIMIT, "what the test waits for", |lines| {
+        done(lines, start.elapsed())
+    });
+    let (run, stopped) = match seen {
+        Ok(()) => (vm.stop(Duration::from_secs(30)), true),
+        // It ended by itself (finish returns at once), or it ran past the limit (finish
+        // kills it and says so).
+        Err(_) => (vm.finish(Duration::from_secs(5)), false),
+    };
+    let w = Watched { run, stopped };
+    assert!(!w.run.timed_out, "{}", w.all());
+    w
 }
 
 /// The console text after Linux's `[    0.000000] ` timestamp.
@@ -89,7 +118,7 @@ fn check_early_boot(w: &Watched, memory: u64, vcpus: u32) {
     let layout = guest_mm::layout::Layout::new(memory).unwrap();
     let expected: Vec<String> = linux_e820(&layout).iter().map(linux_log_line).collect();
     let seen: Vec<&str> = w
-        .lines
+        .console
         .iter()
         .map(|(_, l)| message(l))
         .filter(|m| m.starts_with("BIOS-e820: "))
@@ -138,9 +167,9 @@ fn check_end(w: &Watched, insn: &str) {
 
 #[test]
 fn pvh_vmlinux_on_one_vcpu_gets_through_early_boot() {
-    require_kvm!("pvh_vmlinux_on_one_vcpu_gets_through_early_boot");
+    require!("pvh_vmlinux_on_one_vcpu_gets_through_early_boot", Need::Kvm);
     // The default command line, which has earlyprintk: the console before Linux's own.
-    let w = run_linux("vmlinux", "512M", 1, &[], initramfs_ready);
+    let w = watch(linux("vmlinux", "512M", 1), initramfs_ready);
     assert!(w.stderr.contains("(ELF vmlinux, PVH entry"), "{}", w.all());
     check_early_boot(&w, 512 << 20, 1);
     check_end(&w, "cmpxchg16b");
@@ -156,7 +185,7 @@ fn print_timings(w: &Watched) {
         t("ACPI: RSDP"),
         t("smpboot:"),
         t("Memory:"),
-        w.lines.last().map_or(0.0, |(t, _)| *t)
+        w.console.last().map_or(0.0, |(t, _)| *t)
     );
 }
 
@@ -165,18 +194,12 @@ fn print_timings(w: &Watched) {
 /// takes it past cmpxchg16b and xrstor to the int3 self-test.
 #[test]
 fn pvh_vmlinux_on_two_vcpus_sees_ram_above_4g() {
-    require_kvm!("pvh_vmlinux_on_two_vcpus_sees_ram_above_4g");
+    require!("pvh_vmlinux_on_two_vcpus_sees_ram_above_4g", Need::Kvm);
     let cmdline = format!(
         "{} mem=768M clearcpuid=cx16 noxsave",
         vmm::boot::linux::DEFAULT_CMDLINE
     );
-    let w = run_linux(
-        "vmlinux",
-        "5G",
-        2,
-        &["--cmdline", &cmdline],
-        initramfs_ready,
-    );
+    let w = watch(linux("vmlinux", "5G", 2).cmdline(cmdline), initramfs_ready);
     check_early_boot(&w, 5 << 30, 2);
     assert!(
         w.find("BIOS-e820: [mem 0x0000000100000000-0x000000017fffffff] usable")
@@ -192,8 +215,11 @@ fn pvh_vmlinux_on_two_vcpus_sees_ram_above_4g() {
 /// and the balloon from the command line only. Stopped once SMP setup is printed.
 #[test]
 fn without_acpi_linux_finds_its_cpus_in_the_mp_table() {
-    require_kvm!("without_acpi_linux_finds_its_cpus_in_the_mp_table");
-    let w = run_linux("vmlinux", "512M", 2, &["--no-acpi"], |lines, _| {
+    require!(
+        "without_acpi_linux_finds_its_cpus_in_the_mp_table",
+        Need::Kvm
+    );
+    let w = watch(linux("vmlinux", "512M", 2).no_acpi(), |lines, _| {
         lines.iter().any(|(_, l)| l.contains("smpboot: Allowing"))
     });
     w.expect("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]");
@@ -216,9 +242,9 @@ fn without_acpi_linux_finds_its_cpus_in_the_mp_table() {
 /// PVH tests: nothing here shows the decompressor finishing.)
 #[test]
 fn bzimage_enters_through_the_64_bit_boot_protocol() {
-    require_kvm!("bzimage_enters_through_the_64_bit_boot_protocol");
+    require!("bzimage_enters_through_the_64_bit_boot_protocol", Need::Kvm);
     let hardware = host_has_hardware_virtualization();
-    let w = run_linux("vmlinuz", "512M", 1, &[], |lines, elapsed| {
+    let w = watch(linux("vmlinuz", "512M", 1), |lines, elapsed| {
         initramfs_ready(lines, elapsed) || (!hardware && elapsed > Duration::from_secs(20))
     });
     assert!(
@@ -303,7 +329,7 @@ fn acpi_tables_pass_iasl() {
 #[test]
 fn the_test_initramfs_follows_linux_balloon_driver_on_qemu_tcg() {
     let qemu = common::qemu_that_starts();
-    let qmp_path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-tcg.qmp");
+    let qmp_path = scratch("linux-tcg.qmp");
     let _ = std::fs::remove_file(&qmp_path);
     let mut cmd = Command::new(qemu);
     cmd.args([
@@ -317,8 +343,10 @@ fn the_test_initramfs_follows_linux_balloon_driver_on_qemu_tcg() {
         "2",
     ])
     .args(["-m", "512M", "-nographic", "-no-reboot"])
-    .args(["-kernel", &linux_file("vmlinuz")])
-    .args(["-initrd", &linux_file("initramfs.cpio")])
+    .arg("-kernel")
+    .arg(linux_file("vmlinuz"))
+    .arg("-initrd")
+    .arg(linux_file("initramfs.cpio"))
     // Under TCG the PIT calibration of the TSC fails about one boot in three here, and
     // Linux then hangs before it reaches the initramfs; a given TSC rate skips it.
     .args(["-append", "console=ttyS0 panic=1 tsc_early_khz=2000000"])
@@ -331,7 +359,7 @@ fn the_test_initramfs_follows_linux_balloon_driver_on_qemu_tcg() {
         "-qmp",
         &format!("unix:{},server=on,wait=off", qmp_path.display()),
     ]);
-    let mut q = vmm::qemu::QemuProcess::spawn(cmd).unwrap();
+    let mut q = vmm_harness::qemu::QemuProcess::spawn(cmd).unwrap();
     let limit = Duration::from_secs(180);
     q.wait_for_stdout("vmm-init: ready", limit)
         .unwrap_or_else(|e| panic!("{e}\n{}", q.stdout()));
@@ -383,69 +411,66 @@ fn balloon_counter<'a>(lines: impl DoubleEndedIterator<Item = &'a str>, counter:
 #[test]
 fn linux_balloon_driver_follows_targets_from_the_control_socket() {
     let name = "linux_balloon_driver_follows_targets_from_the_control_socket";
-    require_kvm!(name);
-    if !host_has_hardware_virtualization() {
-        common::skip(name, NO_HARDWARE_VIRT);
-        return;
-    }
-    let sock = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.sock"));
+    require!(
+        name,
+        Need::Kvm,
+        Need::That(
+            host_has_hardware_virtualization(),
+            NO_HARDWARE_VIRT.to_string()
+        )
+    );
+    let sock = scratch(&format!("{name}.sock"));
     let mut step = 0;
     let mut api = None;
     let mut since = Instant::now();
     let mut held_before = 0;
     let mut seen = Vec::new();
-    let w = run_linux(
-        "vmlinux",
-        "1G",
-        2,
-        &["--api-sock", sock.to_str().unwrap()],
-        |lines, _| {
-            if api.is_none() {
-                if !initramfs_ready(lines, Duration::ZERO) {
-                    return false;
-                }
-                api = Some(vmm::api::ApiClient::new(&sock).unwrap());
-                since = Instant::now();
+    let w = watch(linux("vmlinux", "1G", 2).api_sock(&sock), |lines, _| {
+        if api.is_none() {
+            if !initramfs_ready(lines, Duration::ZERO) {
+                return false;
             }
-            let api = api.as_ref().unwrap();
-            let r = api.reclaim().unwrap();
-            let num = |k: &str| r[k].as_u64().unwrap_or(0);
-            assert!(
-                since.elapsed() < Duration::from_secs(90),
-                "step {step} stuck: {r}"
-            );
-            let guest = |counter| balloon_counter(lines.iter().map(|(_, l)| l.as_str()), counter);
-            match step {
-                // Inflate by 256 MiB (65536 pages) once the guest prints its round lines.
-                0 if lines.iter().any(|(_, l)| l.contains("vmm-init: round ")) => {
-                    held_before = num("host_bytes_held");
-                    api.set_balloon_mib(256).unwrap();
-                    (step, since) = (1, Instant::now());
-                }
-                1 if num("actual_bytes") == 256 << 20 => {
-                    seen.push(format!("inflated: {r}"));
-                    let freed = held_before.saturating_sub(num("host_bytes_held"));
-                    assert!(freed >= 200 << 20, "host bytes fell by {freed} only: {r}");
-                    (step, since) = (2, Instant::now());
-                }
-                // The guest's own counters say so, and its statistics arrive.
-                2 if guest("balloon_inflate") >= 65536
-                    && r["guest"]["updates"].as_u64().unwrap_or(0) > 0 =>
-                {
-                    assert!(r["guest"]["total_memory"].as_u64().is_some(), "{r}");
-                    api.set_balloon_mib(0).unwrap();
-                    (step, since) = (3, Instant::now());
-                }
-                3 if num("actual_bytes") == 0 && num("frames_in_balloon") == 0 => {
-                    seen.push(format!("deflated: {r}"));
-                    (step, since) = (4, Instant::now());
-                }
-                4 if guest("balloon_deflate") >= 65536 => return true,
-                _ => {}
+            api = Some(vmm::api::ApiClient::new(&sock).unwrap());
+            since = Instant::now();
+        }
+        let api = api.as_ref().unwrap();
+        let r = api.reclaim().unwrap();
+        assert!(
+            since.elapsed() < Duration::from_secs(90),
+            "step {step} stuck: {r:#?}"
+        );
+        let guest = |counter| balloon_counter(lines.iter().map(|(_, l)| l.as_str()), counter);
+        match step {
+            // Inflate by 256 MiB (65536 pages) once the guest prints its round lines.
+            0 if lines.iter().any(|(_, l)| l.contains("vmm-init: round ")) => {
+                held_before = r.host_bytes_held;
+                api.set_balloon_mib(256).unwrap();
+                (step, since) = (1, Instant::now());
             }
-            false
-        },
-    );
+            // The driver acknowledges before the `reclaim` worker gives the frames back to
+            // the host (within a batch window), so the host's bytes are waited for too:
+            // a step still short of them after 90 s fails as stuck.
+            1 if r.actual_bytes == 256 << 20
+                && held_before.saturating_sub(r.host_bytes_held) >= 200 << 20 =>
+            {
+                seen.push(format!("inflated: {r:?}"));
+                (step, since) = (2, Instant::now());
+            }
+            // The guest's own counters say so, and its statistics arrive.
+            2 if guest("balloon_inflate") >= 65536 && r.guest.updates > 0 => {
+                assert!(r.guest.values.total_memory.is_some(), "{r:#?}");
+                api.set_balloon_mib(0).unwrap();
+                (step, since) = (3, Instant::now());
+            }
+            3 if r.actual_bytes == 0 && r.frames_in_balloon == 0 => {
+                seen.push(format!("deflated: {r:?}"));
+                (step, since) = (4, Instant::now());
+            }
+            4 if guest("balloon_deflate") >= 65536 => return true,
+            _ => {}
+        }
+        false
+    });
     assert!(w.stopped, "the guest stopped at step {step}\n{}", w.all());
     w.expect("driver virtio_balloon features");
     println!("{}", seen.join("\n"));

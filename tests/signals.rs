@@ -3,73 +3,58 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use common::{scratch, vmm_guest, Need};
+use guest_mm::reclaim::{ReclaimConfig, Strategy};
 use std::time::{Duration, Instant};
 
+/// The balloon target the signal interrupts.
+const TARGET_MIB: u64 = 384;
+
 fn stop_mid_inflate(signal: i32, test: &str) {
-    if !common::kvm_or_skip(test) {
-        return;
-    }
-    let sock = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{test}.sock"));
-    let mut vm = Command::new(common::VMM)
-        .args([
-            "run", "--guest", "balloon", "--vcpus", "2", "--memory", "512M",
-        ])
-        .args([
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--cmdline",
-            "changes=10 touch=8M",
-        ])
-        .args(["--reclaim-strategy", "per-page"]) // slow on purpose: the signal lands mid-inflate
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    require!(test, Need::Kvm);
+    let sock = scratch(&format!("{test}.sock"));
+    let mut vm = vmm_guest("balloon")
+        .vcpus(2)
+        .memory("512M")
+        .api_sock(&sock)
+        .cmdline("changes=10 touch=8M")
+        // Slow on purpose: the signal lands mid-inflate.
+        .reclaim(ReclaimConfig::with_strategy(Strategy::PerPage))
+        .spawn();
+    let api = vm.api();
     let start = Instant::now();
-    let api = vmm::api::ApiClient::new(&sock).unwrap();
-    loop {
-        let ready = api
-            .reclaim()
-            .map(|r| r["guest"]["updates"].as_u64().unwrap_or(0) > 0)
-            .unwrap_or(false);
-        if ready {
-            break;
-        }
+    while !api.reclaim().is_ok_and(|r| r.guest.updates > 0) {
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "driver never ready"
+            "driver never ready\n{}",
+            vm.stderr()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    api.set_balloon_mib(384).unwrap();
+    api.set_balloon_mib(TARGET_MIB).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let actual = api.reclaim().unwrap()["actual_bytes"].as_u64().unwrap();
+    let actual = api.reclaim().unwrap().actual_bytes;
     assert!(
-        actual < 768 << 20,
-        "the inflate should still be running (actual {actual})"
+        actual < TARGET_MIB << 20,
+        "the inflate should still be running (actual {actual} of {} bytes)",
+        TARGET_MIB << 20
     );
     // SAFETY: sending a signal to our own child process.
-    assert_eq!(unsafe { libc::kill(vm.id() as i32, signal) }, 0);
-    let t = Instant::now();
-    let status = loop {
-        if let Some(st) = vm.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the VMM did not stop after signal {signal}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut vm.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(status.code(), Some(128 + signal), "{err}");
+    assert_eq!(unsafe { libc::kill(vm.pid() as i32, signal) }, 0);
+    let r = vm.finish(Duration::from_secs(20));
     assert!(
-        err.contains(&format!("vmm: stopped by signal {signal}")),
-        "{err}"
+        !r.timed_out,
+        "the VMM did not stop after signal {signal}\n{}",
+        r.all()
     );
-    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(r.status, Some(128 + signal), "{}", r.all());
+    assert!(
+        r.stderr
+            .contains(&format!("vmm: stopped by signal {signal}")),
+        "{}",
+        r.all()
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.all());
     assert!(!sock.exists(), "control socket left behind");
 }
 

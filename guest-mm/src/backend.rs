@@ -16,10 +16,10 @@
 //! Every call is checked to lie inside one RAM range before it is made: no host call ever
 //! covers memory outside guest RAM.
 
+pub use crate::backing::Granule;
 use crate::gfn::GfnRange;
 use crate::layout::PAGE_SIZE;
 use crate::ram::GuestRam;
-use crate::span::ZapSpan;
 use crate::stage2_map::{FrameState, Stage2Map};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -40,28 +40,48 @@ pub enum BackendError {
     },
 }
 
-/// The unit a backend gives memory back in.
+/// One zap call: `span`, covering the reclaimed `ranges` (ascending, inside `span`, the first
+/// starting and the last ending where the span does) and `bridged` in-use frames.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZapSpan {
+    pub span: GfnRange,
+    pub ranges: Vec<GfnRange>,
+    /// Frames in the span that the guest or a device owns (they may refault).
+    pub bridged: u64,
+}
+
+impl ZapSpan {
+    pub fn single(r: GfnRange) -> Self {
+        Self {
+            span: r,
+            ranges: vec![r],
+            bridged: 0,
+        }
+    }
+
+    /// Frames of the span in no reclaimed range.
+    pub fn gap_frames(&self) -> u64 {
+        self.span.count - self.ranges.iter().map(|r| r.count).sum::<u64>()
+    }
+}
+
+/// What a backend can do, read once when the gather is built: callers never ask which
+/// backend they have, only what it gives back in and whether a zap keeps contents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Granule {
-    /// 4 KiB pages: any range of frames.
-    Page,
-    /// 2 MiB blocks: only whole, 2 MiB-aligned blocks, unless `can_split` (the kernel splits
-    /// a shmem huge page when part of it is punched; a hugetlb page is all or nothing).
-    Block { can_split: bool },
+pub struct Capabilities {
+    pub name: &'static str,
+    /// What the backend gives back in. The gather holds 4 KiB frames of a block backend in
+    /// their 2 MiB blocks until each block is complete.
+    pub granule: Granule,
+    /// Whether a zap leaves the contents of the frames it covers in place (they fault back in
+    /// unchanged). Only then may a zap span bridge in-use frames; a backend whose zap destroys
+    /// contents (guest_memfd punch-hole, a MAP_PRIVATE mapping) gets exactly the reclaimed
+    /// ranges.
+    pub zap_keeps_contents: bool,
 }
 
 pub trait Stage2Backend: Send + Sync {
-    fn name(&self) -> &'static str;
-    /// What the backend gives back in. The gather holds 4 KiB frames of a block backend in
-    /// their 2 MiB blocks until each block is complete (`blocks`).
-    fn granule(&self) -> Granule {
-        Granule::Page
-    }
-    /// Whether a zap leaves the contents of the frames it covers in place (they fault back in
-    /// unchanged). Only then may the gather give it spans that bridge in-use frames; a backend
-    /// whose zap destroys contents (guest_memfd punch-hole, a MAP_PRIVATE mapping) says false
-    /// and gets exactly the reclaimed ranges.
-    fn zap_keeps_contents(&self) -> bool;
+    fn capabilities(&self) -> Capabilities;
     /// Removes the stage-2 mappings of `span.span` (which covers the reclaimed `span.ranges`
     /// and may bridge in-use frames between them); returns once the hypervisor has
     /// invalidated them on every vCPU.
@@ -121,6 +141,10 @@ fn host_call_result(
 pub const BLOCK_FRAMES: u64 = crate::backing::HUGE_PAGE / PAGE_SIZE;
 
 impl KvmMemfd {
+    fn granule(&self) -> Granule {
+        self.ram.backing().granule()
+    }
+
     /// On a backend whose huge pages cannot be split, only whole blocks may be zapped or
     /// released (madvise and fallocate would fail or zero the rest of the page).
     fn check_granule(&self, range: GfnRange) -> Result<(), BackendError> {
@@ -137,22 +161,13 @@ impl KvmMemfd {
 }
 
 impl Stage2Backend for KvmMemfd {
-    fn name(&self) -> &'static str {
-        "kvm-memfd"
-    }
-
-    fn granule(&self) -> Granule {
-        match self.ram.backend().page_size() {
-            PAGE_SIZE => Granule::Page,
-            _ => Granule::Block {
-                can_split: self.ram.backend().can_split(),
-            },
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "kvm-memfd",
+            granule: self.granule(),
+            // MAP_SHARED on a memfd: MADV_DONTNEED drops page-table entries, the pages stay.
+            zap_keeps_contents: true,
         }
-    }
-
-    fn zap_keeps_contents(&self) -> bool {
-        // MAP_SHARED on a memfd: MADV_DONTNEED drops page-table entries, the pages stay.
-        true
     }
 
     fn zap(&self, span: &ZapSpan) -> Result<(), BackendError> {
@@ -183,7 +198,7 @@ impl Stage2Backend for KvmMemfd {
 }
 
 /// Wraps a backend and asserts, at every host call, that it harms only frames the balloon
-/// owns: a zap's reclaimed ranges are Gathered, the frames a span bridges are not (and there
+/// owns: a zap's reclaimed ranges are Batched, the frames a span bridges are not (and there
 /// are none unless the zap keeps contents), a release covers only Zapped frames, and nothing
 /// is outside RAM. For tests and fuzzing: a violation panics, naming the frame and its state.
 pub struct OwnershipChecked {
@@ -209,16 +224,8 @@ impl OwnershipChecked {
 }
 
 impl Stage2Backend for OwnershipChecked {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn granule(&self) -> Granule {
-        self.inner.granule()
-    }
-
-    fn zap_keeps_contents(&self) -> bool {
-        self.inner.zap_keeps_contents()
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
     }
 
     fn zap(&self, span: &ZapSpan) -> Result<(), BackendError> {
@@ -228,7 +235,7 @@ impl Stage2Backend for OwnershipChecked {
                 "range {r:?} outside its span {:?}",
                 span.span
             );
-            self.require("zap", r, FrameState::Gathered);
+            self.require("zap", r, FrameState::Batched);
         }
         for g in span.span.iter() {
             if span.ranges.iter().any(|r| r.contains(g)) {
@@ -236,12 +243,12 @@ impl Stage2Backend for OwnershipChecked {
             }
             let found = self.map.state(g);
             assert!(
-                self.inner.zap_keeps_contents(),
+                self.inner.capabilities().zap_keeps_contents,
                 "a zap that destroys contents got span {:?}, bridging frame {g:#x} ({found:?})",
                 span.span
             );
             assert!(
-                found.is_ok() && found != Ok(FrameState::Gathered),
+                found.is_ok() && found != Ok(FrameState::Batched),
                 "span {:?} bridges frame {g:#x}, which is {found:?}",
                 span.span
             );
@@ -251,7 +258,7 @@ impl Stage2Backend for OwnershipChecked {
 
     fn release(&self, range: GfnRange) -> Result<(), BackendError> {
         self.require("release", range, FrameState::Zapped);
-        if let Granule::Block { can_split: false } = self.inner.granule() {
+        if let Granule::Block { can_split: false } = self.inner.capabilities().granule {
             assert!(
                 range.start.is_multiple_of(BLOCK_FRAMES)
                     && range.count.is_multiple_of(BLOCK_FRAMES),

@@ -1,7 +1,7 @@
 //! What backs guest RAM, and its prerequisites: a 4 KiB memfd, a file on a tmpfs mounted
 //! with transparent huge pages (shmem THP), or a memfd of 2 MiB hugetlb pages.
 //!
-//! Each backend is checked before anything is mapped, and a missing prerequisite is an error
+//! Each backing is checked before anything is mapped, and a missing prerequisite is an error
 //! that says what to do. This module never changes a host setting (no mount, no hugetlb
 //! reservation): the user, or a test for itself, does that.
 
@@ -19,9 +19,19 @@ const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 const MFD_HUGE_2MB: libc::c_uint = 21 << 26;
 const HUGEPAGES_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 
+/// The unit a backing gives memory back to the host in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Granule {
+    /// 4 KiB pages: any range of frames.
+    Page,
+    /// 2 MiB blocks: only whole, 2 MiB-aligned blocks, unless `can_split` (the kernel splits
+    /// a shmem huge page when part of it is punched; a hugetlb page is all or nothing).
+    Block { can_split: bool },
+}
+
 /// What backs guest RAM.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MemoryBackend {
+pub enum Backing {
     /// An anonymous memfd in 4 KiB pages.
     Memfd,
     /// An unnamed file in `dir`, which must be on a tmpfs mounted with `huge=always` or
@@ -34,32 +44,77 @@ pub enum MemoryBackend {
     Hugetlb,
 }
 
-impl MemoryBackend {
-    /// The page size the backend gives the host back in: 4 KiB, or 2 MiB.
+/// `--memory-backend` and `--memory-path`, as `vmm run` and the tools take them (feature
+/// `cli`): one definition of the options and of their errors.
+#[cfg(feature = "cli")]
+#[derive(clap::Args, Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackingArgs {
+    /// What backs guest RAM: memfd (4 KiB pages), shmem-thp (a file on a tmpfs mounted with
+    /// huge=always or huge=within_size, given by --memory-path: transparent 2 MiB pages) or
+    /// hugetlb (a memfd of 2 MiB hugetlb pages, reserved beforehand in
+    /// /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages). With 2 MiB pages the gather
+    /// releases whole 2 MiB blocks once all 512 of their frames are in the balloon
+    /// (docs/ARCHITECTURE.md, "Huge pages").
+    #[arg(long, default_value = "memfd", value_parser = ["memfd", "shmem-thp", "hugetlb"])]
+    pub memory_backend: String,
+    /// For --memory-backend shmem-thp: a directory on a tmpfs mounted with huge=always (e.g.
+    /// `mount -t tmpfs -o huge=always,size=8G tmpfs DIR`).
+    #[arg(long)]
+    pub memory_path: Option<PathBuf>,
+}
+
+#[cfg(feature = "cli")]
+impl BackingArgs {
+    /// The backing these options name, or why they do not name one.
+    pub fn backing(&self) -> Result<Backing, String> {
+        Ok(match (self.memory_backend.as_str(), &self.memory_path) {
+            ("shmem-thp", Some(dir)) => Backing::ShmemThp { dir: dir.clone() },
+            ("shmem-thp", None) => return Err(
+                "--memory-backend shmem-thp needs --memory-path DIR, a directory on a tmpfs mounted with huge=always (e.g. `mount -t tmpfs -o huge=always,size=8G tmpfs DIR`)".into()
+            ),
+            (_, Some(_)) => return Err("--memory-path is only for --memory-backend shmem-thp".into()),
+            ("hugetlb", None) => Backing::Hugetlb,
+            _ => Backing::Memfd,
+        })
+    }
+}
+
+impl Backing {
+    /// The page size the backing gives the host back in: 4 KiB, or 2 MiB.
     pub fn page_size(&self) -> u64 {
         match self {
-            MemoryBackend::Memfd => 4096,
+            Backing::Memfd => 4096,
             _ => HUGE_PAGE,
+        }
+    }
+
+    /// What this backing gives back in.
+    pub fn granule(&self) -> Granule {
+        match self {
+            Backing::Memfd => Granule::Page,
+            _ => Granule::Block {
+                can_split: self.can_split(),
+            },
         }
     }
 
     /// Whether part of a huge page can be given back (the kernel splits a shmem THP; a
     /// hugetlb page is all or nothing).
     pub fn can_split(&self) -> bool {
-        !matches!(self, MemoryBackend::Hugetlb)
+        !matches!(self, Backing::Hugetlb)
     }
 
     /// Whether mappings must reserve their pages up front (hugetlb: a fault without a
     /// reservation would kill the VMM with SIGBUS).
     pub fn reserves(&self) -> bool {
-        matches!(self, MemoryBackend::Hugetlb)
+        matches!(self, Backing::Hugetlb)
     }
 
     pub fn name(&self) -> &'static str {
         match self {
-            MemoryBackend::Memfd => "memfd",
-            MemoryBackend::ShmemThp { .. } => "shmem-thp",
-            MemoryBackend::Hugetlb => "hugetlb",
+            Backing::Memfd => "memfd",
+            Backing::ShmemThp { .. } => "shmem-thp",
+            Backing::Hugetlb => "hugetlb",
         }
     }
 }
@@ -68,8 +123,8 @@ impl MemoryBackend {
 pub enum BackingError {
     #[error("memfd_create failed: {0}")]
     Memfd(io::Error),
-    #[error("guest RAM of {size} bytes is not a whole number of 2 MiB huge pages; use a multiple of 2M with --memory-backend {backend}")]
-    NotHugeAligned { size: u64, backend: &'static str },
+    #[error("guest RAM of {size} bytes is not a whole number of 2 MiB huge pages; use a multiple of 2M with --memory-backend {backing}")]
+    NotHugeAligned { size: u64, backing: &'static str },
     #[error("{} does not exist or is not a directory: {err} (give a directory on a tmpfs mounted with huge=always, e.g. `mkdir -p /mnt/guest && mount -t tmpfs -o huge=always,size=8G tmpfs /mnt/guest`)", dir.display())]
     NoDir { dir: PathBuf, err: io::Error },
     #[error("{} is on hugetlbfs, not tmpfs: for hugetlb pages use --memory-backend hugetlb (a memfd of reserved 2 MiB pages)", dir.display())]
@@ -92,22 +147,22 @@ pub enum BackingError {
     },
 }
 
-/// Creates the file that backs `size` bytes of guest RAM, after checking the backend's
+/// Creates the file that backs `size` bytes of guest RAM, after checking the backing's
 /// prerequisites. The caller sizes and maps it.
-pub fn create(backend: &MemoryBackend, size: u64) -> Result<File, BackingError> {
-    if backend.page_size() == HUGE_PAGE && !size.is_multiple_of(HUGE_PAGE) {
+pub fn create(backing: &Backing, size: u64) -> Result<File, BackingError> {
+    if backing.page_size() == HUGE_PAGE && !size.is_multiple_of(HUGE_PAGE) {
         return Err(BackingError::NotHugeAligned {
             size,
-            backend: backend.name(),
+            backing: backing.name(),
         });
     }
-    match backend {
-        MemoryBackend::Memfd => memfd(0),
-        MemoryBackend::Hugetlb => {
+    match backing {
+        Backing::Memfd => memfd(0),
+        Backing::Hugetlb => {
             check_hugetlb(size / HUGE_PAGE)?;
             memfd(libc::MFD_HUGETLB | MFD_HUGE_2MB)
         }
-        MemoryBackend::ShmemThp { dir } => {
+        Backing::ShmemThp { dir } => {
             check_thp_dir(dir)?;
             let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| {
                 BackingError::Open {
@@ -291,7 +346,7 @@ mod tests {
             println!("SKIPPED: the working directory is on tmpfs");
             return;
         }
-        let e = create(&MemoryBackend::ShmemThp { dir }, 4 << 20).unwrap_err();
+        let e = create(&Backing::ShmemThp { dir }, 4 << 20).unwrap_err();
         assert!(matches!(e, BackingError::NotTmpfs { .. }), "{e}");
         assert!(
             e.to_string().contains("mount -t tmpfs -o huge=always"),
@@ -301,7 +356,7 @@ mod tests {
 
     #[test]
     fn huge_backends_need_whole_huge_pages() {
-        let e = create(&MemoryBackend::Hugetlb, 3 << 20).unwrap_err();
+        let e = create(&Backing::Hugetlb, 3 << 20).unwrap_err();
         assert!(
             e.to_string()
                 .contains("not a whole number of 2 MiB huge pages"),
@@ -312,7 +367,7 @@ mod tests {
     #[test]
     fn too_few_hugetlb_pages_is_an_error_that_says_how_to_reserve_them() {
         // More than any test host reserves.
-        let e = create(&MemoryBackend::Hugetlb, 1 << 46).unwrap_err();
+        let e = create(&Backing::Hugetlb, 1 << 46).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("needs 33554432 2 MiB hugetlb pages"), "{msg}");
         assert!(msg.contains("nr_hugepages"), "{msg}");

@@ -2,6 +2,9 @@
 
 use thiserror::Error;
 
+/// The size of a guest frame (and of a host page on the 4 KiB backings).
+pub const PAGE_SIZE: u64 = 4096;
+
 /// A guest frame number: guest-physical address / 4 KiB.
 pub type Gfn = u64;
 
@@ -30,7 +33,7 @@ impl GfnRange {
     }
 
     pub fn bytes(&self) -> u64 {
-        self.count * crate::PAGE_SIZE
+        self.count * PAGE_SIZE
     }
 }
 
@@ -52,6 +55,10 @@ pub enum FrameError {
     NotInBalloon(Gfn),
     #[error("frame {0:#x} is in the balloon, so a device cannot map it")]
     InBalloon(Gfn),
+    #[error(
+        "frame {0:#x} is in a batch being reclaimed; it can be given back once the batch ends"
+    )]
+    InFlight(Gfn),
 }
 
 impl FrameError {
@@ -63,7 +70,8 @@ impl FrameError {
             | FrameError::AlreadyReleased(g)
             | FrameError::DeviceMapped(g)
             | FrameError::NotInBalloon(g)
-            | FrameError::InBalloon(g) => g,
+            | FrameError::InBalloon(g)
+            | FrameError::InFlight(g) => g,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! (every stage-2 flush requested), `remote_tlb_flush` (those that reached a running vCPU),
 //! `pages_4k`, `mmu_shadow_zapped`; vCPU `tlb_flush`, `exits`.
 
-use crate::gather::{FlushCounter, VcpuCounters};
+use crate::reclaim::metrics::{CounterSnapshot, KvmCounters, VcpuCounters};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -100,9 +100,19 @@ impl KvmStats {
     }
 }
 
-impl FlushCounter for KvmStats {
-    fn flush_requests(&self) -> Option<u64> {
+impl KvmStats {
+    /// KVM's `remote_tlb_flush_requests`: every stage-2 flush the VM asked for.
+    pub fn flush_requests(&self) -> Option<u64> {
         self.get("remote_tlb_flush_requests").ok().flatten()
+    }
+}
+
+impl KvmCounters for KvmStats {
+    fn snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            flush_requests: self.flush_requests(),
+            vcpus: Vec::new(),
+        }
     }
 }
 
@@ -125,13 +135,12 @@ impl VmCounters {
     }
 }
 
-impl FlushCounter for VmCounters {
-    fn flush_requests(&self) -> Option<u64> {
-        self.vm.flush_requests()
-    }
-
-    fn vcpus(&self) -> Vec<VcpuCounters> {
-        self.vcpus.iter().map(Self::vcpu).collect()
+impl KvmCounters for VmCounters {
+    fn snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            flush_requests: self.vm.flush_requests(),
+            vcpus: self.vcpus.iter().map(Self::vcpu).collect(),
+        }
     }
 }
 

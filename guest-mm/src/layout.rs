@@ -1,9 +1,9 @@
 //! Guest-physical address layout: RAM below the MMIO hole, the hole itself (device MMIO, the
 //! IOAPIC and local APIC), and RAM above 4 GiB for whatever did not fit below.
 
+pub use crate::gfn::PAGE_SIZE;
+use crate::gfn::{FrameError, Gfn};
 use thiserror::Error;
-
-pub const PAGE_SIZE: u64 = 4096;
 /// Start of the MMIO hole below 4 GiB. RAM never lives in [MMIO_HOLE_START, 4 GiB).
 pub const MMIO_HOLE_START: u64 = 0xC000_0000;
 pub const MMIO_HOLE_END: u64 = 1 << 32;
@@ -97,6 +97,20 @@ impl Layout {
             .checked_mul(PAGE_SIZE)
             .and_then(|len| gpa.checked_add(len))?;
         self.range_of(gpa).filter(|r| count > 0 && end <= r.end())
+    }
+}
+
+/// Why `gfn` is not RAM in `layout`, if it is not.
+pub fn check_ram(layout: &Layout, gfn: Gfn) -> Result<(), FrameError> {
+    let Some(gpa) = gfn.checked_mul(PAGE_SIZE) else {
+        return Err(FrameError::OutsideRam(gfn));
+    };
+    if layout.range_of(gpa).is_some() {
+        Ok(())
+    } else if gpa >= layout.end() {
+        Err(FrameError::OutsideRam(gfn))
+    } else {
+        Err(FrameError::InMmioHole(gfn))
     }
 }
 

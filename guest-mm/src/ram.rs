@@ -6,7 +6,7 @@
 //! The shared mapping is what KVM's memslots point at, so a host call on it (madvise) makes
 //! KVM zap the stage-2 entries for that range.
 
-use crate::backing::{BackingError, MemoryBackend};
+use crate::backing::{Backing, BackingError};
 use crate::layout::{Layout, LayoutError, RamRange};
 use std::fs::File;
 use std::io;
@@ -36,7 +36,7 @@ pub struct GuestRam {
     layout: Layout,
     memfd: File,
     mem: GuestMemoryMmap,
-    backend: MemoryBackend,
+    backing: Backing,
     /// Keeps the host's fault-around off on the mappings (`fault_around`), if it could be.
     fault_around_off: Option<std::os::fd::OwnedFd>,
 }
@@ -46,17 +46,17 @@ impl GuestRam {
     /// with the host's fault-around off where the kernel allows it (`fault_around`; a
     /// warning says so where it does not).
     pub fn new(size: u64) -> Result<Self, RamError> {
-        Self::with_backend(size, &MemoryBackend::Memfd, false)
+        Self::with_backing(size, &Backing::Memfd, false)
     }
 
-    /// Guest RAM of `size` bytes on `backend`, with the host's fault-around off unless
+    /// Guest RAM of `size` bytes on `backing`, with the host's fault-around off unless
     /// `keep_fault_around`.
-    pub fn with_backend(
+    pub fn with_backing(
         size: u64,
-        backend: &MemoryBackend,
+        backing: &Backing,
         keep_fault_around: bool,
     ) -> Result<Self, RamError> {
-        let mut ram = Self::map(size, backend)?;
+        let mut ram = Self::map(size, backing)?;
         if keep_fault_around {
             return Ok(ram);
         }
@@ -82,20 +82,20 @@ impl GuestRam {
 
     /// As `new`, but leaves the host's fault-around on (for comparison).
     pub fn new_keeping_fault_around(size: u64) -> Result<Self, RamError> {
-        Self::with_backend(size, &MemoryBackend::Memfd, true)
+        Self::with_backing(size, &Backing::Memfd, true)
     }
 
     /// What backs this RAM.
-    pub fn backend(&self) -> &MemoryBackend {
-        &self.backend
+    pub fn backing(&self) -> &Backing {
+        &self.backing
     }
 
-    fn map(size: u64, backend: &MemoryBackend) -> Result<Self, RamError> {
+    fn map(size: u64, backing: &Backing) -> Result<Self, RamError> {
         let layout = Layout::new(size)?;
-        let memfd = crate::backing::create(backend, layout.total_bytes())?;
+        let memfd = crate::backing::create(backing, layout.total_bytes())?;
         // Hugetlb pages are reserved at mmap time (a fault without one would be SIGBUS);
         // the others are allocated as the guest touches them.
-        let flags = if backend.reserves() {
+        let flags = if backing.reserves() {
             libc::MAP_SHARED
         } else {
             libc::MAP_SHARED | libc::MAP_NORESERVE
@@ -136,7 +136,7 @@ impl GuestRam {
             layout,
             memfd,
             mem,
-            backend: backend.clone(),
+            backing: backing.clone(),
             fault_around_off: None,
         })
     }

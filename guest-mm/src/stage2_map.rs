@@ -6,22 +6,27 @@
 //! | owner   | states                                   |
 //! |---------|------------------------------------------|
 //! | guest   | `Mapped`                                 |
-//! | balloon | `Gathered`, `Zapped`, `Released`, `Retained`, `Partial` |
+//! | balloon | `Gathered`, `Batched`, `Zapped`, `Released`, `Retained`, `Partial` |
 //! | device  | `DeviceMapped` (a virtqueue's rings)     |
 //!
 //! and moves only along these transitions (every other one is refused with a typed error):
 //!
 //! ```text
-//!             gather                zap                release
-//!   Mapped ───────────▶ Gathered ───────▶ Zapped ───────────▶ Released
-//!     ▲ ▲                │   │ zap failed      │ release failed   │
-//!     │ │   give_back    │   └──────▶ Retained ◀┘                 │
-//!     │ ├────────────────┘              │                         │
-//!     │ ├───────────────────────────────┘ give_back               │
-//!     │ └─────────────────────────────────────────────────────────┘ give_back
+//!             gather            take_batch          zap              release
+//!   Mapped ───────────▶ Gathered ─────────▶ Batched ─────▶ Zapped ───────────▶ Released
+//!     ▲ ▲                │                   │ zap failed  │ release failed     │
+//!     │ │   give_back    │                   └─────▶ Retained ◀┘                  │
+//!     │ ├────────────────┘                            │                          │
+//!     │ ├─────────────────────────────────────────────┘ give_back                │
+//!     │ └────────────────────────────────────────────────────────────────────────┘ give_back
 //!     │  map_device / unmap_device
 //!     └──────▶ DeviceMapped
 //! ```
+//!
+//! `Batched` and `Zapped` are a batch in flight: the reclaim worker is between taking the
+//! batch and releasing it. A frame in flight cannot be given back (`FrameError::InFlight`):
+//! the caller waits for the batch to end, then gives it back Released. Otherwise the
+//! worker's release could free a page the guest had already taken back and written.
 //!
 //! On a backend that gives memory back in 2 MiB blocks (`blocks`), a frame whose block is not
 //! complete waits as `Partial` (Gathered → Partial → Gathered once the block is complete), and
@@ -41,8 +46,8 @@
 //! heap. A 1 TiB guest needs 256 MiB of map, allocated zeroed (so untouched parts cost no host
 //! memory), and zero means Mapped with no bits set.
 
-use crate::coalesce::check_ram;
 use crate::gfn::{FrameError, Gfn, GfnRange};
+use crate::layout::check_ram;
 use crate::layout::{Layout, PAGE_SIZE};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
@@ -64,6 +69,9 @@ pub enum FrameState {
     DeviceMapped = 5,
     /// In the balloon, waiting for the rest of its 2 MiB block (block backends); still backed.
     Partial = 6,
+    /// In the balloon, in a batch the reclaim protocol is running (not yet zapped); cannot be
+    /// given back until the batch ends.
+    Batched = 7,
 }
 
 /// Who a frame belongs to.
@@ -75,7 +83,7 @@ pub enum Owner {
 }
 
 impl FrameState {
-    pub const ALL: [FrameState; 7] = [
+    pub const ALL: [FrameState; 8] = [
         FrameState::Mapped,
         FrameState::Gathered,
         FrameState::Zapped,
@@ -83,10 +91,12 @@ impl FrameState {
         FrameState::Retained,
         FrameState::DeviceMapped,
         FrameState::Partial,
+        FrameState::Batched,
     ];
     /// The balloon's states.
-    pub const BALLOON: [FrameState; 5] = [
+    pub const BALLOON: [FrameState; 6] = [
         FrameState::Gathered,
+        FrameState::Batched,
         FrameState::Zapped,
         FrameState::Released,
         FrameState::Retained,
@@ -100,9 +110,9 @@ impl FrameState {
             2 => FrameState::Zapped,
             3 => FrameState::Released,
             4 => FrameState::Retained,
+            5 => FrameState::DeviceMapped,
             6 => FrameState::Partial,
-            // 7 is never written; treat it as the most restrictive owner.
-            _ => FrameState::DeviceMapped,
+            _ => FrameState::Batched,
         }
     }
 
@@ -121,8 +131,9 @@ impl FrameState {
             (self, to),
             (Mapped, Gathered)
                 | (Gathered, Mapped)
-                | (Gathered, Zapped)
-                | (Gathered, Retained)
+                | (Gathered, Batched)
+                | (Batched, Zapped)
+                | (Batched, Retained)
                 | (Zapped, Released)
                 | (Zapped, Retained)
                 | (Released, Mapped)
@@ -142,6 +153,9 @@ impl FrameState {
             (FrameState::DeviceMapped, _) => FrameError::DeviceMapped(gfn),
             (FrameState::Mapped, _) => FrameError::NotInBalloon(gfn),
             (_, FrameState::DeviceMapped) => FrameError::InBalloon(gfn),
+            (FrameState::Batched | FrameState::Zapped, FrameState::Mapped) => {
+                FrameError::InFlight(gfn)
+            }
             (FrameState::Released, _) => FrameError::AlreadyReleased(gfn),
             _ => FrameError::AlreadyGathered(gfn),
         }
@@ -262,14 +276,17 @@ impl Stage2Map {
     }
 
     /// Balloon → Mapped: the frame is the guest's again (a deflate, the end of a free page
-    /// report, a device reset). Only the gather calls this, so that a frame still in a
-    /// pending batch also leaves the batch.
+    /// report, a device reset). Only the batcher calls this, so that a frame still pending
+    /// also leaves its batch. A frame in flight (`Batched`, `Zapped`) is refused with
+    /// `FrameError::InFlight`: its batch must end first.
     pub(crate) fn give_back(&self, gfn: Gfn) -> Result<GivenBack, FrameError> {
         let from = [
             FrameState::Gathered,
             FrameState::Released,
             FrameState::Retained,
             FrameState::Partial,
+            FrameState::Batched,
+            FrameState::Zapped,
         ];
         Ok(match self.transition(gfn, &from, FrameState::Mapped)? {
             FrameState::Gathered | FrameState::Partial => GivenBack::Ungathered,
@@ -278,10 +295,16 @@ impl Stage2Map {
         })
     }
 
+    /// Gathered → Batched: the frame is in a batch the protocol is about to run.
+    pub(crate) fn mark_batched(&self, g: Gfn) {
+        self.transition(g, &[FrameState::Gathered], FrameState::Batched)
+            .expect("only gathered frames join a batch");
+    }
+
     pub(crate) fn mark_zapped(&self, range: GfnRange) {
         for g in range.iter() {
-            self.transition(g, &[FrameState::Gathered], FrameState::Zapped)
-                .expect("only gathered frames are zapped");
+            self.transition(g, &[FrameState::Batched], FrameState::Zapped)
+                .expect("only batched frames are zapped");
         }
     }
 
@@ -315,7 +338,7 @@ impl Stage2Map {
         for g in range.iter() {
             self.transition(
                 g,
-                &[FrameState::Gathered, FrameState::Zapped],
+                &[FrameState::Batched, FrameState::Zapped],
                 FrameState::Retained,
             )
             .expect("only frames in a batch are retained");
@@ -401,7 +424,10 @@ mod tests {
         let m = map();
         m.set_bits(7, DIRTY).unwrap();
         m.gather(7).unwrap();
+        m.mark_batched(7);
+        assert_eq!(m.give_back(7), Err(FrameError::InFlight(7)));
         m.mark_zapped(GfnRange::new(7, 1));
+        assert_eq!(m.give_back(7), Err(FrameError::InFlight(7)));
         m.mark_released(GfnRange::new(7, 1));
         assert_eq!(m.state(7), Ok(FrameState::Released));
         assert_eq!(m.bits(7), Ok(0), "release drops the dirty bit");
@@ -430,6 +456,7 @@ mod tests {
     fn a_failed_host_call_keeps_the_frame_in_the_balloon_until_given_back() {
         let m = map();
         m.gather(5).unwrap();
+        m.mark_batched(5);
         m.mark_retained(GfnRange::new(5, 1));
         assert_eq!(m.owner(5), Ok(Owner::Balloon));
         assert_eq!(m.gather(5), Err(FrameError::AlreadyGathered(5)));
@@ -442,6 +469,7 @@ mod tests {
     fn release_without_zap_is_impossible() {
         let m = map();
         m.gather(4).unwrap();
+        m.mark_batched(4);
         m.mark_released(GfnRange::new(4, 1));
     }
 
@@ -463,6 +491,9 @@ mod tests {
             if b == Released {
                 assert_eq!(a, Zapped);
             }
+            if b == Zapped {
+                assert_eq!(a, Batched, "only a batch the protocol runs is zapped");
+            }
             if b == DeviceMapped {
                 assert_eq!(a, Mapped);
             }
@@ -470,7 +501,7 @@ mod tests {
                 assert_eq!(b, Mapped);
             }
         }
-        assert_eq!(allowed.len(), 14);
+        assert_eq!(allowed.len(), 15);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! What to boot: guest image, vCPUs, memory, command line; and human size parsing.
 
 use crate::boot::linux::LinuxBoot;
-use guest_mm::GatherConfig;
+use guest_mm::ReclaimConfig;
 use std::path::PathBuf;
 
 /// What the VM boots.
@@ -36,7 +36,7 @@ pub struct VmConfig {
     /// The KVM device node (normally /dev/kvm).
     pub kvm_device: PathBuf,
     /// How reclaimed guest memory is batched and returned to the host.
-    pub gather: GatherConfig,
+    pub reclaim: ReclaimConfig,
     /// Balloon sizes to set one after another, each once the previous one is reached.
     pub balloon_steps: Vec<u64>,
     /// How long to wait for the driver to reach one step.
@@ -48,7 +48,7 @@ pub struct VmConfig {
     /// Leave the host's fault-around on for guest RAM (`guest_mm::fault_around`).
     pub keep_host_fault_around: bool,
     /// What backs guest RAM (4 KiB memfd, shmem huge pages, hugetlb).
-    pub memory_backend: guest_mm::MemoryBackend,
+    pub backing: guest_mm::Backing,
 }
 
 /// Parses sizes such as `512M`, `2G`, `64KiB`, `4096` (bytes). Suffixes are powers of 1024.

@@ -22,9 +22,11 @@ pub enum VmmError {
     TooManyVcpus { requested: u32, max: usize },
     #[error("--vcpus {requested} exceeds the {max} vCPUs the project's test guests support")]
     TooManyGuestVcpus { requested: u32, max: u32 },
-    #[error("invalid --memory: {0}")]
+    // Errors with a source say only what failed: the source follows in the error's chain
+    // (`{:#}`), which would otherwise print it twice.
+    #[error("invalid --memory")]
     Memory(#[from] guest_mm::LayoutError),
-    #[error("cannot set up guest memory: {0}")]
+    #[error("cannot set up guest memory")]
     Ram(#[from] guest_mm::RamError),
     #[error("--memory {memory} is too small for guest {guest}: it needs at least {needed} (image ends at {image_end:#x})")]
     MemoryTooSmall {
@@ -82,6 +84,8 @@ pub enum VmmError {
     Thread { vcpu: u32, err: std::io::Error },
     #[error("cannot set up device: {0}")]
     Device(String),
+    #[error("reclaim")]
+    Reclaim(#[from] crate::memory::MemoryError),
     #[error("event loop failed: {0}")]
     EventLoop(String),
 }

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use guest_mm::{GatherConfig, Strategy};
+use guest_mm::ReclaimConfig;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -69,24 +69,9 @@ struct RunArgs {
     /// KVM device node.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
-    /// How reclaimed memory is turned into host calls: per-page (one call per 4 KiB page,
-    /// like QEMU), per-buffer (merge within one inflate buffer, like Firecracker) or gather
-    /// (merge across buffers within a batch).
-    #[arg(long, default_value = "gather")]
-    reclaim_strategy: Strategy,
-    /// Gather strategy: flush a batch once it holds this many 4 KiB frames.
-    #[arg(long, default_value_t = guest_mm::gather::DEFAULT_MAX_BATCH_PAGES)]
-    batch_pages: u64,
-    /// Gather strategy: flush a batch this many milliseconds after its first frame arrived.
-    #[arg(long, default_value_t = guest_mm::gather::DEFAULT_WINDOW.as_millis() as u64)]
-    batch_window_ms: u64,
-    /// Gather strategy: one stage-2 zap (one KVM invalidation) may span several reclaimed
-    /// ranges of a batch, bridging up to this many in-use frames per gap between them; the
-    /// bridged frames keep their contents (the memfd backend's zap only drops mappings) and
-    /// refault when touched. 0 = one zap per range. Default chosen by measurement
-    /// (docs/BENCHMARKS.md, "Zap spans").
-    #[arg(long, default_value_t = guest_mm::gather::DEFAULT_ZAP_SPAN_GAP)]
-    zap_span_gap: u64,
+    /// How reclaimed memory is batched and returned to the host.
+    #[command(flatten)]
+    reclaim: ReclaimConfig,
     /// Balloon sizes to set one after another, each once the driver reached the previous,
     /// e.g. "768M,0" (inflate by 768 MiB, then deflate fully).
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
@@ -111,24 +96,8 @@ struct RunArgs {
     /// next to them back in before they are released (docs/ARCHITECTURE.md). For comparison.
     #[arg(long)]
     keep_host_fault_around: bool,
-    /// What backs guest RAM: memfd (4 KiB pages), shmem-thp (a file on a tmpfs mounted with
-    /// huge=always or huge=within_size, given by --memory-path: transparent 2 MiB pages) or
-    /// hugetlb (a memfd of 2 MiB hugetlb pages, reserved beforehand in
-    /// /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages). With 2 MiB pages the gather
-    /// releases whole 2 MiB blocks once all 512 of their frames are in the balloon
-    /// (docs/ARCHITECTURE.md, "Huge pages").
-    #[arg(long, default_value = "memfd", value_parser = ["memfd", "shmem-thp", "hugetlb"])]
-    memory_backend: String,
-    /// For --memory-backend shmem-thp: a directory on a tmpfs mounted with huge=always (e.g.
-    /// `mount -t tmpfs -o huge=always,size=8G tmpfs DIR`).
-    #[arg(long)]
-    memory_path: Option<PathBuf>,
-    /// With 2 MiB pages: what to do with frames waiting in partial blocks once the balloon
-    /// reaches its target. hold: keep them until their blocks complete (the host keeps those
-    /// blocks); split: release them at 4 KiB (shmem-thp only: the kernel splits each huge
-    /// page it punches part of; hugetlb pages cannot be freed in part).
-    #[arg(long, default_value = "hold", value_parser = ["hold", "split"])]
-    partial_blocks: String,
+    #[command(flatten)]
+    backing: guest_mm::backing::BackingArgs,
 }
 
 #[derive(clap::Args)]
@@ -160,37 +129,25 @@ enum BalloonAction {
     /// Print everything this VMM reports about reclaim: device, gather and KVM counters,
     /// recent batches, host bytes held (GET /vm/reclaim).
     Reclaim,
-    /// Print the reclaim settings, or change those given (GET/PATCH /vm/reclaim/config).
+    /// Print the reclaim settings, or change some (GET/PATCH /vm/reclaim/config), e.g.
+    /// `--set zap_span_gap=0 --set strategy=per-buffer`. The keys are the configuration's
+    /// fields as `vmm run` takes them, with underscores: strategy, batch_pages,
+    /// batch_window_ms, zap_span_gap, partial_blocks (docs/API.md).
     ReclaimConfig {
-        /// per-page, per-buffer or gather.
-        #[arg(long)]
-        strategy: Option<String>,
-        #[arg(long)]
-        batch_pages: Option<u64>,
-        #[arg(long)]
-        batch_window_ms: Option<u64>,
-        #[arg(long)]
-        zap_span_gap: Option<u64>,
+        /// KEY=VALUE: one setting to change (repeat for more).
+        #[arg(long = "set", value_parser = parse_setting)]
+        set: Vec<(String, serde_json::Value)>,
     },
 }
 
-fn memory_backend(args: &RunArgs) -> anyhow::Result<guest_mm::MemoryBackend> {
-    use guest_mm::MemoryBackend;
-    let backend = match (args.memory_backend.as_str(), &args.memory_path) {
-        ("shmem-thp", Some(dir)) => MemoryBackend::ShmemThp { dir: dir.clone() },
-        ("shmem-thp", None) => anyhow::bail!(
-            "--memory-backend shmem-thp needs --memory-path DIR, a directory on a tmpfs mounted with huge=always (e.g. `mount -t tmpfs -o huge=always,size=8G tmpfs DIR`)"
-        ),
-        (_, Some(_)) => anyhow::bail!("--memory-path is only for --memory-backend shmem-thp"),
-        ("hugetlb", None) => MemoryBackend::Hugetlb,
-        _ => MemoryBackend::Memfd,
-    };
-    if args.partial_blocks == "split" && !matches!(backend, MemoryBackend::ShmemThp { .. }) {
-        anyhow::bail!(
-            "--partial-blocks split needs --memory-backend shmem-thp: hugetlb pages cannot be freed in part, and 4 KiB memfd pages have no blocks"
-        );
-    }
-    Ok(backend)
+/// KEY=VALUE for `reclaim-config --set`: the value as JSON where it parses (numbers), else
+/// as a string (names such as per-buffer).
+fn parse_setting(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE, e.g. zap_span_gap=0"))?;
+    let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::from(v));
+    Ok((k.trim().to_string(), value))
 }
 
 fn boot_source(args: &RunArgs) -> anyhow::Result<(BootSource, String)> {
@@ -227,26 +184,20 @@ fn boot_source(args: &RunArgs) -> anyhow::Result<(BootSource, String)> {
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (boot, cmdline) = boot_source(&args)?;
-    let memory_backend = memory_backend(&args)?;
+    let backing = args.backing.backing().map_err(anyhow::Error::msg)?;
     let config = VmConfig {
         boot,
         vcpus: args.vcpus,
         memory: args.memory,
         cmdline,
         kvm_device: args.kvm_device,
-        gather: GatherConfig {
-            max_batch_pages: args.batch_pages.max(1),
-            window: Duration::from_millis(args.batch_window_ms),
-            zap_span_gap: args.zap_span_gap,
-            split_partial_blocks: args.partial_blocks == "split",
-            ..GatherConfig::new(args.reclaim_strategy)
-        },
+        reclaim: args.reclaim,
         balloon_steps: args.balloon_steps,
         balloon_step_timeout: Duration::from_secs(args.balloon_step_timeout),
         api_sock: args.api_sock.clone(),
         reclaim_probe: args.reclaim_probe,
         keep_host_fault_around: args.keep_host_fault_around,
-        memory_backend,
+        backing,
     };
     let vm = Vm::new(&config)
         .with_context(|| format!("cannot start guest {}", config.boot.path().display()))?;
@@ -314,29 +265,10 @@ fn balloon(args: BalloonArgs) -> anyhow::Result<ExitCode> {
             )?;
             api.get("/balloon")?
         }
-        BalloonAction::Reclaim => api.reclaim()?,
-        BalloonAction::ReclaimConfig {
-            strategy,
-            batch_pages,
-            batch_window_ms,
-            zap_span_gap,
-        } => {
-            let mut change = serde_json::Map::new();
-            let fields = [
-                ("strategy", strategy.map(serde_json::Value::from)),
-                ("batch_pages", batch_pages.map(serde_json::Value::from)),
-                (
-                    "batch_window_ms",
-                    batch_window_ms.map(serde_json::Value::from),
-                ),
-                ("zap_span_gap", zap_span_gap.map(serde_json::Value::from)),
-            ];
-            for (k, v) in fields {
-                if let Some(v) = v {
-                    change.insert(k.into(), v);
-                }
-            }
-            if !change.is_empty() {
+        BalloonAction::Reclaim => api.get("/vm/reclaim")?,
+        BalloonAction::ReclaimConfig { set } => {
+            if !set.is_empty() {
+                let change: serde_json::Map<String, serde_json::Value> = set.into_iter().collect();
                 api.patch("/vm/reclaim/config", &change.into())?;
             }
             api.get("/vm/reclaim/config")?

@@ -1,56 +1,61 @@
 //! The VMM's side of guest-memory reclaim: one Stage2Gather per VM over the KVM memfd
-//! backend, the stage-2 map, the readers registry that vCPU threads and device workers join,
-//! and KVM's flush counters.
+//! backend (its protocol on the `reclaim` worker thread), the stage-2 map, the readers
+//! registry that device code joins while it holds guest addresses, and KVM's statistics.
 
-use guest_mm::gather::{FlushCounter, GatherConfig};
 use guest_mm::kvm_stats::{KvmStats, VmCounters};
+use guest_mm::reclaim::ConfigError;
 use guest_mm::{
-    GuestRam, KvmMemfd, OwnershipChecked, Readers, Stage2Backend, Stage2Gather, Stage2Map,
+    GuestRam, KvmMemfd, OwnershipChecked, Readers, ReclaimConfig, Stage2Backend, Stage2Gather,
+    Stage2Map,
 };
 use kvm_ioctls::VmFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 pub struct MemoryManager {
     pub ram: Arc<GuestRam>,
     pub map: Arc<Stage2Map>,
     pub readers: Arc<Readers>,
-    pub gather: Mutex<Stage2Gather>,
+    pub gather: Stage2Gather,
     /// VM-wide KVM statistics (None where KVM_GET_STATS_FD is unsupported).
     pub kvm_stats: Option<KvmStats>,
 }
 
+/// Where the gather runs its protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// On the `reclaim` worker thread (a VM).
+    Worker,
+    /// On the thread that closes a batch (deterministic: device tests, fuzzing).
+    Inline,
+}
+
 impl MemoryManager {
-    /// For a VM: flush counts come from the VM's KVM statistics.
-    pub fn for_vm(ram: Arc<GuestRam>, vm_fd: &VmFd, config: GatherConfig) -> Self {
-        let open = || match KvmStats::open(vm_fd) {
+    /// For a VM: the protocol on its worker; flush counts from the VM's KVM statistics.
+    pub fn for_vm(
+        ram: Arc<GuestRam>,
+        vm_fd: &VmFd,
+        config: ReclaimConfig,
+    ) -> Result<Self, MemoryError> {
+        let stats = match KvmStats::open(vm_fd) {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!("KVM statistics unavailable (KVM_GET_STATS_FD: {e}); flush counts will be missing");
                 None
             }
         };
-        Self::new(ram, config, open(), open())
-    }
-
-    /// `gather_stats` counts flushes for the gather; `kvm_stats` serves reports.
-    pub fn new(
-        ram: Arc<GuestRam>,
-        config: GatherConfig,
-        gather_stats: Option<KvmStats>,
-        kvm_stats: Option<KvmStats>,
-    ) -> Self {
         Self::with_backend(
             ram,
             config,
             |ram, _| Arc::new(KvmMemfd::new(ram.clone())),
-            gather_stats,
-            kvm_stats,
+            Protocol::Worker,
+            stats,
         )
     }
 
     /// The KVM memfd backend wrapped so that every host call is checked against the frames'
-    /// owners (`OwnershipChecked`, which panics on a violation): for tests and fuzzing.
-    pub fn checked(ram: Arc<GuestRam>, config: GatherConfig) -> Self {
+    /// owners (`OwnershipChecked`, which panics on a violation), inline: for tests and
+    /// fuzzing.
+    pub fn checked(ram: Arc<GuestRam>, config: ReclaimConfig) -> Result<Self, MemoryError> {
         Self::with_backend(
             ram,
             config,
@@ -60,34 +65,33 @@ impl MemoryManager {
                     map.clone(),
                 ))
             },
-            None,
+            Protocol::Inline,
             None,
         )
     }
 
-    /// With another stage-2 backend, made from the RAM and the stage-2 map (tests and
-    /// fuzzing wrap the KVM one to check every call against the frames' owners).
+    /// With another stage-2 backend, made from the RAM and the stage-2 map.
     pub fn with_backend(
         ram: Arc<GuestRam>,
-        config: GatherConfig,
+        config: ReclaimConfig,
         make_backend: impl FnOnce(&Arc<GuestRam>, &Arc<Stage2Map>) -> Arc<dyn Stage2Backend>,
-        gather_stats: Option<KvmStats>,
+        protocol: Protocol,
         kvm_stats: Option<KvmStats>,
-    ) -> Self {
+    ) -> Result<Self, MemoryError> {
         let map = Arc::new(Stage2Map::new(ram.layout().clone()));
         let backend = make_backend(&ram, &map);
         let readers = Readers::new();
-        let mut gather = Stage2Gather::new(config, map.clone(), backend, readers.clone());
-        if let Some(s) = gather_stats {
-            gather = gather.with_flush_counter(Box::new(s));
+        let mut gather = Stage2Gather::new(config, map.clone(), backend, readers.clone())?;
+        if protocol == Protocol::Worker {
+            gather = gather.spawn_worker().map_err(MemoryError::Worker)?;
         }
-        Self {
+        Ok(Self {
             ram,
             map,
             readers,
-            gather: Mutex::new(gather),
+            gather,
             kvm_stats,
-        }
+        })
     }
 
     /// Gives the gather the VM's and every vCPU's KVM statistics, so that each batch reports
@@ -102,7 +106,7 @@ impl MemoryManager {
             Ok(VmCounters { vm, vcpus })
         });
         match opened {
-            Ok(c) => self.gather.lock().unwrap().set_flush_counter(Box::new(c)),
+            Ok(c) => self.gather.set_counters(Arc::new(c)),
             Err(e) => tracing::warn!(
                 "KVM vCPU statistics unavailable (KVM_GET_STATS_FD: {e}); per-vCPU TLB flush and refault counts will be missing"
             ),
@@ -119,4 +123,12 @@ impl MemoryManager {
             .as_ref()
             .and_then(|s| s.get(name).ok().flatten())
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot start the reclaim worker thread: {0}")]
+    Worker(std::io::Error),
 }

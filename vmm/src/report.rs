@@ -5,8 +5,8 @@
 use crate::devices::balloon::{BalloonCounters, BalloonDevice, GuestStats};
 use crate::memory::MemoryManager;
 use guest_mm::layout::PAGE_SIZE;
-use guest_mm::GatherStats;
-use serde::Serialize;
+use guest_mm::ReclaimStats;
+use serde::{Deserialize, Serialize};
 
 /// The median of `v` (the mean of the middle two for an even count; 0 for none).
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -32,7 +32,10 @@ pub fn say(line: &str) {
     let _ = std::io::stderr().lock().write_all(l.as_bytes());
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+/// Everything the VMM reports about reclaim. Fields missing from a report (another version's)
+/// read as their defaults.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct BalloonReport {
     pub target_bytes: u64,
     pub actual_bytes: u64,
@@ -48,37 +51,44 @@ pub struct BalloonReport {
     pub strategy: String,
     pub device: BalloonCounters,
     pub guest: GuestStats,
-    pub gather: GatherStats,
+    pub gather: ReclaimStats,
     pub kvm_remote_tlb_flush_requests: Option<u64>,
     pub kvm_remote_tlb_flush: Option<u64>,
     /// KVM's stage-2 mappings by size (VM statistics `pages_4k`, `pages_2m`): whether the
     /// guest is mapped with 2 MiB entries.
     pub kvm_pages_4k: Option<u64>,
     pub kvm_pages_2m: Option<u64>,
+    /// `--balloon-steps`: what each step did (in the report a run writes; empty from the API).
+    #[serde(default)]
+    pub steps: Vec<crate::devices::balloon::steps::StepReport>,
+    /// What each reclaim probe measured (in the report a run writes; empty from the API).
+    #[serde(default)]
+    pub probes: Vec<crate::devices::reclaim_probe::ProbeReport>,
 }
 
 impl BalloonReport {
     pub fn collect(dev: &BalloonDevice, mm: &MemoryManager) -> Self {
         let t = dev.transport.lock().unwrap();
         let b = t.device();
-        let mut gather = mm.gather.lock().unwrap();
-        gather.refresh_after_counts();
+        let gather = &mm.gather;
         Self {
             target_bytes: b.num_pages() as u64 * PAGE_SIZE,
             actual_bytes: b.actual() as u64 * PAGE_SIZE,
             guest_ram_bytes: mm.ram.layout().total_bytes(),
             host_bytes_held: mm.ram.host_bytes_held().unwrap_or(0),
             frames_in_balloon: mm.map.in_balloon(),
-            memory_backend: mm.ram.backend().name().into(),
+            memory_backend: mm.ram.backing().name().into(),
             partial_block_bytes: mm.map.count(guest_mm::FrameState::Partial) * PAGE_SIZE,
             strategy: gather.config().strategy.to_string(),
             device: b.counters.clone(),
             guest: b.guest_stats.clone(),
-            gather: gather.stats().clone(),
+            gather: gather.stats(),
             kvm_remote_tlb_flush_requests: mm.kvm_stat("remote_tlb_flush_requests"),
             kvm_remote_tlb_flush: mm.kvm_stat("remote_tlb_flush"),
             kvm_pages_4k: mm.kvm_stat("pages_4k"),
             kvm_pages_2m: mm.kvm_stat("pages_2m"),
+            steps: Vec::new(),
+            probes: Vec::new(),
         }
     }
 
@@ -125,8 +135,8 @@ impl BalloonReport {
                 mib(self.partial_block_bytes)
             ),
             format!(
-                "vmm: gather latency p50/p99 us: gather {}/{}, zap {}/{}, invalidate {}/{}, release {}/{}",
-                g.gather_us.percentile(50.0), g.gather_us.percentile(99.0),
+                "vmm: gather latency p50/p99 us: batch wait {}/{}, zap {}/{}, invalidate {}/{}, release {}/{}",
+                g.wait_us.percentile(50.0), g.wait_us.percentile(99.0),
                 g.zap_us.percentile(50.0), g.zap_us.percentile(99.0),
                 g.invalidate_us.percentile(50.0), g.invalidate_us.percentile(99.0),
                 g.release_us.percentile(50.0), g.release_us.percentile(99.0)

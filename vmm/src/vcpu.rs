@@ -98,32 +98,21 @@ fn exit_name(exit: &VcpuExit) -> String {
 
 /// Runs vCPU `index` until it stops. Reports its end through `shared`.
 ///
-/// The thread is a reader of guest memory for the gather's grace periods: quiescent while in
-/// KVM_RUN (it holds no VMM reference there), inside a critical section while it handles an
-/// exit. If a grace period finds it slow, it is kicked with the same signal as on shutdown.
+/// A vCPU thread is not a reader for the gather's grace periods: it holds no guest address
+/// across an exit. The devices it calls into join a grace period themselves while they read
+/// guest buffers (the balloon's reader, held with its lock), so a grace period never waits
+/// for a vCPU thread that was preempted in the middle of an unrelated exit.
 pub fn run(mut vcpu: VcpuFd, index: u32, shared: Arc<VmShared>) {
     signals::set_thread_kvm_run(vcpu.get_kvm_run());
-    // SAFETY: pthread_self has no preconditions.
-    let me = unsafe { libc::pthread_self() };
-    let kick = Box::new(move |_: &str| {
-        // SAFETY: the reader is dropped before this thread ends, so `me` names a live thread.
-        unsafe { libc::pthread_kill(me, signals::kick_signal()) };
-    });
-    let reader = shared
-        .memory
-        .readers
-        .register(&format!("vcpu{index}"), Some(kick));
     while !shared.stop.load(Ordering::Acquire) {
-        reader.quiesce();
         let result = vcpu.run();
-        reader.enter();
         let next = match result {
             Ok(VcpuExit::IoOut(port, data)) => match shared.io.write(port, data) {
                 IoAction::Continue => Next::Continue,
                 IoAction::ReclaimProbe(gpa) => {
-                    // This thread holds no guest references while the gather runs.
-                    reader.quiesce();
-                    let _ = reclaim_probe::handle(&shared.memory, gpa);
+                    if let Some(Ok(out)) = reclaim_probe::handle(&shared.memory, gpa) {
+                        shared.io.record_probe(out.report);
+                    }
                     Next::Continue
                 }
                 IoAction::StopVcpu => Next::StopVcpu,
@@ -147,16 +136,13 @@ pub fn run(mut vcpu: VcpuFd, index: u32, shared: Arc<VmShared>) {
             Ok(VcpuExit::MmioRead(addr, data))
                 if shared.balloon.is_some() && BalloonDevice::contains(addr) =>
             {
-                // Register accesses touch no guest memory. Quiesce before taking the device
-                // lock: its holder may be waiting in a grace period for this very thread.
-                reader.quiesce();
                 shared.balloon.as_ref().unwrap().mmio_read(addr, data);
                 Next::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data))
                 if shared.balloon.is_some() && BalloonDevice::contains(addr) =>
             {
-                reader.quiesce();
+                // Queue notifications are served here, on this thread (`BalloonDevice`).
                 shared.balloon.as_ref().unwrap().mmio_write(addr, data);
                 Next::Continue
             }
@@ -212,7 +198,6 @@ pub fn run(mut vcpu: VcpuFd, index: u32, shared: Arc<VmShared>) {
             }
         }
     }
-    drop(reader);
     signals::set_thread_kvm_run(std::ptr::null_mut());
     if shared.running.fetch_sub(1, Ordering::AcqRel) == 1 {
         shared.finish(Outcome::VcpusStopped);

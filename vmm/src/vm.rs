@@ -30,7 +30,8 @@ pub use crate::vcpu::Outcome;
 
 /// The most vCPUs the project's test guests support (guest-kernels/rt MAX_CPUS).
 pub const GUEST_MAX_VCPUS: u32 = 64;
-/// Event loop tick: bounds how late a gather window or a balloon step is noticed.
+/// Event loop tick: bounds how late a balloon step or a statistics request is noticed (the
+/// gather's worker times its own batch windows).
 const TICK_MS: i32 = 5;
 /// How often the guest is asked for fresh balloon statistics.
 /// Address of the TSS KVM needs on Intel hosts (three pages, inside the MMIO hole).
@@ -112,11 +113,15 @@ impl Vm {
             _ => {}
         }
         guest_mm::Layout::new(config.memory)?;
+        config
+            .reclaim
+            .validate(config.backing.granule())
+            .map_err(crate::memory::MemoryError::from)?;
 
         let vm_fd = kvm.create_vm().map_err(err("KVM_CREATE_VM"))?;
-        let ram = Arc::new(GuestRam::with_backend(
+        let ram = Arc::new(GuestRam::with_backing(
             config.memory,
-            &config.memory_backend,
+            &config.backing,
             config.keep_host_fault_around,
         )?);
         for (slot, r) in ram.layout().ranges().iter().enumerate() {
@@ -150,7 +155,7 @@ impl Vm {
             .register_irqfd(&serial_irq, COM1_GSI)
             .map_err(err("KVM_IRQFD"))?;
 
-        let memory = Arc::new(MemoryManager::for_vm(ram.clone(), &vm_fd, config.gather));
+        let memory = Arc::new(MemoryManager::for_vm(ram.clone(), &vm_fd, config.reclaim)?);
         let balloon = BalloonDevice::attach(&vm_fd, memory.clone()).map_err(VmmError::Device)?;
         let steps = BalloonSteps::new(config.balloon_steps.clone(), config.balloon_step_timeout);
 
@@ -346,9 +351,8 @@ impl Vm {
             events
                 .run_with_timeout(TICK_MS)
                 .map_err(|e| VmmError::EventLoop(format!("{e:?}")))?;
-            // Housekeeping: a gather batch whose window has passed, the balloon script, and a
-            // periodic request for fresh guest statistics.
-            let _ = self.memory.gather.lock().unwrap().poll();
+            // Housekeeping: the balloon script, and a periodic request for fresh guest
+            // statistics.
             steps.tick(&self.balloon);
             let every = self.balloon.stats_interval_s();
             if every > 0 && last_stats.elapsed() >= Duration::from_secs(every) {
@@ -367,7 +371,9 @@ impl Vm {
             let _ = t.join();
         }
         let outcome = shared.take_outcome().unwrap_or(Outcome::VcpusStopped);
-        let balloon = crate::report::BalloonReport::collect(&self.balloon, &self.memory);
+        let mut balloon = crate::report::BalloonReport::collect(&self.balloon, &self.memory);
+        balloon.steps = steps.into_reports();
+        balloon.probes = shared.io.probe_reports();
         drop(self.ram);
         Ok(RunReport {
             outcome,

@@ -145,3 +145,80 @@ pub mod probe {
     #[repr(C, align(4096))]
     pub struct MailboxPage(pub Mailbox);
 }
+
+pub mod virtio {
+    //! virtio over MMIO as the guests drive it and the VMM serves it (virtio 1.2 §4.2.2,
+    //! §5.5). The VMM takes the generic values from rust-vmm's `virtio-bindings` and checks in a
+    //! test that these copies, which the no_std guests need, are the same; the balloon's own
+    //! values (features, queues, config layout) are not in `virtio-bindings` and live only here.
+
+    /// "virt", the MagicValue register.
+    pub const MAGIC: u32 = 0x7472_6976;
+
+    /// Register offsets in the device's MMIO window.
+    pub mod reg {
+        pub const MAGIC_VALUE: u64 = 0x000;
+        pub const VERSION: u64 = 0x004;
+        pub const DEVICE_ID: u64 = 0x008;
+        pub const VENDOR_ID: u64 = 0x00c;
+        pub const DEVICE_FEATURES: u64 = 0x010;
+        pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+        pub const DRIVER_FEATURES: u64 = 0x020;
+        pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+        pub const QUEUE_SEL: u64 = 0x030;
+        pub const QUEUE_NUM_MAX: u64 = 0x034;
+        pub const QUEUE_NUM: u64 = 0x038;
+        pub const QUEUE_READY: u64 = 0x044;
+        pub const QUEUE_NOTIFY: u64 = 0x050;
+        pub const INTERRUPT_STATUS: u64 = 0x060;
+        pub const INTERRUPT_ACK: u64 = 0x064;
+        pub const STATUS: u64 = 0x070;
+        pub const QUEUE_DESC_LOW: u64 = 0x080;
+        pub const QUEUE_DESC_HIGH: u64 = 0x084;
+        pub const QUEUE_AVAIL_LOW: u64 = 0x090;
+        pub const QUEUE_AVAIL_HIGH: u64 = 0x094;
+        pub const QUEUE_USED_LOW: u64 = 0x0a0;
+        pub const QUEUE_USED_HIGH: u64 = 0x0a4;
+        pub const CONFIG_GENERATION: u64 = 0x0fc;
+        /// Where the device-specific configuration starts.
+        pub const CONFIG: u64 = 0x100;
+    }
+
+    /// Device status bits.
+    pub mod status {
+        pub const ACKNOWLEDGE: u32 = 1;
+        pub const DRIVER: u32 = 2;
+        pub const DRIVER_OK: u32 = 4;
+        pub const FEATURES_OK: u32 = 8;
+        pub const NEEDS_RESET: u32 = 64;
+        pub const FAILED: u32 = 128;
+    }
+
+    /// VIRTIO_F_VERSION_1 (feature bit 32): a modern device.
+    pub const F_VERSION_1: u64 = 1 << 32;
+    /// InterruptStatus bits: a used buffer, a configuration change.
+    pub const INT_VRING: u32 = 1;
+    pub const INT_CONFIG: u32 = 2;
+    /// Descriptor flags.
+    pub const DESC_F_NEXT: u16 = 1;
+    pub const DESC_F_WRITE: u16 = 2;
+
+    pub mod balloon {
+        //! The virtio balloon (virtio 1.2 §5.5; not in `virtio-bindings`).
+
+        pub const DEVICE_ID: u32 = 5;
+        pub const F_STATS_VQ: u64 = 1 << 1;
+        pub const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+        pub const F_FREE_PAGE_REPORTING: u64 = 1 << 5;
+        /// Queue indices, compact as Linux and QEMU number them when every feature is on.
+        pub const INFLATE_Q: usize = 0;
+        pub const DEFLATE_Q: usize = 1;
+        pub const STATS_Q: usize = 2;
+        pub const REPORTING_Q: usize = 3;
+        /// Configuration layout: `num_pages` (the device's target) and `actual` (the driver's).
+        pub const CONFIG_NUM_PAGES: u64 = 0;
+        pub const CONFIG_ACTUAL: u64 = 4;
+        /// Linux's VIRTIO_BALLOON_ARRAY_PFNS_MAX: PFNs per inflate or deflate buffer.
+        pub const PFNS_PER_BUFFER: usize = 256;
+    }
+}

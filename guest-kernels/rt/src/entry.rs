@@ -545,8 +545,25 @@ struct ExceptionFrame {
     ss: u64,
 }
 
+/// The `hlt` a ring-3 vCPU executes to stop where no VMM answers the stop port
+/// (`exit::cpu_stop`): it raises #GP, and this vCPU halts here in ring 0, interrupts off.
+/// (`int n` would be simpler, but nested PVM answers a software interrupt from ring 3 with
+/// #UD; an exception reaches ring 0 on every host.)
+fn is_stop_request(f: &ExceptionFrame) -> bool {
+    const GP: u64 = 13;
+    const HLT: u8 = 0xf4;
+    // SAFETY: RIP points at the faulting instruction, in identity-mapped guest memory.
+    f.vector == GP && f.cs & 3 == 3 && unsafe { (f.rip as *const u8).read_volatile() } == HLT
+}
+
 #[no_mangle]
 extern "C" fn rt_exception(f: &ExceptionFrame) -> ! {
+    if is_stop_request(f) {
+        loop {
+            // SAFETY: ring 0; halting with interrupts off stops this vCPU for good.
+            unsafe { core::arch::asm!("cli", "hlt", options(nomem, nostack)) };
+        }
+    }
     crate::serial::_print_unlocked(format_args!(
         "\nrt: EXCEPTION vector={} error={:#x} rip={:#x} cs={:#x} rflags={:#x} rsp={:#x} cr2={:#x}\n",
         f.vector,

@@ -3,18 +3,16 @@
 //! microvm also appends), feature negotiation, and split virtqueues with one buffer in flight.
 
 use crate::frames;
+use abi::virtio::{reg, status, MAGIC};
 use core::sync::atomic::{fence, Ordering};
 
-const MAGIC: u32 = 0x7472_6976;
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const STATUS_NEEDS_RESET: u32 = 64;
-pub const STATUS_FAILED: u32 = 128;
-pub const F_VERSION_1: u64 = 1 << 32;
-pub const DESC_F_NEXT: u16 = 1;
-pub const DESC_F_WRITE: u16 = 2;
+pub use abi::virtio::{DESC_F_NEXT, DESC_F_WRITE, F_VERSION_1};
+pub const STATUS_ACKNOWLEDGE: u32 = status::ACKNOWLEDGE;
+pub const STATUS_DRIVER: u32 = status::DRIVER;
+pub const STATUS_DRIVER_OK: u32 = status::DRIVER_OK;
+pub const STATUS_FEATURES_OK: u32 = status::FEATURES_OK;
+pub const STATUS_NEEDS_RESET: u32 = status::NEEDS_RESET;
+pub const STATUS_FAILED: u32 = status::FAILED;
 
 #[derive(Debug)]
 pub enum VirtioError {
@@ -44,43 +42,43 @@ impl Device {
     }
 
     pub fn status(&self) -> u32 {
-        self.read(0x70)
+        self.read(reg::STATUS)
     }
 
     pub fn set_status(&self, v: u32) {
-        self.write(0x70, v)
+        self.write(reg::STATUS, v)
     }
 
     pub fn config_read(&self, off: u64) -> u32 {
-        self.read(0x100 + off)
+        self.read(reg::CONFIG + off)
     }
 
     pub fn config_write(&self, off: u64, v: u32) {
-        self.write(0x100 + off, v)
+        self.write(reg::CONFIG + off, v)
     }
 
     /// Resets the device and negotiates `wanted & offered` (VERSION_1 required).
     /// Returns the accepted features.
     pub fn negotiate(&self, wanted: u64) -> Result<u64, VirtioError> {
-        let version = self.read(0x04);
+        let version = self.read(reg::VERSION);
         if version != 2 {
             return Err(VirtioError::Legacy(version));
         }
         self.set_status(0);
         self.set_status(STATUS_ACKNOWLEDGE);
         self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        self.write(0x14, 0);
-        let lo = self.read(0x10) as u64;
-        self.write(0x14, 1);
-        let hi = self.read(0x10) as u64;
+        self.write(reg::DEVICE_FEATURES_SEL, 0);
+        let lo = self.read(reg::DEVICE_FEATURES) as u64;
+        self.write(reg::DEVICE_FEATURES_SEL, 1);
+        let hi = self.read(reg::DEVICE_FEATURES) as u64;
         let accepted = (lo | hi << 32) & (wanted | F_VERSION_1);
         if accepted & F_VERSION_1 == 0 {
             return Err(VirtioError::FeaturesRefused);
         }
-        self.write(0x24, 0);
-        self.write(0x20, accepted as u32);
-        self.write(0x24, 1);
-        self.write(0x20, (accepted >> 32) as u32);
+        self.write(reg::DRIVER_FEATURES_SEL, 0);
+        self.write(reg::DRIVER_FEATURES, accepted as u32);
+        self.write(reg::DRIVER_FEATURES_SEL, 1);
+        self.write(reg::DRIVER_FEATURES, (accepted >> 32) as u32);
         self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
         if self.status() & STATUS_FEATURES_OK == 0 {
             return Err(VirtioError::FeaturesRefused);
@@ -118,7 +116,7 @@ pub fn find(cmdline_str: &str, device_id: u32) -> Result<Device, VirtioError> {
             .map(|i| Device {
                 base: MICROVM_MMIO_BASE + i * MICROVM_MMIO_SIZE,
             })
-            .find(|d| d.read(0x00) == MAGIC && d.read(0x08) == device_id)
+            .find(|d| d.read(reg::MAGIC_VALUE) == MAGIC && d.read(reg::DEVICE_ID) == device_id)
             .ok_or(VirtioError::NotFound)
     })
 }
@@ -134,7 +132,7 @@ fn find_on_cmdline(cmdline_str: &str, device_id: u32) -> Result<Device, VirtioEr
         let addr = rest.split(':').next().and_then(parse_hex_or_dec);
         let Some(base) = addr else { continue };
         let dev = Device { base };
-        if dev.read(0x00) == MAGIC && dev.read(0x08) == device_id {
+        if dev.read(reg::MAGIC_VALUE) == MAGIC && dev.read(reg::DEVICE_ID) == device_id {
             return Ok(dev);
         }
     }
@@ -166,8 +164,8 @@ pub struct Queue {
 impl Queue {
     /// Sets up queue `index` with at most `max` entries in three fresh frames.
     pub fn new(dev: Device, index: u16, max: u16) -> Result<Self, VirtioError> {
-        dev.write(0x30, index as u32);
-        let num_max = dev.read(0x34);
+        dev.write(reg::QUEUE_SEL, index as u32);
+        let num_max = dev.read(reg::QUEUE_NUM_MAX);
         if num_max == 0 {
             return Err(VirtioError::NoQueue(index));
         }
@@ -194,19 +192,19 @@ impl Queue {
         size: u16,
         rings: [u64; 3],
     ) -> Result<Self, VirtioError> {
-        dev.write(0x30, index as u32);
-        if dev.read(0x34) == 0 {
+        dev.write(reg::QUEUE_SEL, index as u32);
+        if dev.read(reg::QUEUE_NUM_MAX) == 0 {
             return Err(VirtioError::NoQueue(index));
         }
         let [d, a, u] = rings;
-        dev.write(0x38, size as u32);
-        dev.write(0x80, d as u32);
-        dev.write(0x84, (d >> 32) as u32);
-        dev.write(0x90, a as u32);
-        dev.write(0x94, (a >> 32) as u32);
-        dev.write(0xa0, u as u32);
-        dev.write(0xa4, (u >> 32) as u32);
-        dev.write(0x44, 1);
+        dev.write(reg::QUEUE_NUM, size as u32);
+        dev.write(reg::QUEUE_DESC_LOW, d as u32);
+        dev.write(reg::QUEUE_DESC_HIGH, (d >> 32) as u32);
+        dev.write(reg::QUEUE_AVAIL_LOW, a as u32);
+        dev.write(reg::QUEUE_AVAIL_HIGH, (a >> 32) as u32);
+        dev.write(reg::QUEUE_USED_LOW, u as u32);
+        dev.write(reg::QUEUE_USED_HIGH, (u >> 32) as u32);
+        dev.write(reg::QUEUE_READY, 1);
         Ok(Self {
             dev,
             index,
@@ -283,7 +281,7 @@ impl Queue {
         unsafe { self.avail.add(1).write_volatile(self.avail_idx) };
         fence(Ordering::SeqCst);
         self.in_flight = true;
-        self.dev.write(0x50, self.index as u32);
+        self.dev.write(reg::QUEUE_NOTIFY, self.index as u32);
     }
 
     /// True once the device returned the buffer in flight.

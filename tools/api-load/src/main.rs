@@ -6,13 +6,13 @@
 //! connection per request, as `curl` does) — throughput, p50 and p99 latency; then the same load
 //! while the same inflate runs, and that inflate's reclaim time. Prints a Markdown table.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::Parser;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use vmm::api::ApiClient;
 use vmm::config::parse_size;
+use vmm_harness::VmmRun;
 
 /// Load the control API with concurrent clients and measure its latency and the inflate's.
 #[derive(Parser)]
@@ -66,7 +66,7 @@ fn load(sock: &Path, clients: usize, requests: usize) -> Load {
                 let mut errors = 0;
                 for _ in 0..requests {
                     let t = Instant::now();
-                    match api.get("/balloon/statistics") {
+                    match api.statistics() {
                         Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1e3),
                         Err(_) => errors += 1,
                     }
@@ -97,7 +97,7 @@ fn load(sock: &Path, clients: usize, requests: usize) -> Load {
 fn inflate_to(api: &ApiClient, bytes: u64) -> Result<f64> {
     let t = Instant::now();
     api.set_balloon_mib(bytes >> 20)?;
-    while api.reclaim()?["actual_bytes"] != bytes {
+    while api.reclaim()?.actual_bytes != bytes {
         if t.elapsed() > Duration::from_secs(300) {
             bail!("the balloon never reached {bytes} bytes");
         }
@@ -106,19 +106,13 @@ fn inflate_to(api: &ApiClient, bytes: u64) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-struct Vm(Child);
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn main() -> Result<()> {
     let a = Args::parse();
     if !a.inflate.is_multiple_of(1 << 20) {
         bail!("--inflate must be whole MiB");
+    }
+    if !a.vmm.is_file() {
+        bail!("cannot start {}: no such file", a.vmm.display());
     }
     println!(
         "command: api-load --clients {} --requests {} --memory {}M --vcpus {} --inflate {}M (GET /balloon/statistics, one connection per request)\n",
@@ -136,29 +130,30 @@ fn main() -> Result<()> {
         let dir = std::env::temp_dir().join(format!("api-load-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let sock = dir.join("api.sock");
-        let mut vm = Vm(Command::new(&a.vmm)
-            .args(["run", "--guest", "balloon", "--vcpus", &a.vcpus.to_string()])
-            .args(["--memory", &a.memory.to_string()])
-            .args(["--api-sock", sock.to_str().unwrap()])
-            .args(["--cmdline", "changes=4"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start the VMM")?);
-        let t0 = Instant::now();
-        while !sock.exists() {
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("no control socket");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut vm = VmmRun::guest(&a.vmm, "balloon")
+            .vcpus(a.vcpus)
+            .memory(a.memory.to_string())
+            .api_sock(&sock)
+            .cmdline("changes=4")
+            .spawn();
+        // Only the first line: why (the VM ended, or timed out), not all its output.
+        let first_line = |e: String| anyhow!("{}", e.lines().next().unwrap_or_default());
+        vm.wait_until(Duration::from_secs(30), "the control socket", |_| {
+            sock.exists()
+        })
+        .map_err(first_line)?;
         let api = ApiClient::new(&sock)?;
-        while api.reclaim()?["guest"]["updates"].as_u64().unwrap_or(0) == 0 {
-            if t0.elapsed() > Duration::from_secs(120) {
-                bail!("the balloon driver never became ready");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut ready = Ok(false);
+        vm.wait_until(
+            Duration::from_secs(120),
+            "the balloon driver's first statistics",
+            |_| {
+                ready = api.reclaim().map(|r| r.guest.updates > 0);
+                !matches!(ready, Ok(false))
+            },
+        )
+        .map_err(first_line)?;
+        ready?;
         let alone = inflate_to(&api, a.inflate)?;
         inflate_to(&api, 0)?;
         let idle = load(&sock, clients, a.requests);
@@ -171,7 +166,14 @@ fn main() -> Result<()> {
             (loader.join().expect("load"), under_load)
         };
         inflate_to(&api, 0)?;
-        let _ = vm.0.wait();
+        // The guest finishes by itself after its fourth change.
+        let end = vm.finish(Duration::from_secs(120));
+        if end.timed_out {
+            bail!(
+                "the guest did not finish after its last change:\n{}",
+                end.all()
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
         for (guest, l, inflate) in [
             ("idle (inflate alone)", &idle, alone),

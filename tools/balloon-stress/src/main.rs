@@ -10,18 +10,20 @@ mod plot;
 mod report;
 mod scenario;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
+use guest_mm::ReclaimConfig;
 use indicatif::{ProgressBar, ProgressStyle};
-use report::{Report, Sample, Soak, Step};
+use report::{Config, Report, Sample, Soak, Step};
 use scenario::Pattern;
-use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use vmm::api::ApiClient;
 use vmm::config::parse_size;
-use vmm::guest_output::{throughputs, verifier_totals};
+use vmm::report::BalloonReport;
+use vmm_harness::console::{throughputs, verifier_totals};
+use vmm_harness::{RunningVm, VmmRun};
 
 /// Stress the virtio balloon of the VMM and report reclaim and refill behaviour.
 #[derive(Parser, Debug)]
@@ -36,6 +38,9 @@ struct Args {
     /// Guest RAM.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     memory: u64,
+    /// What backs guest RAM (passed to vmm run as it is).
+    #[command(flatten)]
+    backing: guest_mm::backing::BackingArgs,
     /// Memory each verifier vCPU keeps rewriting and checking (workload intensity).
     #[arg(long, default_value = "32M", value_parser = parse_size)]
     touch: u64,
@@ -69,9 +74,6 @@ struct Args {
     /// of memory of their own.
     #[arg(long, requires = "fragment")]
     hot: bool,
-    /// Zap span bound (passed to vmm --zap-span-gap; 0 = one zap per range).
-    #[arg(long)]
-    zap_span_gap: Option<u64>,
     /// Leave the host's fault-around on for guest RAM (vmm --keep-host-fault-around), to
     /// compare.
     #[arg(long)]
@@ -80,15 +82,9 @@ struct Args {
     /// guest measures its memory throughput before and after each inflate over a real period.
     #[arg(long, default_value_t = 0)]
     settle_ms: u64,
-    /// Gather strategy: per-page, per-buffer or gather.
-    #[arg(long, default_value = "gather")]
-    strategy: String,
-    /// Gather batch bound in 4 KiB frames (passed to vmm --batch-pages).
-    #[arg(long)]
-    batch_pages: Option<u64>,
-    /// Gather latency window in ms (passed to vmm --batch-window-ms).
-    #[arg(long)]
-    batch_window_ms: Option<u64>,
+    /// The reclaim settings (passed to vmm run as they are).
+    #[command(flatten)]
+    reclaim: ReclaimConfig,
     /// Seconds to wait for one target before giving up on it.
     #[arg(long, default_value_t = 120)]
     step_timeout: u64,
@@ -112,72 +108,97 @@ struct Args {
 /// The balloon set after the scenario (MiB), which the guest counts as its last change.
 const FINISH_BALLOON_MIB: u64 = 1;
 
-/// The last lines of a log, for error messages.
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+/// The last lines of a text, for error messages.
+fn tail(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 /// Everything the VMM reports about reclaim (GET /vm/reclaim).
-fn stats(api: &ApiClient) -> Result<Value> {
+fn stats(api: &ApiClient) -> Result<BalloonReport> {
     api.reclaim().context("reclaim statistics")
 }
 
-fn sample(t0: Instant, s: &Value) -> Sample {
+fn sample(t: f64, s: &BalloonReport) -> Sample {
     Sample {
-        t: t0.elapsed().as_secs_f64(),
-        target_bytes: s["target_bytes"].as_u64().unwrap_or(0),
-        actual_bytes: s["actual_bytes"].as_u64().unwrap_or(0),
-        host_bytes_held: s["host_bytes_held"].as_u64().unwrap_or(0),
-        ram_bytes: s["guest_ram_bytes"].as_u64().unwrap_or(0),
+        t,
+        target_bytes: s.target_bytes,
+        actual_bytes: s.actual_bytes,
+        host_bytes_held: s.host_bytes_held,
+        ram_bytes: s.guest_ram_bytes,
     }
+}
+
+/// Calls `probe` every `every` until it gives a value; an error saying what was awaited if
+/// the VM ends or `timeout` passes first, or the error `probe` returns.
+fn poll<T>(
+    vm: &mut RunningVm,
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let mut out = None;
+    let mut next = Instant::now() + every;
+    vm.wait_until(timeout, what, |_| {
+        if Instant::now() < next {
+            return false;
+        }
+        next = Instant::now() + every;
+        match probe() {
+            Ok(None) => false,
+            Ok(Some(v)) => {
+                out = Some(Ok(v));
+                true
+            }
+            Err(e) => {
+                out = Some(Err(e));
+                true
+            }
+        }
+    })
+    // Only the first line, which says why (the VM ended, or timed out): the output follows
+    // it, and run() prints the output's tails.
+    .map_err(|e| anyhow!("{}", e.lines().next().unwrap_or_default()))?;
+    out.expect("set when done")
 }
 
 /// Host bytes held once the guest's free page reports have stopped coming (no new report
 /// buffer for a second): the soak's baseline and end points.
-fn settled_host_bytes(api: &ApiClient, vm: &mut std::process::Child) -> Result<u64> {
-    let reports = |s: &Value| s["device"]["report_buffers"].as_u64().unwrap_or(0);
-    let mut last = stats(api)?;
-    let t0 = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        let now = stats(api)?;
-        if reports(&now) == reports(&last) && reports(&now) > 0 {
-            return Ok(now["host_bytes_held"].as_u64().unwrap_or(0));
-        }
-        if vm.try_wait()?.is_some() || t0.elapsed() > Duration::from_secs(120) {
-            bail!("the guest's free page reports never settled");
-        }
-        last = now;
-    }
+fn settled_host_bytes(api: &ApiClient, vm: &mut RunningVm) -> Result<u64> {
+    let mut last = stats(api)?.device.report_buffers;
+    poll(
+        vm,
+        "the guest's free page reports to settle",
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+        || {
+            let now = stats(api)?;
+            let reports = now.device.report_buffers;
+            let settled = reports == last && reports > 0;
+            last = reports;
+            Ok(settled.then_some(now.host_bytes_held))
+        },
+    )
+}
+
+/// What the scenario measured while the VM ran.
+struct Driven {
+    steps: Vec<Step>,
+    samples: Vec<Sample>,
+    final_stats: BalloonReport,
+    baseline: Option<u64>,
+    end: Option<u64>,
 }
 
 fn run(a: &Args) -> Result<(Report, bool)> {
-    let dir = std::env::temp_dir().join(format!("balloon-stress-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let result = scenario_run(a, &dir);
-    if result.is_err() {
-        eprintln!(
-            "--- guest output (tail) ---\n{}",
-            tail(&dir.join("guest.log"))
-        );
-        eprintln!("--- vmm log (tail) ---\n{}", tail(&dir.join("vmm.log")));
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    result
-}
-
-fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
+    let backing = a.backing.backing().map_err(anyhow::Error::msg)?;
     let max = a.max_balloon.unwrap_or(if a.fragment {
         a.memory / 2
     } else {
         a.memory / 4 * 3
     });
     let targets = scenario::targets(a.pattern, a.cycles, max, a.seed);
-    let sock = dir.join("api.sock");
-    let guest_log = dir.join("guest.log");
-    let vmm_log = dir.join("vmm.log");
     // One more change than the scenario has: after the last target and the final statistics,
     // a one-page balloon tells the guest to finish.
     let mut cmdline = format!("changes={} touch={}", targets.len() + 1, a.touch);
@@ -192,68 +213,150 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
     if a.hot {
         cmdline.push_str(" hot=1");
     }
-    let mut cmd = Command::new(&a.vmm);
-    cmd.args([
-        "run",
-        "--guest",
-        "balloon",
-        "--vcpus",
-        &a.vcpus.to_string(),
-        "--memory",
-        &a.memory.to_string(),
-    ])
-    .args([
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--reclaim-strategy",
-        &a.strategy,
-        "--cmdline",
-        &cmdline,
-    ]);
-    if let Some(b) = a.batch_pages {
-        cmd.args(["--batch-pages", &b.to_string()]);
-    }
-    if let Some(w) = a.batch_window_ms {
-        cmd.args(["--batch-window-ms", &w.to_string()]);
-    }
-    if let Some(g) = a.zap_span_gap {
-        cmd.args(["--zap-span-gap", &g.to_string()]);
-    }
+    let reclaim = a.reclaim;
+    let dir = std::env::temp_dir().join(format!("balloon-stress-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("api.sock");
+    let mut vmm_run = VmmRun::guest(&a.vmm, "balloon")
+        .vcpus(a.vcpus)
+        .memory(a.memory.to_string())
+        .cmdline(cmdline)
+        .api_sock(&sock)
+        .reclaim(reclaim)
+        .backing(backing);
     if a.keep_host_fault_around {
-        cmd.arg("--keep-host-fault-around");
+        vmm_run = vmm_run.keep_host_fault_around();
     }
-    let command = format!("{cmd:?}");
-    let mut vm = cmd
-        .stdout(std::fs::File::create(&guest_log)?)
-        .stderr(std::fs::File::create(&vmm_log)?)
-        .spawn()
-        .with_context(|| format!("cannot start {}", a.vmm.display()))?;
-    let t0 = Instant::now();
-    while !sock.exists() {
-        if let Some(st) = vm.try_wait()? {
-            bail!(
-                "the VMM exited ({st}) before serving its socket:\n{}",
-                tail(&vmm_log)
-            );
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            bail!("the VMM did not create {} within 30s", sock.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let command = format!("{:?}", vmm_run.command());
+    if !a.vmm.is_file() {
+        let _ = std::fs::remove_dir_all(&dir);
+        bail!("cannot start {}: no such file", a.vmm.display());
     }
 
-    let api = ApiClient::new(&sock)?;
+    let t0 = Instant::now();
+    let mut vm = vmm_run.spawn();
+    let driven = drive(a, &mut vm, &sock, &targets);
+    let result = match driven {
+        Err(e) => {
+            eprintln!("--- guest output (tail) ---\n{}", tail(&vm_console(&vm)));
+            eprintln!("--- vmm log (tail) ---\n{}", tail(&vm.stderr()));
+            Err(e)
+        }
+        // The guest finishes by itself once it has reached every target.
+        Ok(d) => {
+            let fin = vm.finish(Duration::from_secs(a.step_timeout));
+            if fin.timed_out {
+                eprintln!("--- guest output (tail) ---\n{}", tail(&fin.stdout()));
+                eprintln!("--- vmm log (tail) ---\n{}", tail(&fin.stderr));
+                Err(anyhow!("the guest did not finish after its last target"))
+            } else {
+                Ok((d, fin))
+            }
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let (d, fin) = result?;
+
+    let log = fin.stdout();
+    let guest_pass = fin.status == Some(0);
+    let (verifier_checks, verifier_errors) = verifier_totals(&log);
+    let mut steps = d.steps;
+    // The guest's throughput lines belong to its inflates, in order.
+    let mut lines = throughputs(&log).into_iter();
+    for s in steps.iter_mut().filter(|s| s.target_bytes > s.from_bytes) {
+        s.throughput = lines
+            .next()
+            .filter(|t| t.target_pages == s.target_bytes / 4096);
+    }
+    let reuse_errors: u64 = log
+        .lines()
+        .filter_map(|l| {
+            l.split("reuse errors ")
+                .nth(1)?
+                .split(';')
+                .next()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    let soak = d.baseline.zip(d.end).map(|(baseline, end)| Soak {
+        cycles: a.cycles,
+        baseline_host_bytes: baseline,
+        end_host_bytes: end,
+        slack_bytes: a.soak_slack,
+        pages_verified: verifier_checks + d.final_stats.device.pages_deflated,
+        back_to_baseline: end <= baseline + a.soak_slack,
+    });
+    let pass = guest_pass
+        && verifier_errors == 0
+        && reuse_errors == 0
+        && steps.iter().all(|s| s.reached)
+        && soak.as_ref().is_none_or(|s| s.back_to_baseline);
+    let report = Report {
+        command,
+        config: Config {
+            vcpus: a.vcpus,
+            memory: a.memory,
+            memory_backend: a.backing.memory_backend.clone(),
+            memory_path: a.backing.memory_path.clone(),
+            touch: a.touch,
+            pattern: a.pattern,
+            cycles: a.cycles,
+            max_balloon: max,
+            reclaim,
+            free_page_reporting: a.free_page_reporting,
+            fragment: a.fragment,
+            hot: a.hot,
+            settle_ms: a.settle_ms,
+            keep_host_fault_around: a.keep_host_fault_around,
+            seed: a.seed,
+            soak: a.soak,
+        },
+        wall_seconds: t0.elapsed().as_secs_f64(),
+        steps,
+        samples: d.samples,
+        final_stats: d.final_stats,
+        guest_verifier_errors: verifier_errors,
+        guest_reuse_errors: reuse_errors,
+        guest_verdict_pass: guest_pass,
+        soak,
+        summary: None,
+    };
+    Ok((report, pass))
+}
+
+/// The console so far, as one text.
+fn vm_console(vm: &RunningVm) -> String {
+    vm.console()
+        .into_iter()
+        .map(|(_, l)| l + "\n")
+        .collect::<String>()
+}
+
+/// Walks the balloon through `targets` on the running VM; the last step sets the balloon
+/// that tells the guest to finish.
+fn drive(a: &Args, vm: &mut RunningVm, sock: &Path, targets: &[u64]) -> Result<Driven> {
+    poll(
+        vm,
+        "the control socket",
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || Ok(sock.exists().then_some(())),
+    )?;
+    let api = ApiClient::new(sock)?;
     // The driver fills the stats queue once it is ready, after touching its memory: start
     // the scenario from there, so the host's numbers begin from a populated guest.
-    while stats(&api)?["guest"]["updates"].as_u64().unwrap_or(0) == 0 {
-        if vm.try_wait()?.is_some() || t0.elapsed() > Duration::from_secs(120) {
-            bail!("the balloon driver never became ready");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll(
+        vm,
+        "the balloon driver's first statistics",
+        Duration::from_secs(120),
+        Duration::from_millis(50),
+        || Ok((stats(&api)?.guest.updates > 0).then_some(())),
+    )?;
 
     let baseline = if a.soak {
-        Some(settled_host_bytes(&api, &mut vm)?)
+        Some(settled_host_bytes(&api, vm)?)
     } else {
         None
     };
@@ -264,19 +367,20 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
         ProgressBar::new(targets.len() as u64)
     };
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg}").unwrap());
+    let now = |vm: &RunningVm| vm.elapsed().as_secs_f64();
     let mut samples = Vec::new();
     let mut steps = Vec::new();
     let mut from = 0u64;
-    for &target in &targets {
+    for &target in targets {
         std::thread::sleep(Duration::from_millis(a.settle_ms));
         let before = stats(&api)?;
         api.set_balloon_mib(target >> 20)
             .with_context(|| format!("set the balloon to {} MiB", target >> 20))?;
         let start = Instant::now();
-        let mut last = sample(t0, &before);
+        let mut last = sample(now(vm), &before);
         let reached = loop {
             std::thread::sleep(Duration::from_millis(a.sample_ms));
-            let s = sample(t0, &stats(&api)?);
+            let s = sample(now(vm), &stats(&api)?);
             let rate = (last.host_bytes_held as f64 - s.host_bytes_held as f64)
                 / (1u64 << 20) as f64
                 / (s.t - last.t).max(1e-6);
@@ -298,35 +402,14 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
             }
         };
         let after = stats(&api)?;
-        let at = |s: &Value, path: &str| s.pointer(path).and_then(Value::as_u64).unwrap_or(0);
-        let grew = |path: &str| at(&after, path).saturating_sub(at(&before, path));
-        let flushes = grew("/kvm_remote_tlb_flush_requests");
-        let vcpu_tlb_flushes = {
-            let per = |s: &Value| -> Vec<u64> {
-                s["gather"]["vcpu_tlb_flushes"]
-                    .as_array()
-                    .map_or(vec![], |v| v.iter().filter_map(Value::as_u64).collect())
-            };
-            let (b, a) = (per(&before), per(&after));
-            a.iter()
-                .enumerate()
-                .map(|(i, x)| x.saturating_sub(b.get(i).copied().unwrap_or(0)))
-                .collect()
-        };
-        steps.push(Step {
-            zap_calls: grew("/gather/spans"),
-            bridged: grew("/gather/bridged"),
-            refaults_after: grew("/gather/refaults_after"),
-            vcpu_tlb_flushes,
-            throughput: None,
-            target_bytes: target,
-            from_bytes: from,
-            seconds: start.elapsed().as_secs_f64(),
+        steps.push(Step::between(
+            &before,
+            &after,
+            from,
+            target,
+            start.elapsed().as_secs_f64(),
             reached,
-            host_bytes_before: before["host_bytes_held"].as_u64().unwrap_or(0),
-            host_bytes_after: after["host_bytes_held"].as_u64().unwrap_or(0),
-            kvm_flush_requests: flushes,
-        });
+        ));
         from = target;
         bar.inc(1);
         if !reached {
@@ -334,85 +417,20 @@ fn scenario_run(a: &Args, dir: &Path) -> Result<(Report, bool)> {
         }
     }
     let end = if a.soak {
-        Some(settled_host_bytes(&api, &mut vm)?)
+        Some(settled_host_bytes(&api, vm)?)
     } else {
         None
     };
     let final_stats = stats(&api)?;
     bar.finish_and_clear();
     api.set_balloon_mib(FINISH_BALLOON_MIB)?;
-
-    // The guest finishes by itself once it has reached every target.
-    let deadline = Instant::now() + Duration::from_secs(a.step_timeout);
-    let status = loop {
-        if let Some(st) = vm.try_wait()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = vm.kill();
-            bail!("the guest did not finish after its last target");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let log = std::fs::read_to_string(&guest_log).unwrap_or_default();
-    let (verifier_checks, verifier_errors) = verifier_totals(&log);
-    // The guest's throughput lines belong to its inflates, in order.
-    let mut lines = throughputs(&log).into_iter();
-    for s in steps.iter_mut().filter(|s| s.target_bytes > s.from_bytes) {
-        s.throughput = lines
-            .next()
-            .filter(|t| t.target_pages == s.target_bytes / 4096);
-    }
-    let reuse_errors: u64 = log
-        .lines()
-        .filter_map(|l| {
-            l.split("reuse errors ")
-                .nth(1)?
-                .split(';')
-                .next()?
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
-    let soak = baseline.zip(end).map(|(baseline, end)| {
-        let deflated = final_stats["device"]["pages_deflated"]
-            .as_u64()
-            .unwrap_or(0);
-        Soak {
-            cycles: a.cycles,
-            baseline_host_bytes: baseline,
-            end_host_bytes: end,
-            slack_bytes: a.soak_slack,
-            pages_verified: verifier_checks + deflated,
-            back_to_baseline: end <= baseline + a.soak_slack,
-        }
-    });
-    let pass = status.success()
-        && verifier_errors == 0
-        && reuse_errors == 0
-        && steps.iter().all(|s| s.reached)
-        && soak.as_ref().is_none_or(|s| s.back_to_baseline);
-    let report = Report {
-        command,
-        config: json!({
-            "vcpus": a.vcpus, "memory": a.memory, "touch": a.touch, "pattern": a.pattern, "cycles": a.cycles,
-            "max_balloon": max, "strategy": a.strategy, "free_page_reporting": a.free_page_reporting,
-            "fragment": a.fragment, "hot": a.hot, "zap_span_gap": a.zap_span_gap, "settle_ms": a.settle_ms,
-            "keep_host_fault_around": a.keep_host_fault_around,
-            "seed": a.seed, "soak": a.soak,
-        }),
-        wall_seconds: t0.elapsed().as_secs_f64(),
+    Ok(Driven {
         steps,
         samples,
         final_stats,
-        guest_verifier_errors: verifier_errors,
-        guest_reuse_errors: reuse_errors,
-        guest_verdict_pass: status.success(),
-        soak,
-        summary: Value::Null,
-    };
-    Ok((report, pass))
+        baseline,
+        end,
+    })
 }
 
 fn main() -> ExitCode {
@@ -448,5 +466,62 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_mm::{Backing, Strategy};
+
+    fn args(extra: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("balloon-stress").chain(extra.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn memory_backend_and_path_are_checked_as_vmm_run_checks_them() {
+        let backing = |extra: &[&str]| args(extra).backing.backing();
+        assert_eq!(backing(&[]).unwrap(), Backing::Memfd);
+        assert_eq!(
+            backing(&["--memory-backend", "hugetlb"]).unwrap(),
+            Backing::Hugetlb
+        );
+        assert_eq!(
+            backing(&["--memory-backend", "shmem-thp", "--memory-path", "/mnt/g"]).unwrap(),
+            Backing::ShmemThp {
+                dir: "/mnt/g".into()
+            }
+        );
+        assert!(backing(&["--memory-backend", "shmem-thp"])
+            .unwrap_err()
+            .starts_with("--memory-backend shmem-thp needs --memory-path DIR"));
+        assert_eq!(
+            backing(&["--memory-path", "/mnt/g"]).unwrap_err(),
+            "--memory-path is only for --memory-backend shmem-thp"
+        );
+        assert!(Args::try_parse_from(["balloon-stress", "--memory-backend", "tmpfs"]).is_err());
+    }
+
+    #[test]
+    fn reclaim_options_are_vmm_runs_with_its_defaults() {
+        assert_eq!(args(&[]).reclaim, ReclaimConfig::default());
+        let c = args(&[
+            "--reclaim-strategy",
+            "per-buffer",
+            "--zap-span-gap",
+            "0",
+            "--batch-pages",
+            "512",
+        ])
+        .reclaim;
+        assert_eq!(
+            c,
+            ReclaimConfig {
+                zap_span_gap: 0,
+                batch_pages: 512,
+                ..ReclaimConfig::with_strategy(Strategy::PerBuffer)
+            }
+        );
     }
 }

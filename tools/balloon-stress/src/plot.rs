@@ -133,19 +133,26 @@ fn reclaim_rate(path: &Path, s: &[Sample]) -> Result<String> {
 }
 
 fn phase_latency(path: &Path, r: &Report) -> Result<String> {
-    let g = &r.final_stats["gather"];
-    let phases = ["gather_us", "zap_us", "invalidate_us", "release_us"];
+    let g = &r.final_stats.gather;
+    let phases = [
+        ("batch wait", &g.wait_us),
+        ("zap", &g.zap_us),
+        ("invalidate", &g.invalidate_us),
+        ("release", &g.release_us),
+    ];
     let colors = [MAGENTA, BLUE, GREEN, RED];
-    let buckets: Vec<Vec<u64>> = phases
+    let n = phases
         .iter()
-        .map(|p| {
-            g[p]["buckets"]
-                .as_array()
-                .map_or(vec![], |a| a.iter().filter_map(|v| v.as_u64()).collect())
-        })
-        .collect();
-    let n = buckets.iter().map(Vec::len).max().unwrap_or(1).max(1);
-    let y_max = buckets.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
+        .map(|(_, h)| h.buckets.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let y_max = phases
+        .iter()
+        .flat_map(|(_, h)| h.buckets.iter().copied())
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
     let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(chart_err)?;
     let mut c = ChartBuilder::on(&root)
@@ -163,12 +170,13 @@ fn phase_latency(path: &Path, r: &Report) -> Result<String> {
         .y_desc("batches")
         .draw()
         .map_err(chart_err)?;
-    for ((name, b), color) in phases.iter().zip(&buckets).zip(colors) {
+    for ((name, h), color) in phases.iter().zip(colors) {
         labelled_line(
             &mut c,
-            name.trim_end_matches("_us"),
+            name,
             color,
-            b.iter()
+            h.buckets
+                .iter()
                 .enumerate()
                 .map(|(i, &v)| (i as f64 + 0.5, v as f64)),
         )?;

@@ -1,11 +1,14 @@
 //! What a run measured: samples over time, one record per balloon step, the VMM's final
 //! statistics and the guest's verifier results; and the summary printed at the end.
 
-use serde::Serialize;
-use serde_json::Value;
-use vmm::report::median;
+use crate::scenario::Pattern;
+use guest_mm::{Histogram, ReclaimConfig};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use vmm::report::{median, BalloonReport};
+use vmm_harness::console::Throughput;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Sample {
     pub t: f64,
     pub target_bytes: u64,
@@ -32,11 +35,45 @@ pub struct Step {
     /// Each vCPU's TLB flushes during the step.
     pub vcpu_tlb_flushes: Vec<u64>,
     /// The guest's memory throughput around the step (inflates with verifiers).
-    pub throughput: Option<vmm::guest_output::Throughput>,
+    pub throughput: Option<Throughput>,
+}
+
+impl Step {
+    /// The step from `from` to `target` bytes, from the VMM's reports before and after it.
+    pub fn between(
+        before: &BalloonReport,
+        after: &BalloonReport,
+        from: u64,
+        target: u64,
+        seconds: f64,
+        reached: bool,
+    ) -> Self {
+        let (b, a) = (&before.gather, &after.gather);
+        let flushes = |r: &BalloonReport| r.kvm_remote_tlb_flush_requests.unwrap_or(0);
+        Step {
+            target_bytes: target,
+            from_bytes: from,
+            seconds,
+            reached,
+            host_bytes_before: before.host_bytes_held,
+            host_bytes_after: after.host_bytes_held,
+            kvm_flush_requests: flushes(after).saturating_sub(flushes(before)),
+            zap_calls: a.spans.saturating_sub(b.spans),
+            bridged: a.bridged.saturating_sub(b.bridged),
+            refaults_after: a.refaults_after.saturating_sub(b.refaults_after),
+            vcpu_tlb_flushes: a
+                .vcpu_tlb_flushes
+                .iter()
+                .enumerate()
+                .map(|(i, x)| x.saturating_sub(b.vcpu_tlb_flushes.get(i).copied().unwrap_or(0)))
+                .collect(),
+            throughput: None,
+        }
+    }
 }
 
 /// The soak's end-to-end check (`--soak`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Soak {
     pub cycles: u32,
     pub baseline_host_bytes: u64,
@@ -48,42 +85,101 @@ pub struct Soak {
     pub back_to_baseline: bool,
 }
 
+/// What the run was asked to do.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Config {
+    pub vcpus: u32,
+    pub memory: u64,
+    /// memfd, shmem-thp or hugetlb (vmm --memory-backend).
+    pub memory_backend: String,
+    pub memory_path: Option<PathBuf>,
+    pub touch: u64,
+    pub pattern: Pattern,
+    pub cycles: u32,
+    pub max_balloon: u64,
+    /// The reclaim settings the VM ran with (the VMM's defaults where none was given).
+    pub reclaim: ReclaimConfig,
+    pub free_page_reporting: bool,
+    pub fragment: bool,
+    pub hot: bool,
+    pub settle_ms: u64,
+    pub keep_host_fault_around: bool,
+    pub seed: u64,
+    pub soak: bool,
+}
+
+/// A latency histogram's percentiles (upper bounds of their power-of-two buckets).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram) -> Self {
+        Self {
+            p50: h.percentile(50.0),
+            p90: h.percentile(90.0),
+            p99: h.percentile(99.0),
+        }
+    }
+}
+
+impl std::fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.p50, self.p90, self.p99)
+    }
+}
+
+/// Per-batch latency of each phase of the gather, in microseconds.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Latency {
+    /// From a batch's first frame until the protocol started on it.
+    pub wait_us: Percentiles,
+    pub zap_us: Percentiles,
+    pub invalidate_us: Percentiles,
+    pub release_us: Percentiles,
+}
+
+/// The numbers the summary lines print.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub steps: usize,
+    pub steps_not_reached: usize,
+    pub mib_reclaimed: f64,
+    pub mib_returned: f64,
+    pub reclaim_rate_mib_s_median: f64,
+    pub refill_rate_mib_s_median: f64,
+    pub kvm_flush_requests: u64,
+    pub kvm_flush_requests_per_gib: f64,
+    pub zap_calls: u64,
+    pub guest_throughput_retained_during_inflate_median: Option<f64>,
+    pub guest_verifier_seconds_lost_per_inflate_median: Option<f64>,
+    pub latency_us: Latency,
+    pub guest_verifier_errors: u64,
+    pub guest_reuse_errors: u64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// The `vmm run` command line.
     pub command: String,
-    pub config: Value,
+    pub config: Config,
     pub wall_seconds: f64,
     pub steps: Vec<Step>,
     pub samples: Vec<Sample>,
-    pub final_stats: Value,
+    /// The VMM's reclaim report at the end of the scenario (GET /vm/reclaim).
+    pub final_stats: BalloonReport,
     pub guest_verifier_errors: u64,
     pub guest_reuse_errors: u64,
     pub guest_verdict_pass: bool,
     pub soak: Option<Soak>,
-    pub summary: Value,
+    /// Filled in by `summarize`.
+    pub summary: Option<Summary>,
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
-
-fn pct(h: &Value, p: f64) -> u64 {
-    // Same rule as guest_mm::Histogram::percentile: upper bound of the bucket.
-    let buckets: Vec<u64> = h["buckets"]
-        .as_array()
-        .map_or(vec![], |a| a.iter().filter_map(Value::as_u64).collect());
-    let count: u64 = buckets.iter().sum();
-    if count == 0 {
-        return 0;
-    }
-    let rank = ((p / 100.0) * count as f64).ceil().max(1.0) as u64;
-    let mut seen = 0;
-    for (i, c) in buckets.iter().enumerate() {
-        seen += c;
-        if seen >= rank {
-            return ((1u64 << (i + 1)) - 1).min(h["max"].as_u64().unwrap_or(u64::MAX));
-        }
-    }
-    h["max"].as_u64().unwrap_or(0)
-}
 
 impl Report {
     /// Computes the summary numbers and returns the lines to print.
@@ -117,18 +213,17 @@ impl Report {
                     .collect(),
             )
         };
-        let g = &self.final_stats["gather"];
-        let pages = g["pages_reclaimed"].as_u64().unwrap_or(0);
-        let flushes = g["kvm_flush_requests"].as_u64().unwrap_or(0);
+        let g = &self.final_stats.gather;
+        let pages = g.pages_reclaimed;
+        let flushes = g.kvm_flush_requests;
         let gib = pages as f64 * 4096.0 / (1u64 << 30) as f64;
         let per_gib = if gib > 0.0 { flushes as f64 / gib } else { 0.0 };
-        let phases = ["gather_us", "zap_us", "invalidate_us", "release_us"];
-        let lat: serde_json::Map<String, Value> = phases
-            .iter()
-            .map(|p| {
-                (p.to_string(), serde_json::json!({"p50": pct(&g[p], 50.0), "p90": pct(&g[p], 90.0), "p99": pct(&g[p], 99.0)}))
-            })
-            .collect();
+        let lat = Latency {
+            wait_us: Percentiles::of(&g.wait_us),
+            zap_us: Percentiles::of(&g.zap_us),
+            invalidate_us: Percentiles::of(&g.invalidate_us),
+            release_us: Percentiles::of(&g.release_us),
+        };
         let unreached = self.steps.iter().filter(|s| !s.reached).count();
         let retained: Vec<f64> = inflates
             .iter()
@@ -142,28 +237,21 @@ impl Report {
             .collect();
         let lost_median = (!lost.is_empty()).then(|| median(lost));
         let zap_calls: u64 = self.steps.iter().map(|s| s.zap_calls).sum();
-        self.summary = serde_json::json!({
-            "steps": self.steps.len(),
-            "steps_not_reached": unreached,
-            "mib_reclaimed": reclaimed as f64 / MIB,
-            "mib_returned": returned as f64 / MIB,
-            "reclaim_rate_mib_s_median": rate(&inflates),
-            "refill_rate_mib_s_median": rate(&deflates),
-            "kvm_flush_requests": flushes,
-            "kvm_flush_requests_per_gib": per_gib,
-            "zap_calls": zap_calls,
-            "guest_throughput_retained_during_inflate_median": retained_median,
-            "guest_verifier_seconds_lost_per_inflate_median": lost_median,
-            "latency_us": lat,
-            "guest_verifier_errors": self.guest_verifier_errors,
-            "guest_reuse_errors": self.guest_reuse_errors,
-        });
-        let s = &self.summary;
-        let l = |p: &str| {
-            format!(
-                "{}/{}/{}",
-                s["latency_us"][p]["p50"], s["latency_us"][p]["p90"], s["latency_us"][p]["p99"]
-            )
+        let s = Summary {
+            steps: self.steps.len(),
+            steps_not_reached: unreached,
+            mib_reclaimed: reclaimed as f64 / MIB,
+            mib_returned: returned as f64 / MIB,
+            reclaim_rate_mib_s_median: rate(&inflates),
+            refill_rate_mib_s_median: rate(&deflates),
+            kvm_flush_requests: flushes,
+            kvm_flush_requests_per_gib: per_gib,
+            zap_calls,
+            guest_throughput_retained_during_inflate_median: retained_median,
+            guest_verifier_seconds_lost_per_inflate_median: lost_median,
+            latency_us: lat,
+            guest_verifier_errors: self.guest_verifier_errors,
+            guest_reuse_errors: self.guest_reuse_errors,
         };
         let mut lines = vec![
             format!(
@@ -176,8 +264,7 @@ impl Report {
             ),
             format!(
                 "rates (median per step): reclaim {:.1} MiB/s, refill {:.1} MiB/s",
-                s["reclaim_rate_mib_s_median"].as_f64().unwrap_or(0.0),
-                s["refill_rate_mib_s_median"].as_f64().unwrap_or(0.0)
+                s.reclaim_rate_mib_s_median, s.refill_rate_mib_s_median
             ),
             format!("KVM flush requests: {flushes} ({per_gib:.0} per GiB reclaimed); zap calls {zap_calls}"),
             match retained_median {
@@ -189,11 +276,8 @@ impl Report {
                 None => "guest memory throughput: not measured (needs a verifier vCPU and --settle-ms)".into(),
             },
             format!(
-                "latency p50/p90/p99 us: gather {}, zap {}, invalidate {}, release {}",
-                l("gather_us"),
-                l("zap_us"),
-                l("invalidate_us"),
-                l("release_us")
+                "latency p50/p90/p99 us: batch wait {}, zap {}, invalidate {}, release {}",
+                lat.wait_us, lat.zap_us, lat.invalidate_us, lat.release_us
             ),
             format!(
                 "guest: verifier errors {}, reuse errors {}, verdict {}",
@@ -218,6 +302,7 @@ impl Report {
                 if k.back_to_baseline { "back to baseline" } else { "ABOVE BASELINE" }
             ));
         }
+        self.summary = Some(s);
         lines
     }
 }

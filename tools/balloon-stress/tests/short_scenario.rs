@@ -1,8 +1,12 @@
 //! A short balloon-stress scenario on KVM: every step reached, zero guest errors, and the
-//! JSON report and the charts written.
+//! JSON report and the charts written; and the memory backend options refused as `vmm run`
+//! refuses them.
 
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
+use vmm::report::BalloonReport;
+use vmm_harness::{require, Need};
 
 fn vmm_binary() -> PathBuf {
     // target/<profile>/balloon-stress → target/<profile>/vmm (built by `cargo test --workspace`).
@@ -15,51 +19,13 @@ fn vmm_binary() -> PathBuf {
     p
 }
 
-#[test]
-fn short_sawtooth_scenario_passes_and_writes_report_and_plots() {
-    let name = "short_sawtooth_scenario_passes_and_writes_report_and_plots";
-    let markers = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kvm-tests");
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let kind = if kvm { "ran" } else { "skipped" };
-    std::fs::create_dir_all(markers.join(kind)).unwrap();
-    std::fs::write(markers.join(kind).join(name), b"").unwrap();
-    if !kvm {
-        println!("SKIPPED: /dev/kvm not available ({name})");
-        return;
-    }
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("balloon-stress-short");
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).unwrap();
-    let json = out.join("report.json");
+fn markers() -> &'static Path {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+}
+
+fn balloon_stress(args: &[&str]) -> (Output, String) {
     let r = Command::new(env!("CARGO_BIN_EXE_balloon-stress"))
-        .args([
-            "--vmm",
-            vmm_binary().to_str().unwrap(),
-            "--vcpus",
-            "2",
-            "--memory",
-            "256M",
-            "--touch",
-            "8M",
-        ])
-        .args([
-            "--pattern",
-            "sawtooth",
-            "--cycles",
-            "1",
-            "--free-page-reporting",
-            "--quiet",
-        ])
-        .args([
-            "--json",
-            json.to_str().unwrap(),
-            "--plot",
-            out.to_str().unwrap(),
-        ])
+        .args(args)
         .output()
         .unwrap();
     let text = format!(
@@ -67,29 +33,70 @@ fn short_sawtooth_scenario_passes_and_writes_report_and_plots() {
         String::from_utf8_lossy(&r.stdout),
         String::from_utf8_lossy(&r.stderr)
     );
+    (r, text)
+}
+
+/// The parts of balloon-stress's JSON report this test reads.
+#[derive(Deserialize)]
+struct Written {
+    steps: Vec<StepWritten>,
+    final_stats: BalloonReport,
+}
+
+#[derive(Deserialize)]
+struct StepWritten {
+    reached: bool,
+}
+
+#[test]
+fn short_sawtooth_scenario_passes_and_writes_report_and_plots() {
+    let name = "short_sawtooth_scenario_passes_and_writes_report_and_plots";
+    if !require(markers(), name, &[Need::Kvm]) {
+        return;
+    }
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("balloon-stress-short");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let json = out.join("report.json");
+    let vmm = vmm_binary();
+    let (r, text) = balloon_stress(&[
+        "--vmm",
+        vmm.to_str().unwrap(),
+        "--vcpus",
+        "2",
+        "--memory",
+        "256M",
+        "--touch",
+        "8M",
+        "--pattern",
+        "sawtooth",
+        "--cycles",
+        "1",
+        "--free-page-reporting",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        out.to_str().unwrap(),
+    ]);
     assert!(r.status.success(), "{text}");
     assert!(
         text.contains("guest: verifier errors 0, reuse errors 0, verdict PASS"),
         "{text}"
     );
-    let rep: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let steps = rep["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 5, "sawtooth: 4 inflates and a deflate");
-    assert!(steps.iter().all(|s| s["reached"] == true), "{rep}");
+    assert!(
+        text.contains("latency p50/p90/p99 us: batch wait "),
+        "{text}"
+    );
+    let written = std::fs::read_to_string(&json).unwrap();
+    let rep: Written = serde_json::from_str(&written).unwrap();
+    assert_eq!(rep.steps.len(), 5, "sawtooth: 4 inflates and a deflate");
+    assert!(rep.steps.iter().all(|s| s.reached), "{written}");
     // The balloon peaked at 192 MiB (75% of 256 MiB). Host bytes may fall by less: free
     // page reporting already returned the guest's untouched free memory.
-    let inflated = rep["final_stats"]["device"]["pages_inflated"]
-        .as_u64()
-        .unwrap()
-        * 4096;
-    assert!(inflated >= 192 << 20, "{}", rep["final_stats"]["device"]);
-    assert!(
-        rep["final_stats"]["device"]["pages_reported"]
-            .as_u64()
-            .unwrap()
-            > 0
-    );
+    let device = &rep.final_stats.device;
+    assert!(device.pages_inflated * 4096 >= 192 << 20, "{device:?}");
+    assert!(device.pages_reported > 0, "{device:?}");
     for f in [
         "host-vs-target.svg",
         "reclaim-rate.svg",
@@ -102,4 +109,55 @@ fn short_sawtooth_scenario_passes_and_writes_report_and_plots() {
             "{f} looks empty"
         );
     }
+}
+
+#[test]
+fn memory_backend_options_are_refused_as_vmm_run_refuses_them() {
+    // Refused before any VM starts: exit status 2 with `vmm run`'s message.
+    for (args, message) in [
+        (
+            &["--memory-backend", "shmem-thp"][..],
+            "error: --memory-backend shmem-thp needs --memory-path DIR",
+        ),
+        (
+            &["--memory-path", "/tmp"][..],
+            "error: --memory-path is only for --memory-backend shmem-thp",
+        ),
+    ] {
+        let (r, text) = balloon_stress(args);
+        assert_eq!(r.status.code(), Some(2), "{text}");
+        assert!(text.contains(message), "{text}");
+    }
+}
+
+#[test]
+fn a_memory_path_the_vmm_refuses_ends_the_run_with_the_vmms_error() {
+    let name = "a_memory_path_the_vmm_refuses_ends_the_run_with_the_vmms_error";
+    if !require(markers(), name, &[Need::Kvm]) {
+        return;
+    }
+    let vmm = vmm_binary();
+    let missing = Path::new(env!("CARGO_TARGET_TMPDIR")).join("no-such-dir");
+    let (r, text) = balloon_stress(&[
+        "--vmm",
+        vmm.to_str().unwrap(),
+        "--memory",
+        "256M",
+        "--memory-backend",
+        "shmem-thp",
+        "--memory-path",
+        missing.to_str().unwrap(),
+        "--quiet",
+        "--json",
+        "/dev/null",
+    ]);
+    assert_eq!(r.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("error: the VM ended waiting for the control socket"),
+        "{text}"
+    );
+    assert!(
+        text.contains("does not exist or is not a directory"),
+        "{text}"
+    );
 }

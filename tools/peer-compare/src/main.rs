@@ -1,37 +1,50 @@
-//! peer-compare: the same balloon guest on this VMM (zap spans, gather by range, per-page)
-//! and on QEMU, side by side in one run.
+//! peer-compare: the same balloon guest on this VMM, QEMU and Firecracker, side by side in one
+//! run, with the host's floor for the same number of bytes.
 //!
-//! Each repetition boots the `balloon` test guest once per peer (interleaved, so machine
-//! noise spreads over all of them), waits `--settle-ms`, inflates the balloon by the same
-//! amount, waits `--settle-ms` again, deflates, and records: launch time (process start to the
-//! driver being ready), time for `actual` to reach the target, host memory returned (the
-//! allocated bytes of the VMM's guest-RAM memfd, found through /proc/PID/fd: guest RAM is a
-//! shared memfd in both; RSS would count pages a zap span only unmapped), KVM
-//! `remote_tlb_flush_requests` during the inflate (our control API; QEMU's QMP
-//! `query-stats`), and the guest's own memory throughput during the inflate against before it
-//! (its verifier vCPUs; `balloon: throughput` lines), with the verifier work that cost: the
-//! rate lost times the inflate's duration, in seconds of full-speed verifying. Prints medians
-//! and ratios as a Markdown table.
+//! Each repetition boots the `balloon` test guest once per peer (interleaved, so machine noise
+//! spreads over all of them), waits `--settle-ms`, sets the balloon target through the peer's
+//! API (ours and Firecracker's `PATCH /balloon`, QEMU's QMP `balloon`), polls its actual size
+//! every 5 ms until it equals the target, and records:
+//! - launch: process start to the guest's driver being ready;
+//! - time to target: from setting the target until the driver's `actual` equals it;
+//! - host memory back: from setting the target until the host memory the guest holds has
+//!   fallen by 99% of what it finally falls by (sampled with the polling), and what it fell
+//!   by. Measured the same way for every peer where guest RAM is a memfd (ours, QEMU: the
+//!   memfd's allocated bytes, `host::guest_memfd_bytes`); Firecracker's guest RAM is anonymous,
+//!   so its resident bytes (`host::resident_bytes`);
+//! - KVM flush requests during the inflate (`remote_tlb_flush_requests`: our API, QEMU's QMP
+//!   `query-stats`); Firecracker has no such statistics, so with `--count-calls` one more run
+//!   per peer counts the host calls themselves under `strace -f -e madvise,fallocate`;
+//! - the guest's own memory throughput during the inflate against before it (its verifier
+//!   vCPUs' `balloon: throughput` line).
 //!
-//! vCPUs: `--vcpus N` boots N on both. QEMU's PVH entry starts only the boot vCPU; the guest
-//! brings up the others itself with INIT/SIPI (`cpus=N`, `vmm::qemu::guest_cmdline`), as
-//! Linux does, so both VMMs run the same N vCPUs.
+//! The floor: one zap and one release over the same number of bytes as one contiguous range,
+//! on the same backing, with the same vCPUs running (the `reclaimcheck` guest through the
+//! reclaim probe, batched into one batch): how far each peer is from what the host can do.
+//!
+//! QEMU and Firecracker start only the boot vCPU at the PVH entry; the guest brings up the
+//! others itself (`cpus=N`), so every peer runs the same N vCPUs. The VMs are killed after
+//! the inflate (the guest's integrity checks are the test suite's job).
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use guest_mm::reclaim::config::{MAX_BATCH_PAGES, MAX_BATCH_WINDOW_MS};
+use guest_mm::reclaim::{ReclaimConfig, Strategy};
+use guest_mm::Backing;
+use serde::Serialize;
 use serde_json::json;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use vmm::config::parse_size;
-use vmm::guest_output::{throughputs, Throughput};
-use vmm::qemu::{self, QemuProcess};
-use vmm::qmp::Qmp;
 use vmm::report::median;
+use vmm_harness::console::{guest_cmdline, throughputs, Throughput};
+use vmm_harness::firecracker::{FirecrackerConfig, FirecrackerVm};
+use vmm_harness::qemu::{self, QemuProcess};
+use vmm_harness::qmp::Qmp;
+use vmm_harness::{host, VmmRun};
 
-/// Compare balloon inflation on this VMM and on QEMU with the same guest.
+/// Compare balloon inflation on this VMM, QEMU and Firecracker with the same guest.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
@@ -41,6 +54,18 @@ struct Args {
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// A Firecracker binary (built from its repository; docs/BENCHMARKS.md says how). Without
+    /// one the Firecracker row is left out, with a note.
+    #[arg(long)]
+    firecracker: Option<PathBuf>,
+    /// The peers, in the order they run in each repetition.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "gather,per-buffer,qemu,firecracker,floor"
+    )]
+    peers: Vec<Peer>,
     /// Guest RAM.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     memory: u64,
@@ -48,128 +73,102 @@ struct Args {
     #[arg(long, default_value = "768M", value_parser = parse_size)]
     balloon: u64,
     /// Repetitions (medians are reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     reps: usize,
-    /// vCPUs on both VMMs (vCPU 0 drives the balloon, the others verify memory).
+    /// vCPUs on every peer (vCPU 0 drives the balloon, the others verify memory).
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// Fragment the guest's allocator first (as balloon-stress --fragment): inflates get
-    /// scattered frames. With more than one vCPU the verifiers then work on the frames the
-    /// fragmenting kept (`hot=1`), the working set interleaved with the balloon.
+    /// Fragment the guest's allocator first: inflates get scattered frames. With more than
+    /// one vCPU the verifiers then work on the frames the fragmenting kept (`hot=1`), the
+    /// working set interleaved with the balloon.
     #[arg(long)]
     fragment: bool,
-    /// Zap span bound for the "zap spans" row (vmm --zap-span-gap).
-    #[arg(long, default_value_t = guest_mm::gather::DEFAULT_ZAP_SPAN_GAP)]
-    zap_span_gap: u64,
-    /// Wait this long before the inflate and after it, so the guest measures its memory
-    /// throughput before and after over a real period.
+    /// What backs guest RAM on every peer (Firecracker: `huge_pages: "2M"` for hugetlb, no
+    /// shmem-thp; QEMU: a memfd with hugetlb=on, or a file under --memory-path).
+    #[command(flatten)]
+    backing: guest_mm::backing::BackingArgs,
+    /// Wait this long before the inflate, so the guest measures its throughput before it.
     #[arg(long, default_value_t = 1000)]
     settle_ms: u64,
-    /// Leave out QEMU (for hosts without it).
+    /// One more run per peer that counts the host calls (madvise, fallocate) made during the
+    /// inflate under strace (the only count Firecracker allows; strace slows the run, which
+    /// is not timed).
     #[arg(long)]
-    no_qemu: bool,
+    count_calls: bool,
+    /// Firecracker as an earlier comparison ran it: without `cpus=N` on the guest's command
+    /// line, so only its boot vCPU runs whatever --vcpus says (Firecracker starts only the
+    /// boot vCPU at the PVH entry). Not a fair comparison: for reproducing that one.
+    #[arg(long)]
+    firecracker_boot_vcpu_only: bool,
+    /// Also write the runs and the medians as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
 enum Peer {
-    Spans,
-    ByRange,
+    /// This VMM, gather strategy with zap spans (its default).
+    Gather,
+    /// This VMM, merging within one buffer and releasing before the ack (Firecracker's
+    /// batching).
+    PerBuffer,
+    /// This VMM, one host call per page (QEMU's).
     PerPage,
     Qemu,
+    Firecracker,
+    /// One zap and one release of the same bytes as one contiguous range.
+    Floor,
 }
 
 impl Peer {
-    fn name(self, a: &Args) -> String {
+    fn name(self) -> &'static str {
         match self {
-            Peer::Spans => format!("this VMM, zap spans (gap {})", a.zap_span_gap),
-            Peer::ByRange => "this VMM, gather by range".into(),
-            Peer::PerPage => "this VMM, per-page".into(),
-            Peer::Qemu => "QEMU (microvm, virtio-balloon-device)".into(),
+            Peer::Gather => "this VMM, gather (zap spans)",
+            Peer::PerBuffer => "this VMM, per-buffer",
+            Peer::PerPage => "this VMM, per-page",
+            Peer::Qemu => "QEMU (microvm, virtio-balloon-device)",
+            Peer::Firecracker => "Firecracker 1.17.0-dev",
+            Peer::Floor => "floor: one zap + one release",
+        }
+    }
+
+    fn ours(self) -> Option<Strategy> {
+        match self {
+            Peer::Gather => Some(Strategy::Gather),
+            Peer::PerBuffer => Some(Strategy::PerBuffer),
+            Peer::PerPage => Some(Strategy::PerPage),
+            _ => None,
         }
     }
 }
 
+/// What one run measured.
+#[derive(Clone, Debug, Default, Serialize)]
 struct Run {
     launch_s: f64,
-    inflate_s: f64,
+    /// Until the driver's `actual` equalled the target.
+    target_s: f64,
+    /// Until the host memory held had fallen by 99% of its final fall.
+    returned_s: f64,
     returned_bytes: u64,
-    flushes: u64,
+    /// KVM flush requests during the inflate, where the peer reports them.
+    flushes: Option<u64>,
     throughput: Option<Throughput>,
 }
 
-/// Allocated bytes of the largest memfd process `pid` holds open: its guest RAM (ours is
-/// "memfd:guest-ram", QEMU's memory-backend-memfd "memfd:ram").
-fn guest_memfd_bytes(pid: u32) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return 0;
-    };
-    fds.filter_map(Result::ok)
-        .filter(|fd| {
-            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:"))
-        })
-        .filter_map(|fd| std::fs::metadata(fd.path()).ok())
-        .max_by_key(|m| m.size())
-        .map_or(0, |m| m.blocks() * 512)
+/// Host calls counted under strace during one inflate.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+struct Calls {
+    madvise: u64,
+    fallocate: u64,
 }
 
-/// Our VMM's process: its console collected, and a channel that fires when the driver is
-/// ready.
-struct Ours {
-    child: Child,
-    console: Arc<Mutex<String>>,
-}
+const POLL: Duration = Duration::from_millis(5);
+const TIMEOUT: Duration = Duration::from_secs(300);
 
-fn spawn(mut cmd: Command) -> Result<(Ours, mpsc::Receiver<()>)> {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawn")?;
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let console = Arc::new(Mutex::new(String::new()));
-    let sink = console.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if line.contains("balloon: driver ready") {
-                let _ = tx.send(());
-            }
-            let mut c = sink.lock().unwrap();
-            c.push_str(&line);
-            c.push('\n');
-        }
-    });
-    Ok((Ours { child, console }, rx))
-}
-
-fn wait_exit(child: &mut Child) -> Result<i32> {
-    let start = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait()? {
-            return Ok(st.code().unwrap_or(-1));
-        }
-        if start.elapsed() > Duration::from_secs(300) {
-            let _ = child.kill();
-            bail!("guest did not finish");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn poll_until(mut f: impl FnMut() -> Result<bool>) -> Result<f64> {
-    let start = Instant::now();
-    while !f()? {
-        if start.elapsed() > Duration::from_secs(300) {
-            bail!("target not reached in 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(start.elapsed().as_secs_f64())
-}
-
-/// The guest's command line for a peer with `vcpus` vCPUs.
-fn guest_cmdline(a: &Args) -> String {
+/// The guest's command line for the balloon guest.
+fn balloon_cmdline(a: &Args) -> String {
     let mut c = "changes=2".to_string();
     if a.fragment {
         c.push_str(" fragment=1");
@@ -180,203 +179,518 @@ fn guest_cmdline(a: &Args) -> String {
     c
 }
 
-fn settle(a: &Args) {
-    std::thread::sleep(Duration::from_millis(a.settle_ms));
+fn backing(a: &Args) -> Result<Backing> {
+    a.backing.backing().map_err(anyhow::Error::msg)
 }
 
-fn run_ours(a: &Args, peer: Peer, dir: &Path) -> Result<Run> {
-    let (strategy, gap) = match peer {
-        Peer::Spans => ("gather", a.zap_span_gap),
-        Peer::ByRange => ("gather", 0),
-        _ => ("per-page", 0),
+fn strace(pid: u32, out: &Path) -> Result<std::process::Child> {
+    let child = Command::new("strace")
+        .args(["-f", "-qq", "-c", "-e", "trace=madvise,fallocate", "-o"])
+        .arg(out)
+        .args(["-p", &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("cannot start strace (Debian's strace package)")?;
+    // strace attaches to every thread before the inflate starts.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(child)
+}
+
+/// Stops strace and reads its `-c` summary: calls per system call.
+fn strace_calls(mut child: std::process::Child, out: &Path) -> Result<Calls> {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    child.wait()?;
+    let text = std::fs::read_to_string(out)?;
+    let calls = |name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().last() == Some(name))
+            .and_then(|l| {
+                // "% time seconds usecs/call calls [errors] syscall"
+                l.split_whitespace().nth(3)?.parse().ok()
+            })
+            .unwrap_or(0)
     };
-    let sock = dir.join(format!("vmm-{strategy}-{gap}.sock"));
-    let mut cmd = Command::new(&a.vmm);
-    cmd.args([
-        "run",
-        "--guest",
-        "balloon",
-        "--vcpus",
-        &a.vcpus.to_string(),
-        "--memory",
-        &a.memory.to_string(),
-    ])
-    .args([
-        "--reclaim-strategy",
-        strategy,
-        "--zap-span-gap",
-        &gap.to_string(),
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        &guest_cmdline(a),
-    ]);
-    let t0 = Instant::now();
-    let (mut vm, ready) = spawn(cmd)?;
-    ready
-        .recv_timeout(Duration::from_secs(120))
-        .context("driver never ready")?;
-    let launch_s = t0.elapsed().as_secs_f64();
-    let api = vmm::api::ApiClient::new(&sock)?;
-    settle(a);
-    let before = api.reclaim()?;
-    let held_before = guest_memfd_bytes(vm.child.id());
-    api.set_balloon_mib(a.balloon >> 20)?;
-    let inflate_s = poll_until(|| Ok(api.reclaim()?["actual_bytes"] == a.balloon))?;
-    // Let a pending gather window close before measuring what the host got back.
-    std::thread::sleep(Duration::from_millis(50));
-    let after = api.reclaim()?;
-    let held_after = guest_memfd_bytes(vm.child.id());
-    settle(a);
-    api.set_balloon_mib(0)?;
-    let code = wait_exit(&mut vm.child)?;
-    if code != 0 {
-        bail!("guest failed on this VMM ({strategy}): exit {code}");
-    }
-    let f = |v: &serde_json::Value| v["kvm_remote_tlb_flush_requests"].as_u64().unwrap_or(0);
-    let console = vm.console.lock().unwrap().clone();
-    Ok(Run {
-        launch_s,
-        inflate_s,
-        returned_bytes: held_before.saturating_sub(held_after),
-        flushes: f(&after) - f(&before),
-        throughput: throughputs(&console).first().copied(),
+    Ok(Calls {
+        madvise: calls("madvise"),
+        fallocate: calls("fallocate"),
     })
 }
 
-fn run_qemu(a: &Args, dir: &Path) -> Result<Run> {
+/// A peer's running VM, as the measurement needs it.
+trait PeerVm {
+    fn pid(&self) -> u32;
+    /// The host memory its guest holds, measured the same way for every run of this peer.
+    fn host_bytes(&self) -> u64;
+    fn set_target(&mut self, balloon: u64) -> Result<()>;
+    fn reached(&mut self, balloon: u64) -> Result<bool>;
+    /// KVM's `remote_tlb_flush_requests` for the VM, where the peer reports it.
+    fn flush_requests(&mut self) -> Result<Option<u64>>;
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()>;
+    fn console(&self) -> String;
+}
+
+struct Ours(vmm_harness::RunningVm, vmm::api::ApiClient);
+
+impl PeerVm for Ours {
+    fn pid(&self) -> u32 {
+        self.0.pid()
+    }
+    fn host_bytes(&self) -> u64 {
+        host::guest_memfd_bytes(self.pid())
+    }
+    fn set_target(&mut self, balloon: u64) -> Result<()> {
+        Ok(self.1.set_balloon_mib(balloon >> 20)?)
+    }
+    fn reached(&mut self, balloon: u64) -> Result<bool> {
+        Ok(self.1.statistics()?.actual_mib == balloon >> 20)
+    }
+    fn flush_requests(&mut self) -> Result<Option<u64>> {
+        Ok(self.1.reclaim()?.kvm_remote_tlb_flush_requests)
+    }
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        self.0
+            .wait_for(needle, timeout)
+            .map(drop)
+            .map_err(anyhow::Error::msg)
+    }
+    fn console(&self) -> String {
+        self.0
+            .console()
+            .into_iter()
+            .map(|(_, l)| l + "\n")
+            .collect()
+    }
+}
+
+struct Qemu(QemuProcess, Qmp, u64);
+
+impl Qemu {
+    fn execute(&mut self, cmd: &str, args: serde_json::Value) -> Result<serde_json::Value> {
+        let r = self.1.execute(cmd, args);
+        Ok(r.map_err(|e| self.0.qmp_error(e))?)
+    }
+}
+
+impl PeerVm for Qemu {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+    fn host_bytes(&self) -> u64 {
+        host::guest_memfd_bytes(self.pid())
+    }
+    fn set_target(&mut self, balloon: u64) -> Result<()> {
+        // QEMU's `balloon` takes the guest's logical size, not the balloon's.
+        let logical = self.2 - balloon;
+        self.execute("balloon", json!({ "value": logical }))
+            .map(drop)
+    }
+    fn reached(&mut self, balloon: u64) -> Result<bool> {
+        Ok(self.execute("query-balloon", json!({}))?["actual"] == self.2 - balloon)
+    }
+    fn flush_requests(&mut self) -> Result<Option<u64>> {
+        let r = self.execute("query-stats", json!({ "target": "vm" }))?;
+        Ok(Qmp::stat(&r, "remote_tlb_flush_requests"))
+    }
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        Ok(self.0.wait_for_stdout(needle, timeout)?)
+    }
+    fn console(&self) -> String {
+        self.0.stdout()
+    }
+}
+
+struct Firecracker(FirecrackerVm, vmm::api::ApiClient);
+
+impl PeerVm for Firecracker {
+    fn pid(&self) -> u32 {
+        self.0.pid()
+    }
+    fn host_bytes(&self) -> u64 {
+        // Guest RAM is anonymous (or hugetlb) memory: what the process holds resident.
+        host::resident_bytes(self.pid())
+    }
+    fn set_target(&mut self, balloon: u64) -> Result<()> {
+        Ok(self.1.set_balloon_mib(balloon >> 20)?)
+    }
+    fn reached(&mut self, balloon: u64) -> Result<bool> {
+        Ok(self.1.statistics()?.actual_mib == balloon >> 20)
+    }
+    fn flush_requests(&mut self) -> Result<Option<u64>> {
+        // Firecracker reports no KVM statistics: --count-calls counts its host calls instead.
+        Ok(None)
+    }
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        self.0.wait_for(needle, timeout)
+    }
+    fn console(&self) -> String {
+        self.0.console()
+    }
+}
+
+/// The measurement, the same for every peer: settle, set the target, poll until the driver
+/// reached it while sampling the host memory, let the host memory settle, read the counters
+/// and the guest's throughput line.
+fn measure(
+    a: &Args,
+    vm: &mut dyn PeerVm,
+    launch_s: f64,
+    dir: &Path,
+    count: bool,
+) -> Result<(Run, Option<Calls>)> {
+    std::thread::sleep(Duration::from_millis(a.settle_ms));
+    let flushes_before = vm.flush_requests()?;
+    let pid = vm.pid();
+    let before = vm.host_bytes();
+    let mut samples = Vec::new();
+    let trace_out = dir.join("strace.txt");
+    let trace = count.then(|| strace(pid, &trace_out)).transpose()?;
+    let t = Instant::now();
+    vm.set_target(a.balloon)?;
+    while !vm.reached(a.balloon)? {
+        samples.push((t.elapsed().as_secs_f64(), vm.host_bytes()));
+        if t.elapsed() > TIMEOUT {
+            bail!("the target was not reached in {TIMEOUT:?}");
+        }
+        std::thread::sleep(POLL);
+    }
+    let target_s = t.elapsed().as_secs_f64();
+    let (returned_s, returned_bytes) = settle(&*vm, before, &mut samples, t);
+    let calls = trace.map(|c| strace_calls(c, &trace_out)).transpose()?;
+    let flushes_after = vm.flush_requests()?;
+    let want = format!("throughput inflate to {} pages", a.balloon >> 12);
+    let throughput = if a.vcpus > 1 && vm.wait_for(&want, Duration::from_secs(10)).is_ok() {
+        throughputs(&vm.console()).first().copied()
+    } else {
+        None
+    };
+    Ok((
+        Run {
+            launch_s,
+            target_s,
+            returned_s,
+            returned_bytes,
+            flushes: flushes_before
+                .zip(flushes_after)
+                .map(|(b, a)| a.saturating_sub(b)),
+            throughput,
+        },
+        calls,
+    ))
+}
+
+/// After the target is reached: samples the host memory until it has not moved for 200 ms
+/// (at most 5 s); then (seconds until 99% of its fall, bytes fallen).
+fn settle(vm: &dyn PeerVm, before: u64, samples: &mut Vec<(f64, u64)>, t: Instant) -> (f64, u64) {
+    let start = Instant::now();
+    let mut stable_since = Instant::now();
+    let mut last = vm.host_bytes();
+    while stable_since.elapsed() < Duration::from_millis(200)
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(POLL);
+        let v = vm.host_bytes();
+        samples.push((t.elapsed().as_secs_f64(), v));
+        if v != last {
+            stable_since = Instant::now();
+            last = v;
+        }
+    }
+    let fell = before.saturating_sub(last);
+    let mark = before.saturating_sub(fell / 100 * 99);
+    let at = samples
+        .iter()
+        .find(|(_, v)| *v <= mark)
+        .map_or(0.0, |s| s.0);
+    (at, fell)
+}
+
+fn run_ours(a: &Args, strategy: Strategy, dir: &Path, count: bool) -> Result<(Run, Option<Calls>)> {
+    let sock = dir.join(format!("vmm-{strategy}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let t0 = Instant::now();
+    let mut vm = VmmRun::guest(&a.vmm, "balloon")
+        .vcpus(a.vcpus)
+        .memory(a.memory.to_string())
+        .cmdline(balloon_cmdline(a))
+        .reclaim(ReclaimConfig::with_strategy(strategy))
+        .backing(backing(a)?)
+        .api_sock(&sock)
+        .spawn();
+    vm.wait_for("balloon: driver ready", Duration::from_secs(120))
+        .map_err(anyhow::Error::msg)?;
+    let launch_s = t0.elapsed().as_secs_f64();
+    let api = vm.api();
+    measure(a, &mut Ours(vm, api), launch_s, dir, count)
+}
+
+fn run_qemu(a: &Args, dir: &Path, count: bool) -> Result<(Run, Option<Calls>)> {
     let qmp_path = dir.join("qemu.qmp");
     let _ = std::fs::remove_file(&qmp_path);
     let mem = format!("{}M", a.memory >> 20);
     let guest = vmm::guests::resolve("balloon")?;
+    let ram = match backing(a)? {
+        Backing::Memfd => format!("memory-backend-memfd,id=ram,size={mem},share=on"),
+        Backing::Hugetlb => {
+            format!("memory-backend-memfd,id=ram,size={mem},share=on,hugetlb=on,hugetlbsize=2M")
+        }
+        Backing::ShmemThp { dir } => format!(
+            "memory-backend-file,id=ram,size={mem},share=on,mem-path={}/qemu-ram",
+            dir.display()
+        ),
+    };
     let mut cmd = Command::new(&a.qemu);
     cmd.args(qemu::microvm_args(&mem, a.vcpus))
-        .args(["-machine", "memory-backend=ram"])
+        .args(["-machine", "memory-backend=ram", "-object", &ram])
+        .args(["-device", "virtio-balloon-device"])
         .args([
-            "-object",
-            &format!("memory-backend-memfd,id=ram,size={mem},share=on"),
-        ])
-        .args([
-            "-device",
-            "virtio-balloon-device",
             "-qmp",
             &format!("unix:{},server=on,wait=off", qmp_path.display()),
         ])
-        .args(["-kernel", guest.to_str().unwrap()])
-        .args(["-append", &qemu::guest_cmdline(&guest_cmdline(a), a.vcpus)]);
+        .args(["-kernel", guest.to_str().context("guest path")?])
+        .args(["-append", &guest_cmdline(&balloon_cmdline(a), a.vcpus)]);
     let t0 = Instant::now();
     let mut vm = QemuProcess::spawn(cmd)?;
-    let mut qmp = vm.connect_qmp(&qmp_path, Duration::from_secs(30))?;
+    let qmp = vm.connect_qmp(&qmp_path, Duration::from_secs(30))?;
     vm.wait_for_stdout("balloon: driver ready", Duration::from_secs(120))?;
     let launch_s = t0.elapsed().as_secs_f64();
-    let pid = vm.id();
-    // Every QMP failure carries QEMU's exit status and stderr if QEMU is gone.
-    let mut execute =
-        |cmd: &str, args: serde_json::Value| qmp.execute(cmd, args).map_err(|e| vm.qmp_error(e));
-    settle(a);
-    let flushes_before = qemu_flushes(&mut execute)?;
-    let held_before = guest_memfd_bytes(pid);
-    let logical = a.memory - a.balloon;
-    execute("balloon", json!({ "value": logical }))?;
-    let inflate_s = poll_until(|| Ok(execute("query-balloon", json!({}))?["actual"] == logical))?;
-    std::thread::sleep(Duration::from_millis(50));
-    let held_after = guest_memfd_bytes(pid);
-    let flushes_after = qemu_flushes(&mut execute)?;
-    settle(a);
-    execute("balloon", json!({ "value": a.memory }))?;
-    vm.wait_pass(Duration::from_secs(300))
-        .context("the balloon guest on QEMU")?;
-    Ok(Run {
-        launch_s,
-        inflate_s,
-        returned_bytes: held_before.saturating_sub(held_after),
-        flushes: flushes_after - flushes_before,
-        throughput: throughputs(&vm.stdout()).first().copied(),
-    })
+    measure(a, &mut Qemu(vm, qmp, a.memory), launch_s, dir, count)
 }
 
-/// KVM's `remote_tlb_flush_requests` for QEMU's VM, through QMP `query-stats`.
-fn qemu_flushes(
-    execute: &mut impl FnMut(&str, serde_json::Value) -> Result<serde_json::Value, qemu::QemuError>,
-) -> Result<u64> {
-    let r = execute("query-stats", json!({ "target": "vm" }))?;
-    Ok(Qmp::stat(&r, "remote_tlb_flush_requests").unwrap_or(0))
+fn run_firecracker(a: &Args, bin: &Path, dir: &Path, count: bool) -> Result<(Run, Option<Calls>)> {
+    let hugetlb = match backing(a)? {
+        Backing::Memfd => false,
+        Backing::Hugetlb => true,
+        Backing::ShmemThp { .. } => bail!("Firecracker has no shmem-thp guest memory"),
+    };
+    let guest = vmm::guests::resolve("balloon")?;
+    let cmdline = balloon_cmdline(a);
+    let t0 = Instant::now();
+    let mut vm = FirecrackerVm::spawn(
+        bin,
+        &FirecrackerConfig {
+            guest: &guest,
+            cmdline: &cmdline,
+            vcpus: a.vcpus,
+            memory_mib: a.memory >> 20,
+            hugetlb,
+            start_all_vcpus: !a.firecracker_boot_vcpu_only,
+        },
+        dir,
+    )?;
+    vm.wait_for("balloon: driver ready", Duration::from_secs(120))?;
+    let launch_s = t0.elapsed().as_secs_f64();
+    let api = vm.api()?;
+    measure(a, &mut Firecracker(vm, api), launch_s, dir, count)
+}
+
+/// One zap and one release of `--balloon` bytes as one contiguous range: the reclaim probe
+/// in one batch (the batch bound and window at their largest), same vCPUs and backing.
+fn run_floor(a: &Args, dir: &Path) -> Result<(Run, Option<Calls>)> {
+    let report = dir.join("floor.json");
+    let t0 = Instant::now();
+    let done = VmmRun::guest(&a.vmm, "reclaimcheck")
+        .vcpus(a.vcpus)
+        .memory(a.memory.to_string())
+        .cmdline(format!("bytes={} pattern=contiguous", a.balloon))
+        .reclaim(ReclaimConfig {
+            batch_pages: MAX_BATCH_PAGES,
+            batch_window_ms: MAX_BATCH_WINDOW_MS,
+            ..ReclaimConfig::default()
+        })
+        .backing(backing(a)?)
+        .reclaim_probe()
+        .report_json(&report)
+        .run(TIMEOUT);
+    if done.status != Some(0) {
+        bail!("the floor run failed:\n{}", done.all());
+    }
+    let r = done.report();
+    let (Some(probe), Some(batch)) = (r.probes.first(), r.gather.recent_batches.back()) else {
+        bail!("the floor run reported no probe or batch:\n{}", done.all());
+    };
+    let host_calls_s = (batch.zap_us + batch.invalidate_us + batch.release_us) as f64 / 1e6;
+    Ok((
+        Run {
+            launch_s: t0.elapsed().as_secs_f64(),
+            target_s: host_calls_s,
+            returned_s: host_calls_s,
+            returned_bytes: probe
+                .host_bytes_before
+                .saturating_sub(probe.host_bytes_after),
+            flushes: batch.kvm_flush_requests,
+            throughput: None,
+        },
+        Some(Calls {
+            madvise: batch.spans,
+            fallocate: batch.ranges,
+        }),
+    ))
+}
+
+fn run_peer(a: &Args, p: Peer, dir: &Path, count: bool) -> Result<(Run, Option<Calls>)> {
+    if let Some(s) = p.ours() {
+        return run_ours(a, s, dir, count);
+    }
+    match p {
+        Peer::Qemu => run_qemu(a, dir, count),
+        Peer::Firecracker => {
+            let bin = a.firecracker.as_deref().context("no --firecracker")?;
+            run_firecracker(a, bin, dir, count)
+        }
+        _ => run_floor(a, dir),
+    }
+}
+
+#[derive(Serialize)]
+struct Row {
+    peer: Peer,
+    name: &'static str,
+    runs: Vec<Run>,
+    calls: Option<Calls>,
 }
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let mut peers = vec![Peer::Spans, Peer::ByRange, Peer::PerPage];
-    if !a.no_qemu {
-        // QEMU boots a tiny guest first, so a QEMU that cannot start here fails now with its
-        // own message rather than in the middle of the first repetition.
+    let mut peers = a.peers.clone();
+    let mut notes = Vec::new();
+    if peers.contains(&Peer::Firecracker) && a.firecracker.is_none() {
+        peers.retain(|&p| p != Peer::Firecracker);
+        notes.push("Firecracker left out: no --firecracker binary given (docs/BENCHMARKS.md says how to build one)".to_string());
+    }
+    if peers.contains(&Peer::Firecracker) && a.backing.memory_backend == "shmem-thp" {
+        peers.retain(|&p| p != Peer::Firecracker);
+        notes.push("Firecracker left out: it has no shmem-thp guest memory".to_string());
+    }
+    if a.firecracker_boot_vcpu_only && peers.contains(&Peer::Firecracker) {
+        notes.push(format!(
+            "--firecracker-boot-vcpu-only: the Firecracker row ran only its boot vCPU, not {}",
+            a.vcpus
+        ));
+    }
+    if peers.contains(&Peer::Qemu) {
+        // A QEMU that cannot start here fails now with its own message, not mid-run.
         qemu::check_starts(&a.qemu, &vmm::guests::resolve("memtouch")?)?;
-        peers.push(Peer::Qemu);
     }
     let dir = std::env::temp_dir().join(format!("peer-compare-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut runs: Vec<Vec<Run>> = peers.iter().map(|_| Vec::new()).collect();
+    let mut rows: Vec<Row> = peers
+        .iter()
+        .map(|&p| Row {
+            peer: p,
+            name: p.name(),
+            runs: Vec::new(),
+            calls: None,
+        })
+        .collect();
     for rep in 0..a.reps {
-        for (i, &p) in peers.iter().enumerate() {
-            eprintln!("rep {}/{}: {}", rep + 1, a.reps, p.name(&a));
-            let r = match p {
-                Peer::Qemu => run_qemu(&a, &dir)?,
-                _ => run_ours(&a, p, &dir)?,
-            };
-            runs[i].push(r);
+        for row in rows.iter_mut() {
+            eprintln!("rep {}/{}: {}", rep + 1, a.reps, row.name);
+            let (run, calls) = run_peer(&a, row.peer, &dir, false)
+                .with_context(|| format!("{} (rep {})", row.name, rep + 1))?;
+            row.runs.push(run);
+            if row.peer == Peer::Floor {
+                row.calls = calls;
+            }
+        }
+    }
+    if a.count_calls {
+        for row in rows.iter_mut().filter(|r| r.peer != Peer::Floor) {
+            eprintln!("counting host calls: {}", row.name);
+            row.calls = run_peer(&a, row.peer, &dir, true)?.1;
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let gib = a.balloon as f64 / (1u64 << 30) as f64;
-    let med = |i: usize, f: fn(&Run) -> f64| median(runs[i].iter().map(f).collect());
-    let qemu = peers.iter().position(|&p| p == Peer::Qemu);
-    println!(
-        "command: peer-compare --memory {}M --balloon {}M --reps {} --vcpus {}{} --zap-span-gap {} --settle-ms {} (medians)\n",
-        a.memory >> 20,
-        a.balloon >> 20,
-        a.reps,
-        a.vcpus,
-        if a.fragment { " --fragment" } else { "" },
-        a.zap_span_gap,
-        a.settle_ms
-    );
-    println!("| VMM | vCPUs | launch s | inflate s | MiB/s | host MiB returned | KVM flush requests | per GiB | guest throughput kept during inflate | verifier work lost, s | speed vs QEMU | QEMU flushes / these |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (i, p) in peers.iter().enumerate() {
-        let inflate = med(i, |r| r.inflate_s);
-        let flushes = med(i, |r| r.flushes as f64);
-        let kept: Vec<f64> = runs[i]
-            .iter()
-            .filter_map(|r| r.throughput?.retained_during())
-            .collect();
-        // Full-speed verifier seconds the inflate cost: the rate lost times its duration.
-        let lost: Vec<f64> = runs[i]
-            .iter()
-            .filter_map(|r| Some((1.0 - r.throughput?.retained_during()?) * r.inflate_s))
-            .collect();
-        let (kept, lost) = if kept.is_empty() {
-            ("n/a (no verifier vCPU)".to_string(), "n/a".to_string())
-        } else {
-            (
-                format!("{:.0}%", median(kept) * 100.0),
-                format!("{:.2}", median(lost)),
-            )
-        };
-        let vs = |f: &dyn Fn(usize) -> String| qemu.map_or("n/a".into(), f);
-        println!(
-            "| {} | {} | {:.2} | {:.3} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
-            p.name(&a),
-            a.vcpus,
-            med(i, |r| r.launch_s),
-            inflate,
-            a.balloon as f64 / (1u64 << 20) as f64 / inflate,
-            med(i, |r| r.returned_bytes as f64) / (1u64 << 20) as f64,
-            flushes,
-            flushes / gib,
-            kept,
-            lost,
-            vs(&|q| format!("{:.1}x", med(q, |r| r.inflate_s) / inflate)),
-            vs(&|q| format!("{:.0}x", med(q, |r| r.flushes as f64) / flushes.max(1.0))),
-        );
+    print_table(&a, &rows, &notes);
+    if let Some(path) = &a.json {
+        let out = json!({ "command": command_line(&a), "notes": notes, "rows": rows });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())
+}
+
+fn command_line(a: &Args) -> String {
+    std::iter::once("peer-compare".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ")
+        + &format!(
+            " (memory {} MiB, balloon {} MiB, {} reps)",
+            a.memory >> 20,
+            a.balloon >> 20,
+            a.reps
+        )
+}
+
+fn print_table(a: &Args, rows: &[Row], notes: &[String]) {
+    let gib = a.balloon as f64 / (1u64 << 30) as f64;
+    let med = |r: &Row, f: &dyn Fn(&Run) -> f64| median(r.runs.iter().map(f).collect());
+    let range = |r: &Row, f: &dyn Fn(&Run) -> f64| {
+        let v: Vec<f64> = r.runs.iter().map(f).collect();
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+        format!("{:.3} ({lo:.3}–{hi:.3})", median(v))
+    };
+    let fc = rows
+        .iter()
+        .find(|r| r.peer == Peer::Firecracker)
+        .map(|r| med(r, &|x| x.target_s));
+    let floor = rows
+        .iter()
+        .find(|r| r.peer == Peer::Floor)
+        .map(|r| med(r, &|x| x.target_s));
+    println!("command: {}", command_line(a));
+    println!(
+        "{} vCPU(s), {} guest, {} backing; medians of {} interleaved runs (min–max)\n",
+        a.vcpus,
+        if a.fragment { "fragmented" } else { "fresh" },
+        a.backing.memory_backend,
+        a.reps
+    );
+    println!("| VMM | time to target s | host memory back s | host MiB returned | KVM flush requests per GiB | host calls (madvise / fallocate) | guest throughput kept | target time vs Firecracker | vs floor |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let target = med(r, &|x| x.target_s);
+        let flushes: Vec<f64> = r
+            .runs
+            .iter()
+            .filter_map(|x| x.flushes.map(|f| f as f64))
+            .collect();
+        let per_gib = if flushes.is_empty() {
+            "n/a".to_string()
+        } else {
+            format!("{:.0}", median(flushes) / gib)
+        };
+        let kept: Vec<f64> = r
+            .runs
+            .iter()
+            .filter_map(|x| x.throughput?.retained_during())
+            .collect();
+        let kept = if kept.is_empty() {
+            "n/a".to_string()
+        } else {
+            format!("{:.0}%", median(kept) * 100.0)
+        };
+        let calls = r
+            .calls
+            .map_or("n/a".into(), |c| format!("{} / {}", c.madvise, c.fallocate));
+        let vs = |base: Option<f64>| base.map_or("n/a".into(), |b| format!("{:.2}x", target / b));
+        println!(
+            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            r.name,
+            range(r, &|x| x.target_s),
+            range(r, &|x| x.returned_s),
+            med(r, &|x| x.returned_bytes as f64) / (1u64 << 20) as f64,
+            per_gib,
+            calls,
+            kept,
+            vs(fc),
+            vs(floor),
+        );
+    }
+    for n in notes {
+        println!("\nnote: {n}");
+    }
 }

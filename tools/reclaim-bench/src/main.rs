@@ -7,10 +7,12 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Command;
+use guest_mm::{ReclaimConfig, Strategy};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vmm::devices::reclaim_probe::ProbeReport;
 use vmm::report::median;
+use vmm_harness::VmmRun;
 
 /// Measure per-page, per-buffer and gather reclaim on KVM with the reclaimcheck guest.
 #[derive(Parser)]
@@ -33,56 +35,56 @@ struct Args {
     vcpus: u32,
 }
 
-const STRATEGIES: [&str; 3] = ["per-page", "per-buffer", "gather"];
+const STRATEGIES: [Strategy; 3] = [Strategy::PerPage, Strategy::PerBuffer, Strategy::Gather];
 const PATTERNS: [&str; 2] = ["contiguous", "scattered"];
 
-fn run_once(a: &Args, strategy: &str, pattern: &str) -> Result<HashMap<String, f64>> {
-    let out = Command::new(&a.vmm)
-        .args([
-            "run",
-            "--guest",
-            "reclaimcheck",
-            "--vcpus",
-            &a.vcpus.to_string(),
-            "--memory",
-            &a.memory,
-        ])
-        .args([
-            "--reclaim-strategy",
-            strategy,
-            "--cmdline",
-            &format!("bytes={} pattern={pattern}", a.bytes),
-            "--reclaim-probe",
-        ])
-        .output()
-        .with_context(|| format!("cannot run {}", a.vmm.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() || !stdout.contains("reclaimcheck: PASS") {
-        bail!("run failed ({strategy}, {pattern}):\n{stdout}\n{stderr}");
+/// How long one run may take before it is killed and the bench fails.
+const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One boot of the reclaimcheck guest; what its reclaim probe measured (the run's report).
+fn run_once(a: &Args, report: &Path, strategy: Strategy, pattern: &str) -> Result<ProbeReport> {
+    let f = VmmRun::guest(&a.vmm, "reclaimcheck")
+        .vcpus(a.vcpus)
+        .memory(a.memory.as_str())
+        .reclaim(ReclaimConfig::with_strategy(strategy))
+        .cmdline(format!("bytes={} pattern={pattern}", a.bytes))
+        .reclaim_probe()
+        .report_json(report)
+        .run(RUN_TIMEOUT);
+    if f.status != Some(0) || f.find("reclaimcheck: PASS").is_none() {
+        bail!("run failed ({strategy}, {pattern}):\n{}", f.all());
     }
-    let line =
-        vmm::devices::reclaim_probe::parse_report_line(&stderr).context("no reclaim-probe line")?;
-    Ok(line
-        .into_iter()
-        .filter_map(|(k, v)| v.parse::<f64>().ok().map(|v| (k, v)))
-        .collect())
+    f.report
+        .and_then(|r| r.probes.into_iter().next())
+        .with_context(|| format!("no reclaim probe in the run's report ({strategy}, {pattern})"))
 }
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let mut results: HashMap<(&str, &str), Vec<HashMap<String, f64>>> = HashMap::new();
-    for rep in 0..a.reps {
+    if !a.vmm.is_file() {
+        bail!("cannot run {}: no such file", a.vmm.display());
+    }
+    let dir = std::env::temp_dir().join(format!("reclaim-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let report = dir.join("report.json");
+    let mut results: Vec<(&str, Strategy, ProbeReport)> = Vec::new();
+    let mut all_ran = Ok(());
+    'runs: for rep in 0..a.reps {
         for pattern in PATTERNS {
             for strategy in STRATEGIES {
                 eprintln!("run {}/{}: {pattern} {strategy}", rep + 1, a.reps);
-                results
-                    .entry((pattern, strategy))
-                    .or_default()
-                    .push(run_once(&a, strategy, pattern)?);
+                match run_once(&a, &report, strategy, pattern) {
+                    Ok(p) => results.push((pattern, strategy, p)),
+                    Err(e) => {
+                        all_ran = Err(e);
+                        break 'runs;
+                    }
+                }
             }
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
+    all_ran?;
     println!(
         "command: reclaim-bench --reps {} --memory {} --bytes {} --vcpus {}\n",
         a.reps, a.memory, a.bytes, a.vcpus
@@ -90,18 +92,29 @@ fn main() -> Result<()> {
     println!("| pattern | strategy | pages | ranges | host calls | KVM flush requests | flushes per GiB | reclaim ms (median) | MiB/s | speed-up vs per-page |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for pattern in PATTERNS {
-        let med = |s: &str, k: &str| median(results[&(pattern, s)].iter().map(|m| m[k]).collect());
-        let base = med("per-page", "elapsed_us");
+        let med = |s: Strategy, k: fn(&ProbeReport) -> f64| {
+            median(
+                results
+                    .iter()
+                    .filter(|(p, st, _)| *p == pattern && *st == s)
+                    .map(|(_, _, r)| k(r))
+                    .collect(),
+            )
+        };
+        let elapsed_us = |p: &ProbeReport| p.elapsed_us as f64;
+        // NaN where KVM does not count its flushes.
+        let flushes = |p: &ProbeReport| p.kvm_flush_requests.map_or(f64::NAN, |f| f as f64);
+        let base = med(Strategy::PerPage, elapsed_us);
         for s in STRATEGIES {
-            let pages = med(s, "pages");
-            let us = med(s, "elapsed_us");
+            let pages = med(s, |p| p.pages as f64);
+            let us = med(s, elapsed_us);
             let gib = pages * 4096.0 / (1u64 << 30) as f64;
             println!(
                 "| {pattern} | {s} | {pages:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {:.1}x |",
-                med(s, "ranges"),
-                med(s, "host_calls"),
-                med(s, "kvm_flush_requests"),
-                med(s, "kvm_flush_requests") / gib,
+                med(s, |p| p.ranges as f64),
+                med(s, |p| p.host_calls as f64),
+                med(s, flushes),
+                med(s, flushes) / gib,
                 us / 1000.0,
                 pages * 4096.0 / (1 << 20) as f64 / (us / 1e6),
                 base / us

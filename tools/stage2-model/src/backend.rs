@@ -10,7 +10,7 @@
 
 use crate::machine::{Machine, Op, Order};
 use guest_mm::backend::BLOCK_FRAMES;
-use guest_mm::{BackendError, GfnRange, Granule, Stage2Backend, ZapSpan};
+use guest_mm::{BackendError, Capabilities, GfnRange, Granule, Stage2Backend, ZapSpan};
 use shuttle::sync::{Condvar, Mutex, MutexGuard};
 use std::sync::Arc;
 
@@ -86,17 +86,13 @@ impl ModelBackend {
 }
 
 impl Stage2Backend for ModelBackend {
-    fn name(&self) -> &'static str {
-        "stage2-model"
-    }
-
-    fn granule(&self) -> Granule {
-        self.granule
-    }
-
-    fn zap_keeps_contents(&self) -> bool {
-        // Like madvise(MADV_DONTNEED) on a shared memfd: bridged frames keep frame and rmap.
-        true
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "stage2-model",
+            granule: self.granule,
+            // Like madvise(MADV_DONTNEED) on a shared memfd: bridged frames keep frame and rmap.
+            zap_keeps_contents: true,
+        }
     }
 
     fn zap(&self, span: &ZapSpan) -> Result<(), BackendError> {

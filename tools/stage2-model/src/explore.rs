@@ -11,7 +11,8 @@
 use crate::backend::{self, ModelBackend, Shared};
 use crate::bounded::PreemptionBounded;
 use crate::machine::{Counters, Machine, MachineConfig, Op, Order};
-use guest_mm::{GatherConfig, Layout, Readers, Stage2Gather, Stage2Map, Strategy, PAGE_SIZE};
+use guest_mm::reclaim::config::DEFAULT_ZAP_SPAN_GAP;
+use guest_mm::{Layout, Readers, ReclaimConfig, Stage2Gather, Stage2Map, Strategy, PAGE_SIZE};
 use rand::RngCore;
 use shuttle::scheduler::{PctScheduler, RandomScheduler};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -67,7 +68,7 @@ impl Scenario {
             tlb_ways: 2,
             strategy: Strategy::Gather,
             max_batch_pages: 16,
-            zap_span_gap: guest_mm::gather::DEFAULT_ZAP_SPAN_GAP,
+            zap_span_gap: DEFAULT_ZAP_SPAN_GAP,
             blocks: false,
             order,
             writeback_rounds: 1,
@@ -110,7 +111,7 @@ impl Scenario {
             tlb_ways: 4,
             strategy: Strategy::Gather,
             max_batch_pages: 24,
-            zap_span_gap: guest_mm::gather::DEFAULT_ZAP_SPAN_GAP,
+            zap_span_gap: DEFAULT_ZAP_SPAN_GAP,
             blocks: false,
             order,
             writeback_rounds: 2,
@@ -233,11 +234,11 @@ pub fn execution(s: &Scenario) -> Counters {
     let shared = Shared::new(machine);
     let script = script(s);
     let layout = Layout::new(s.frames * PAGE_SIZE).expect("scenario frames");
-    let mut gather = Stage2Gather::new(
-        GatherConfig {
-            max_batch_pages: s.max_batch_pages,
+    let gather = Stage2Gather::new(
+        ReclaimConfig {
+            batch_pages: s.max_batch_pages,
             zap_span_gap: s.zap_span_gap,
-            ..GatherConfig::new(s.strategy)
+            ..ReclaimConfig::with_strategy(s.strategy)
         },
         Arc::new(Stage2Map::new(layout)),
         Arc::new(ModelBackend::with_granule(
@@ -251,7 +252,8 @@ pub fn execution(s: &Scenario) -> Counters {
         // The VMM's own references are not modelled (guest-mm's grace tests cover them):
         // no readers, so the grace period returns at once.
         Readers::new(),
-    );
+    )
+    .expect("a valid configuration");
     let vcpus: Vec<_> = script
         .vcpu_ops
         .into_iter()

@@ -22,8 +22,8 @@
 
 use crate::explore::XorShift;
 use guest_mm::{
-    BackendError, GatherConfig, GfnRange, Layout, Readers, Stage2Backend, Stage2Gather, Stage2Map,
-    Strategy, ZapSpan, PAGE_SIZE,
+    BackendError, Capabilities, GfnRange, Layout, Readers, ReclaimConfig, Stage2Backend,
+    Stage2Gather, Stage2Map, Strategy, ZapSpan, PAGE_SIZE,
 };
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,12 +88,13 @@ struct Counting {
 }
 
 impl Stage2Backend for Counting {
-    fn name(&self) -> &'static str {
-        "counting"
-    }
-    fn zap_keeps_contents(&self) -> bool {
-        // It stands for KVM on a shared memfd.
-        true
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "counting",
+            granule: guest_mm::Granule::Page,
+            // It stands for KVM on a shared memfd.
+            zap_keeps_contents: true,
+        }
     }
     fn zap(&self, s: &ZapSpan) -> Result<(), BackendError> {
         self.zaps.fetch_add(1, Ordering::Relaxed);
@@ -132,15 +133,16 @@ const BUFFER: usize = 256;
 pub fn gather(memory: u64, strategy: Strategy, zap_span_gap: u64, pattern: Pattern) -> Gathered {
     let layout = Layout::new(memory).expect("memory size");
     let backend = Arc::new(Counting::default());
-    let mut g = Stage2Gather::new(
-        GatherConfig {
+    let g = Stage2Gather::new(
+        ReclaimConfig {
             zap_span_gap,
-            ..GatherConfig::new(strategy)
+            ..ReclaimConfig::with_strategy(strategy)
         },
         Arc::new(Stage2Map::new(layout.clone())),
         backend.clone(),
         Readers::new(),
-    );
+    )
+    .expect("a valid configuration");
     let want = memory / PAGE_SIZE / 4;
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     let mut next = move |n: u64| 1 + rng.below(n);

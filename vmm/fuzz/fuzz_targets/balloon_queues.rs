@@ -24,10 +24,10 @@ fuzz_target!(|data: &[u8]| {
             t.mm.ram
                 .memory()
                 .write_slice(&chunk[chunk.len().min(2)..], GuestAddress(where_ + off));
-        t.t.process_queue(q as usize);
-        let _ = t.mm.gather.lock().unwrap().poll();
+        t.process(q as usize);
+        let _ = t.mm.gather.poll();
         t.check();
     }
-    t.mm.gather.lock().unwrap().flush();
+    t.mm.gather.flush();
     t.check();
 });

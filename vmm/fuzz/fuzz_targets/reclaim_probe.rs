@@ -24,7 +24,7 @@ fn submit(t: &mut Target, q: u64, bytes: &[u8], idx: &mut [u16; 2]) {
     let _ = mem.write_obj(0u16, GuestAddress(base + 0x1004 + slot as u64 * 2));
     idx[q as usize] = idx[q as usize].wrapping_add(1);
     let _ = mem.write_obj(idx[q as usize], GuestAddress(base + 0x1002));
-    t.t.process_queue(q as usize);
+    t.process(q as usize);
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -74,9 +74,9 @@ fuzz_target!(|data: &[u8]| {
                 t.probe(gpa as u64);
             }
         }
-        let _ = t.mm.gather.lock().unwrap().poll();
+        let _ = t.mm.gather.poll();
         t.check();
     }
-    t.mm.gather.lock().unwrap().flush();
+    t.mm.gather.flush();
     t.check();
 });

@@ -15,13 +15,13 @@ fuzz_target!(|data: &[u8]| {
         match op[0] % 5 {
             0 | 1 => {
                 let bytes = (val as u64).to_le_bytes();
-                let _ = t.t.write(off, &bytes[..width]);
+                t.write(off, &bytes[..width]);
             }
             2 => {
                 let mut b = [0u8; 8];
                 t.t.read(off, &mut b[..width]);
             }
-            3 => t.t.process_queue((val % 6) as usize),
+            3 => t.process((val % 6) as usize),
             _ => {
                 // Guest memory write anywhere in RAM (rings, buffers, PFN lists).
                 let gpa = (val as u64 * 4) % RAM;
@@ -31,9 +31,9 @@ fuzz_target!(|data: &[u8]| {
                 );
             }
         }
-        let _ = t.mm.gather.lock().unwrap().poll();
+        let _ = t.mm.gather.poll();
         t.check();
     }
-    t.mm.gather.lock().unwrap().flush();
+    t.mm.gather.flush();
     t.check();
 });

@@ -5,10 +5,10 @@
 //! ownership invariants of `vmm::devices::balloon::ownership` checked between steps.
 
 use guest_mm::layout::PAGE_SIZE;
-use guest_mm::{GatherConfig, GuestRam, Strategy};
+use guest_mm::{GuestRam, ReclaimConfig, Strategy};
 use std::sync::Arc;
-use vmm::devices::balloon::{ownership, Balloon};
-use vmm::devices::virtio::{Interrupt, MmioTransport};
+use vmm::devices::balloon::{self, ownership, Balloon};
+use vmm::devices::virtio::{reg, status, Interrupt, MmioTransport};
 use vmm::memory::MemoryManager;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -34,10 +34,10 @@ pub struct Target {
 impl Target {
     pub fn new(strategy: Strategy) -> Self {
         let ram = Arc::new(GuestRam::new(RAM).unwrap());
-        let mm = Arc::new(MemoryManager::checked(
-            ram.clone(),
-            GatherConfig::new(strategy),
-        ));
+        let mm = Arc::new(
+            MemoryManager::checked(ram.clone(), ReclaimConfig::with_strategy(strategy))
+                .expect("a valid configuration"),
+        );
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let t = MmioTransport::new(
             Balloon::new(mm.clone(), irq.clone()),
@@ -52,29 +52,52 @@ impl Target {
     }
 
     fn reg(&mut self, off: u64, v: u32) {
-        let _ = self.t.write(off, &v.to_le_bytes());
+        self.write(off, &v.to_le_bytes());
+    }
+
+    /// A register write as the VMM handles it on a vCPU thread: notifications served at
+    /// once, free page reports as the event loop serves them.
+    pub fn write(&mut self, off: u64, data: &[u8]) {
+        let effect = self.t.write(off, data);
+        if balloon::serve_inline(&mut self.t, effect) {
+            balloon::serve_reports_exclusive(&mut self.t);
+        }
+    }
+
+    /// Processes queue `q` as a notification of it would.
+    pub fn process(&mut self, q: usize) {
+        self.write(reg::QUEUE_NOTIFY, &(q as u32).to_le_bytes());
     }
 
     /// Drives a correct driver initialisation: every feature the device offers and four
     /// queues at RINGS, then DRIVER_OK.
     pub fn activate(&mut self) {
-        self.reg(0x70, 3);
-        self.reg(0x24, 0);
-        self.reg(0x20, 0x26);
-        self.reg(0x24, 1);
-        self.reg(0x20, 1);
-        self.reg(0x70, 11);
+        use status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
+        let features = vmm::devices::virtio::VIRTIO_F_VERSION_1
+            | balloon::F_STATS_VQ
+            | balloon::F_DEFLATE_ON_OOM
+            | balloon::F_FREE_PAGE_REPORTING;
+        self.reg(reg::STATUS, ACKNOWLEDGE | DRIVER);
+        self.reg(reg::DRIVER_FEATURES_SEL, 0);
+        self.reg(reg::DRIVER_FEATURES, features as u32);
+        self.reg(reg::DRIVER_FEATURES_SEL, 1);
+        self.reg(reg::DRIVER_FEATURES, (features >> 32) as u32);
+        self.reg(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
         for q in 0..4u64 {
             let base = RINGS + q * 0x3000;
-            self.reg(0x30, q as u32);
-            self.reg(0x38, QSIZE);
-            for (o, a) in [(0x80, base), (0x90, base + 0x1000), (0xa0, base + 0x2000)] {
+            self.reg(reg::QUEUE_SEL, q as u32);
+            self.reg(reg::QUEUE_NUM, QSIZE);
+            for (o, a) in [
+                (reg::QUEUE_DESC_LOW, base),
+                (reg::QUEUE_AVAIL_LOW, base + 0x1000),
+                (reg::QUEUE_USED_LOW, base + 0x2000),
+            ] {
                 self.reg(o, a as u32);
                 self.reg(o + 4, 0);
             }
-            self.reg(0x44, 1);
+            self.reg(reg::QUEUE_READY, 1);
         }
-        self.reg(0x70, 15);
+        self.reg(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
         assert!(self.t.is_active());
     }
 

@@ -22,6 +22,11 @@ pub enum ApiError {
         status: u16,
         fault: String,
     },
+    #[error("{resource} answered JSON this client cannot read: {err}")]
+    Decode {
+        resource: String,
+        err: serde_json::Error,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -144,9 +149,28 @@ impl ApiClient {
             .map(drop)
     }
 
+    /// `GET resource`, read as `T`.
+    pub fn get_as<T: serde::de::DeserializeOwned>(&self, resource: &str) -> Result<T, ApiError> {
+        serde_json::from_value(self.get(resource)?).map_err(|err| ApiError::Decode {
+            resource: resource.to_string(),
+            err,
+        })
+    }
+
     /// Everything this VMM reports about reclaim (`GET /vm/reclaim`): the balloon, the
     /// device's and the gather's counters, KVM's flush counters, host bytes held.
-    pub fn reclaim(&self) -> Result<Value, ApiError> {
-        self.get("/vm/reclaim")
+    pub fn reclaim(&self) -> Result<crate::report::BalloonReport, ApiError> {
+        self.get_as("/vm/reclaim")
+    }
+
+    /// The balloon's target, actual size and the driver's statistics
+    /// (`GET /balloon/statistics`).
+    pub fn statistics(&self) -> Result<crate::devices::balloon::BalloonStatistics, ApiError> {
+        self.get_as("/balloon/statistics")
+    }
+
+    /// The reclaim settings (`GET /vm/reclaim/config`).
+    pub fn reclaim_config(&self) -> Result<guest_mm::ReclaimConfig, ApiError> {
+        self.get_as("/vm/reclaim/config")
     }
 }

@@ -9,7 +9,7 @@
 //! - `client`: the one client that `vmm balloon`, the tools and the tests use.
 
 pub mod client;
-mod routes;
+pub mod routes;
 mod server;
 
 pub use client::{ApiClient, ApiError};

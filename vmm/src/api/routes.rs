@@ -2,25 +2,19 @@
 //! async runtime because it takes the device and gather locks. Every value from the client is
 //! validated and every refusal says why in `{"fault_message": "..."}`, as Firecracker does.
 
-use crate::devices::balloon::BalloonDevice;
+use crate::devices::balloon::{BalloonDevice, BalloonStatistics};
 use crate::memory::MemoryManager;
 use crate::report::BalloonReport;
 use guest_mm::layout::PAGE_SIZE;
-use guest_mm::{GatherConfig, Strategy};
 use hyper::Method;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::sync::Arc;
-use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 /// Longest statistics polling interval accepted (Firecracker takes any u16).
 const MAX_POLL_INTERVAL_S: u64 = u16::MAX as u64;
-/// Largest gather batch accepted through the API, in frames (4 GiB).
-const MAX_BATCH_PAGES: u64 = 1 << 20;
-/// Longest gather window accepted through the API.
-const MAX_WINDOW_MS: u64 = 60_000;
 
 /// What the endpoints act on.
 pub struct ApiState {
@@ -34,7 +28,29 @@ pub struct Reply {
     pub body: Option<Value>,
 }
 
+/// `GET /`: what the VM says of itself (Firecracker's shape).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub id: String,
+    pub state: String,
+    pub vmm_version: String,
+    pub app_name: String,
+}
+
+/// `GET /balloon`: the balloon's configuration (Firecracker's shape).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    pub amount_mib: u64,
+    pub deflate_on_oom: bool,
+    pub stats_polling_interval_s: u64,
+}
+
 impl Reply {
+    fn typed(body: &impl Serialize) -> Self {
+        Self::ok(serde_json::to_value(body).unwrap_or(Value::Null))
+    }
+
     fn ok(body: Value) -> Self {
         Self {
             status: 200,
@@ -68,13 +84,13 @@ const RESOURCES: &[(&str, &str)] = &[
 
 pub fn route(s: &ApiState, method: &Method, path: &str, body: &[u8]) -> Reply {
     match (method, path) {
-        (&Method::GET, "/") => Reply::ok(json!({
-            "id": "vmm",
-            "state": "Running",
-            "vmm_version": env!("CARGO_PKG_VERSION"),
-            "app_name": "stage2-vmm",
-        })),
-        (&Method::GET, "/balloon") => Reply::ok(s.balloon_config()),
+        (&Method::GET, "/") => Reply::typed(&VmInfo {
+            id: "vmm".into(),
+            state: "Running".into(),
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+            app_name: "stage2-vmm".into(),
+        }),
+        (&Method::GET, "/balloon") => Reply::typed(&s.balloon_config()),
         (&Method::PATCH, "/balloon") => parse(body).map_or_else(|r| r, |b| s.set_amount(b)),
         (&Method::GET, "/balloon/statistics") => s.statistics(),
         (&Method::PATCH, "/balloon/statistics") => {
@@ -85,10 +101,10 @@ pub fn route(s: &ApiState, method: &Method, path: &str, body: &[u8]) -> Reply {
                 .unwrap_or(Value::Null),
         ),
         (&Method::GET, "/vm/reclaim/config") => {
-            Reply::ok(reclaim_config(s.memory.gather.lock().unwrap().config()))
+            Reply::ok(serde_json::to_value(s.memory.gather.config()).unwrap_or(Value::Null))
         }
         (&Method::PATCH, "/vm/reclaim/config") => {
-            parse(body).map_or_else(|r| r, |b| s.set_reclaim_config(b))
+            parse(body).map_or_else(|r| r, |b| s.patch_reclaim_config(b))
         }
         _ => match RESOURCES.iter().find(|(p, _)| *p == path) {
             Some((_, allowed)) => Reply::fault(
@@ -127,37 +143,19 @@ struct StatsUpdate {
     stats_polling_interval_s: u64,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReclaimConfigUpdate {
-    strategy: Option<String>,
-    batch_pages: Option<u64>,
-    batch_window_ms: Option<u64>,
-    zap_span_gap: Option<u64>,
-}
-
-fn reclaim_config(c: &GatherConfig) -> Value {
-    json!({
-        "strategy": c.strategy,
-        "batch_pages": c.max_batch_pages,
-        "batch_window_ms": c.window.as_millis() as u64,
-        "zap_span_gap": c.zap_span_gap,
-    })
-}
-
 impl ApiState {
     fn ram_bytes(&self) -> u64 {
         self.memory.ram.layout().total_bytes()
     }
 
-    fn balloon_config(&self) -> Value {
+    fn balloon_config(&self) -> BalloonConfig {
         let t = self.balloon.transport.lock().unwrap();
-        json!({
-            "amount_mib": t.device().num_pages() as u64 * PAGE_SIZE / MIB,
+        BalloonConfig {
+            amount_mib: t.device().num_pages() as u64 * PAGE_SIZE / MIB,
             // The device offers VIRTIO_BALLOON_F_DEFLATE_ON_OOM to every driver.
-            "deflate_on_oom": true,
-            "stats_polling_interval_s": self.balloon.stats_interval_s(),
-        })
+            deflate_on_oom: true,
+            stats_polling_interval_s: self.balloon.stats_interval_s(),
+        }
     }
 
     fn set_amount(&self, b: BalloonUpdate) -> Reply {
@@ -188,21 +186,14 @@ impl ApiState {
         let t = self.balloon.transport.lock().unwrap();
         let b = t.device();
         let (target, actual) = (b.num_pages() as u64, b.actual() as u64);
-        let mut v = json!({
-            "target_pages": target,
-            "actual_pages": actual,
-            "target_mib": target * PAGE_SIZE / MIB,
-            "actual_mib": actual * PAGE_SIZE / MIB,
-        });
-        // The guest's statistics, under Firecracker's names, where the driver sent them.
-        if let Value::Object(stats) = serde_json::to_value(&b.guest_stats).unwrap_or_default() {
-            for (k, val) in stats {
-                if !val.is_null() && k != "unknown_tags" && k != "updates" {
-                    v[k] = val;
-                }
-            }
-        }
-        Reply::ok(v)
+        let reply = BalloonStatistics {
+            target_pages: target,
+            actual_pages: actual,
+            target_mib: target * PAGE_SIZE / MIB,
+            actual_mib: actual * PAGE_SIZE / MIB,
+            values: b.guest_stats.values.clone(),
+        };
+        Reply::typed(&reply)
     }
 
     fn set_polling(&self, u: StatsUpdate) -> Reply {
@@ -220,39 +211,16 @@ impl ApiState {
         Reply::no_content()
     }
 
-    fn set_reclaim_config(&self, u: ReclaimConfigUpdate) -> Reply {
-        let mut g = self.memory.gather.lock().unwrap();
-        let mut c = *g.config();
-        if let Some(s) = u.strategy {
-            match s.parse::<Strategy>() {
-                Ok(s) => c.strategy = s,
-                Err(e) => return Reply::fault(400, e),
+    /// Changes the reclaim settings the body names (`ReclaimConfig`'s fields; one
+    /// validation, as on the command line). The pending batch keeps going; the next batch
+    /// uses the new settings.
+    fn patch_reclaim_config(&self, changes: serde_json::Map<String, Value>) -> Reply {
+        match self.memory.gather.patch_config(&changes) {
+            Ok(c) => {
+                tracing::info!("api: reclaim config {c:?}");
+                Reply::no_content()
             }
+            Err(e) => Reply::fault(400, e.to_string()),
         }
-        if let Some(p) = u.batch_pages {
-            if !(1..=MAX_BATCH_PAGES).contains(&p) {
-                return Reply::fault(
-                    400,
-                    format!("batch_pages {p} is not within 1..={MAX_BATCH_PAGES}"),
-                );
-            }
-            c.max_batch_pages = p;
-        }
-        if let Some(ms) = u.batch_window_ms {
-            if ms > MAX_WINDOW_MS {
-                return Reply::fault(
-                    400,
-                    format!("batch_window_ms {ms} is above {MAX_WINDOW_MS}"),
-                );
-            }
-            c.window = Duration::from_millis(ms);
-        }
-        if let Some(gap) = u.zap_span_gap {
-            c.zap_span_gap = gap;
-        }
-        // The pending batch keeps going; the next flush uses the new settings.
-        g.set_config(c);
-        tracing::info!("api: reclaim config {}", reclaim_config(&c));
-        Reply::no_content()
     }
 }

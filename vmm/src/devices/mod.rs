@@ -35,6 +35,8 @@ pub struct PortIo {
     serial: Mutex<SerialPort>,
     /// Whether the reclaim probe (a test device) answers on its port.
     reclaim_probe: bool,
+    /// What each probe measured, for the run's report.
+    probe_reports: Mutex<Vec<reclaim_probe::ProbeReport>>,
     unclaimed_seen: Mutex<HashSet<u16>>,
 }
 
@@ -43,8 +45,19 @@ impl PortIo {
         Self {
             serial: Mutex::new(serial),
             reclaim_probe,
+            probe_reports: Mutex::new(Vec::new()),
             unclaimed_seen: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Keeps what a probe measured for the run's report.
+    pub fn record_probe(&self, report: reclaim_probe::ProbeReport) {
+        self.probe_reports.lock().unwrap().push(report);
+    }
+
+    /// What the probes measured, in order.
+    pub fn probe_reports(&self) -> Vec<reclaim_probe::ProbeReport> {
+        self.probe_reports.lock().unwrap().clone()
     }
 
     pub fn write(&self, port: u16, data: &[u8]) -> IoAction {

@@ -21,6 +21,7 @@ use crate::memory::MemoryManager;
 use abi::probe::{self, Mailbox};
 use guest_mm::layout::{Layout, PAGE_SIZE};
 use guest_mm::{Gfn, GfnRange};
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use thiserror::Error;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
@@ -117,12 +118,69 @@ fn validate(mb: &Mailbox, layout: &Layout) -> Result<Request, ProbeError> {
 }
 
 /// What one probe did.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct ProbeOutcome {
     /// Frames reclaimed and given back (sorted), as listed to the guest.
     pub reclaimed: Vec<Gfn>,
     /// Frames the gather refused.
     pub invalid: u64,
+    pub report: ProbeReport,
+}
+
+/// What one probe measured: printed as the `reclaim-probe:` line and kept in the run's
+/// report (`BalloonReport::probes`) for tools and tests.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    pub strategy: String,
+    pub region_gfn: u64,
+    /// Frames reclaimed (and given back).
+    pub pages: u64,
+    pub ranges: u64,
+    pub host_calls: u64,
+    pub zap_calls: u64,
+    pub bridged: u64,
+    /// KVM flush requests over the whole probe (zaps and releases).
+    pub kvm_flush_requests: Option<u64>,
+    /// KVM flush requests during the zap calls alone.
+    pub zap_flush_requests: u64,
+    /// Each vCPU's TLB flushes after the zaps (empty where KVM does not report them).
+    pub vcpu_tlb_flushes: Vec<u64>,
+    pub host_bytes_before: u64,
+    pub host_bytes_after: u64,
+    /// Frames the gather refused (not listed, not given back).
+    pub invalid: u64,
+    pub elapsed_us: u64,
+}
+
+impl std::fmt::Display for ProbeReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tlb = if self.vcpu_tlb_flushes.is_empty() {
+            "unavailable".to_string()
+        } else {
+            let v: Vec<String> = self.vcpu_tlb_flushes.iter().map(u64::to_string).collect();
+            v.join(",")
+        };
+        write!(
+            f,
+            "reclaim-probe: strategy={} region_gfn={:#x} pages={} ranges={} host_calls={} zap_calls={} \
+             bridged={} kvm_flush_requests={} zap_flush_requests={} vcpu_tlb_flushes={tlb} host_bytes_before={} host_bytes_after={} \
+             freed={} invalid={} elapsed_us={}",
+            self.strategy,
+            self.region_gfn,
+            self.pages,
+            self.ranges,
+            self.host_calls,
+            self.zap_calls,
+            self.bridged,
+            self.kvm_flush_requests.map_or("unavailable".into(), |f| f.to_string()),
+            self.zap_flush_requests,
+            self.host_bytes_before,
+            self.host_bytes_after,
+            self.host_bytes_before.saturating_sub(self.host_bytes_after),
+            self.invalid,
+            self.elapsed_us
+        )
+    }
 }
 
 /// Handles a write of `mailbox_gpa` to the probe port. `None` when the mailbox itself is
@@ -182,7 +240,7 @@ fn reclaim(mm: &MemoryManager, req: &Request) -> ProbeOutcome {
         .chunks(BUFFER_PFNS)
         .map(|c| c.iter().rev().copied().collect())
         .collect();
-    let mut gather = mm.gather.lock().unwrap();
+    let gather = &mm.gather;
     let strategy = gather.config().strategy;
     let before_bytes = mm.ram.host_bytes_held().unwrap_or(0);
     let before_flushes = mm.flush_requests();
@@ -193,38 +251,31 @@ fn reclaim(mm: &MemoryManager, req: &Request) -> ProbeOutcome {
     let flushes = before_flushes
         .zip(mm.flush_requests())
         .map(|(b, a)| a.saturating_sub(b));
-    drop(gather);
     let sum = |f: fn(&guest_mm::BatchReport) -> u64| out.flushed.iter().map(f).sum::<u64>();
-    let (ranges, spans, bridged) = (sum(|b| b.ranges), sum(|b| b.spans), sum(|b| b.bridged));
-    let host_calls = sum(|b| b.host_calls);
-    // KVM flush requests during the zap calls alone (the rest come from the releases).
-    let zap_flushes = sum(|b| b.kvm_flush_requests.unwrap_or(0));
-    // Each vCPU's TLB flushes during the zaps: the invalidation reached it.
+    // Each vCPU's TLB flushes after the zaps: the invalidation reached it.
     let mut tlb = Vec::<u64>::new();
     for b in &out.flushed {
-        tlb.resize(tlb.len().max(b.vcpu_tlb_flushes.len()), 0);
-        for (t, d) in tlb.iter_mut().zip(&b.vcpu_tlb_flushes) {
-            *t += d;
-        }
+        guest_mm::reclaim::metrics::add_per_vcpu(&mut tlb, &b.vcpu_tlb_flushes);
     }
-    let tlb = if tlb.is_empty() {
-        "unavailable".to_string()
-    } else {
-        tlb.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
-    };
     let mut reclaimed = out.accepted;
     reclaimed.sort_unstable();
-    crate::report::say(&format!(
-        "reclaim-probe: strategy={strategy} region_gfn={:#x} pages={} ranges={ranges} host_calls={host_calls} zap_calls={spans} \
-         bridged={bridged} kvm_flush_requests={} zap_flush_requests={zap_flushes} vcpu_tlb_flushes={tlb} host_bytes_before={before_bytes} host_bytes_after={after_bytes} \
-         freed={} invalid={} elapsed_us={}",
-        req.region.start,
-        reclaimed.len(),
-        flushes.map_or("unavailable".into(), |f| f.to_string()),
-        before_bytes.saturating_sub(after_bytes),
-        out.invalid.len(),
-        elapsed.as_micros()
-    ));
+    let report = ProbeReport {
+        strategy: strategy.to_string(),
+        region_gfn: req.region.start,
+        pages: reclaimed.len() as u64,
+        ranges: sum(|b| b.ranges),
+        host_calls: sum(|b| b.host_calls),
+        zap_calls: sum(|b| b.spans),
+        bridged: sum(|b| b.bridged),
+        kvm_flush_requests: flushes,
+        zap_flush_requests: sum(|b| b.kvm_flush_requests.unwrap_or(0)),
+        vcpu_tlb_flushes: tlb,
+        host_bytes_before: before_bytes,
+        host_bytes_after: after_bytes,
+        invalid: out.invalid.len() as u64,
+        elapsed_us: elapsed.as_micros() as u64,
+    };
+    crate::report::say(&report.to_string());
     if let Some(e) = out.invalid.first() {
         tracing::warn!(
             "reclaim probe: {} frame(s) refused and not listed, first: {e}",
@@ -234,25 +285,14 @@ fn reclaim(mm: &MemoryManager, req: &Request) -> ProbeOutcome {
     ProbeOutcome {
         reclaimed,
         invalid: out.invalid.len() as u64,
+        report,
     }
-}
-
-/// The `reclaim-probe:` line the VMM prints for a probe (on stderr), as key → value, from a
-/// process's output: what the tests and reclaim-bench read.
-pub fn parse_report_line(output: &str) -> Option<std::collections::HashMap<String, String>> {
-    let line = output.lines().find(|l| l.starts_with("reclaim-probe:"))?;
-    Some(
-        line.split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use guest_mm::{GatherConfig, GuestRam, Strategy};
+    use guest_mm::{GuestRam, ReclaimConfig};
     use std::sync::Arc;
 
     #[test]
@@ -319,11 +359,11 @@ mod tests {
     #[test]
     fn frames_already_in_the_balloon_are_neither_listed_nor_handed_back() {
         let ram = Arc::new(GuestRam::new(64 << 20).unwrap());
-        let mm = MemoryManager::new(ram.clone(), GatherConfig::new(Strategy::Gather), None, None);
+        let mm = MemoryManager::checked(ram.clone(), ReclaimConfig::default()).unwrap();
         // The guest ballooned the region's first 8 frames before asking the probe.
         let ballooned: Vec<Gfn> = (0x1000..0x1008).collect();
-        mm.gather.lock().unwrap().add_buffer(&ballooned);
-        mm.gather.lock().unwrap().flush();
+        mm.gather.add_buffer(&ballooned);
+        mm.gather.flush();
         let mb = mailbox(0x1000, 16, 0x2000, 16);
         ram.memory()
             .write_obj(

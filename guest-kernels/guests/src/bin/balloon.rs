@@ -21,8 +21,9 @@
 //! driver measures their rate (pages per million TSC ticks, so no clock calibration is
 //! needed) before, during and after each inflate: from the previous target reached to the
 //! inflate's start, from its start until its target is reached, and from then until the next
-//! target. It prints `balloon: throughput inflate to N pages: before B during D after A
-//! pages/Mtick; retained during P% after Q%` once the phase after ends.
+//! target. It prints `balloon: throughput inflate to N pages: before B during D pages/Mtick;
+//! retained during P%` as soon as the target is reached, and `balloon: throughput after
+//! inflate to N pages: after A pages/Mtick; retained after Q%` once the phase after ends.
 #![no_std]
 #![no_main]
 
@@ -31,12 +32,10 @@ use rt::sync::Barrier;
 use rt::virtio::{self, Desc, Device, Queue, DESC_F_WRITE};
 use rt::{bootinfo, cmdline, frames, pattern, println, Cpu, Verdict};
 
-const VIRTIO_ID_BALLOON: u32 = 5;
-const F_STATS_VQ: u64 = 1 << 1;
-const F_DEFLATE_ON_OOM: u64 = 1 << 2;
-const F_REPORTING: u64 = 1 << 5;
-/// Linux's VIRTIO_BALLOON_ARRAY_PFNS_MAX.
-const PFNS_PER_BUFFER: usize = 256;
+use abi::virtio::balloon::{
+    CONFIG_ACTUAL, CONFIG_NUM_PAGES, DEVICE_ID as VIRTIO_ID_BALLOON, F_DEFLATE_ON_OOM,
+    F_FREE_PAGE_REPORTING as F_REPORTING, F_STATS_VQ, PFNS_PER_BUFFER,
+};
 const REPORT_BLOCK_PAGES: u64 = 512;
 const REPORT_BLOCKS_PER_BUFFER: usize = 16;
 
@@ -254,11 +253,11 @@ impl Driver {
     }
 
     fn target(&self) -> u64 {
-        self.dev.config_read(0) as u64
+        self.dev.config_read(CONFIG_NUM_PAGES) as u64
     }
 
     fn set_actual(&self) {
-        self.dev.config_write(4, self.held as u32);
+        self.dev.config_write(CONFIG_ACTUAL, self.held as u32);
     }
 
     /// The descriptor for the first `n` PFNs of our buffer page.
@@ -411,29 +410,45 @@ fn rate(a: (u64, u64), b: (u64, u64)) -> u64 {
 }
 
 impl Throughput {
-    /// Prints the line for an inflate whose phase after ended at `end`.
-    fn print(&self, end: (u64, u64)) {
+    /// Prints the line for an inflate whose target was just reached.
+    fn print_during(&self) {
         let Some(reached) = self.reached else { return };
-        let (before, during, after) = (
+        let (before, during) = (
             rate(self.idle_from, self.started),
             rate(self.started, reached),
-            rate(reached, end),
         );
         if before == 0 {
             // No verifier work before the inflate began (it began at once): no ratio.
             println!(
-                "balloon: throughput inflate to {} pages: before {} during {} after {} pages/Mtick; retained during n/a after n/a",
-                self.target, before, during, after
+                "balloon: throughput inflate to {} pages: before {} during {} pages/Mtick; retained during n/a",
+                self.target, before, during
             );
             return;
         }
         println!(
-            "balloon: throughput inflate to {} pages: before {} during {} after {} pages/Mtick; retained during {}% after {}%",
+            "balloon: throughput inflate to {} pages: before {} during {} pages/Mtick; retained during {}%",
             self.target,
             before,
             during,
+            during * 100 / before
+        );
+    }
+
+    /// Prints the line for the phase after an inflate, which ended at `end`.
+    fn print_after(&self, end: (u64, u64)) {
+        let Some(reached) = self.reached else { return };
+        let (before, after) = (rate(self.idle_from, self.started), rate(reached, end));
+        if before == 0 {
+            println!(
+                "balloon: throughput after inflate to {} pages: after {} pages/Mtick; retained after n/a",
+                self.target, after
+            );
+            return;
+        }
+        println!(
+            "balloon: throughput after inflate to {} pages: after {} pages/Mtick; retained after {}%",
+            self.target,
             after,
-            during * 100 / before,
             after * 100 / before
         );
     }
@@ -515,7 +530,7 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
             // A new target: the phase after the last inflate, and this idle phase, end here.
             let now = sample();
             if let Some(t) = inflate.take() {
-                t.print(now);
+                t.print_after(now);
             }
             if target > d.held {
                 inflate = Some(Throughput {
@@ -550,6 +565,7 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
                 idle_from = sample();
                 if let Some(t) = inflate.as_mut().filter(|t| t.target == target) {
                     t.reached = Some(idle_from);
+                    t.print_during();
                 }
             }
             stuck_reported = false;
@@ -565,7 +581,7 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
         }
     }
     if let Some(t) = inflate.take() {
-        t.print(sample());
+        t.print_after(sample());
     }
     DONE.store(true, Ordering::Release);
     let ok = d.reuse_errors == 0;

@@ -28,7 +28,8 @@ use rt::virtio::{
 };
 use rt::{bootinfo, cmdline, frames, pattern, println, Cpu, Verdict};
 
-const VIRTIO_ID_BALLOON: u32 = 5;
+use abi::virtio::balloon::DEVICE_ID as VIRTIO_ID_BALLOON;
+use abi::virtio::reg;
 const DESC_F_INDIRECT: u16 = 4;
 const QSIZE: u16 = 64;
 const PAGE: u64 = frames::PAGE_SIZE;
@@ -512,7 +513,7 @@ impl Driver {
         let bogus = self.queue(0).avail_idx().wrapping_add(QSIZE * 3);
         // SAFETY: avail->idx of our ring.
         unsafe { ((avail + 2) as *mut u16).write_volatile(bogus) };
-        self.dev.write(0x50, 0);
+        self.dev.write(reg::QUEUE_NOTIFY, 0);
         sleep_ms(100);
         if read_u16(used + 2) != before {
             return Err("the device consumed buffers past a bogus available index");
@@ -524,10 +525,10 @@ impl Driver {
 
     fn renegotiate(&mut self) -> Res {
         // New driver features after DRIVER_OK, including ones never offered.
-        self.dev.write(0x24, 0);
-        self.dev.write(0x20, u32::MAX);
-        self.dev.write(0x24, 1);
-        self.dev.write(0x20, u32::MAX);
+        self.dev.write(reg::DRIVER_FEATURES_SEL, 0);
+        self.dev.write(reg::DRIVER_FEATURES, u32::MAX);
+        self.dev.write(reg::DRIVER_FEATURES_SEL, 1);
+        self.dev.write(reg::DRIVER_FEATURES, u32::MAX);
         self.dev.set_status(ALL_OK);
         // Dropping DRIVER_OK / FEATURES_OK without a reset, then setting them again.
         self.dev.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
@@ -537,9 +538,9 @@ impl Driver {
         self.dev
             .set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
         // Moving a live queue's rings outside RAM.
-        self.dev.write(0x30, 0);
-        self.dev.write(0x80, 0xC000_0000);
-        self.dev.write(0x44, 0);
+        self.dev.write(reg::QUEUE_SEL, 0);
+        self.dev.write(reg::QUEUE_DESC_LOW, 0xC000_0000);
+        self.dev.write(reg::QUEUE_READY, 0);
         if self.dev.status() != ALL_OK {
             return Err("status changed");
         }

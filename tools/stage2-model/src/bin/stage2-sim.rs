@@ -91,7 +91,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1.0)]
         touched: f64,
         /// The zap span bound of the "zap spans" plan.
-        #[arg(long, default_value_t = guest_mm::gather::DEFAULT_ZAP_SPAN_GAP)]
+        #[arg(long, default_value_t = guest_mm::reclaim::config::DEFAULT_ZAP_SPAN_GAP)]
         zap_span_gap: u64,
         /// contiguous or scattered free memory.
         #[arg(long, value_enum, default_value = "scattered")]

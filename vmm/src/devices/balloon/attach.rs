@@ -1,10 +1,17 @@
-//! The balloon as the VM sees it: a virtio-mmio transport at a fixed address, its queue
-//! notifications as ioeventfds (so a notify does not stop the vCPU in userspace), its
-//! interrupt as an irqfd into the in-kernel IOAPIC, and the event-loop subscriber that
-//! processes queues when notified.
+//! The balloon as the VM sees it: a virtio-mmio transport at a fixed address, its interrupt
+//! as an irqfd into the in-kernel IOAPIC, and where its queues are processed.
+//!
+//! Inflate, deflate and stats notifications are MMIO exits handled on the notifying vCPU
+//! thread (`mmio_write`): the buffer is recorded and acknowledged before the vCPU re-enters
+//! the guest, with no other thread to wake. Measured here, handing each buffer to the event
+//! loop through an ioeventfd cost the driver vCPU a context switch and 0.8 ms of run-queue
+//! delay per buffer with 4 vCPUs on 2 cores (docs/BENCHMARKS.md, "Where the time went").
+//! Free page reports wait for their release before they are returned, so their queue's
+//! notifications are an ioeventfd that the event loop serves (`BalloonHandler`), with the
+//! device lock dropped while the report is reclaimed.
 
-use super::{Balloon, STATS_Q};
-use crate::devices::virtio::{Interrupt, MmioTransport, MMIO_SIZE};
+use super::{Balloon, REPORTING_Q, STATS_Q};
+use crate::devices::virtio::{reg, Effect, Interrupt, MmioTransport, MMIO_SIZE};
 use crate::memory::MemoryManager;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -18,11 +25,13 @@ use vmm_sys_util::eventfd::EventFd;
 pub const BALLOON_MMIO_BASE: u64 = 0xd000_0000;
 /// The IOAPIC pin (GSI) of its interrupt.
 pub const BALLOON_GSI: u32 = 5;
-const QUEUE_NOTIFY: u64 = 0x50;
 
 pub struct BalloonDevice {
     pub transport: Mutex<MmioTransport<Balloon>>,
-    queue_evts: Vec<EventFd>,
+    memory: Arc<MemoryManager>,
+    /// The free page reporting queue's notifications (KVM_IOEVENTFD on QueueNotify with
+    /// datamatch REPORTING_Q).
+    reports_evt: EventFd,
     /// How often the event loop asks the driver for fresh statistics (0: never).
     stats_interval_s: AtomicU64,
 }
@@ -39,22 +48,23 @@ impl BalloonDevice {
             .map_err(|e| format!("KVM_IRQFD: {e}"))?;
         let interrupt = Arc::new(Interrupt::new(irqfd));
         let mem = memory.ram.memory().clone();
-        let transport = MmioTransport::new(Balloon::new(memory, interrupt.clone()), mem, interrupt);
-        let mut queue_evts = Vec::new();
-        for i in 0..transport.num_queues() {
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-            vm_fd
-                .register_ioevent(
-                    &evt,
-                    &IoEventAddress::Mmio(BALLOON_MMIO_BASE + QUEUE_NOTIFY),
-                    i as u32,
-                )
-                .map_err(|e| format!("KVM_IOEVENTFD: {e}"))?;
-            queue_evts.push(evt);
-        }
+        let transport = MmioTransport::new(
+            Balloon::new(memory.clone(), interrupt.clone()),
+            mem,
+            interrupt,
+        );
+        let reports_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+        vm_fd
+            .register_ioevent(
+                &reports_evt,
+                &IoEventAddress::Mmio(BALLOON_MMIO_BASE + reg::QUEUE_NOTIFY),
+                REPORTING_Q as u32,
+            )
+            .map_err(|e| format!("KVM_IOEVENTFD: {e}"))?;
         Ok(Arc::new(Self {
             transport: Mutex::new(transport),
-            queue_evts,
+            memory,
+            reports_evt,
             stats_interval_s: AtomicU64::new(DEFAULT_STATS_INTERVAL_S),
         }))
     }
@@ -88,21 +98,35 @@ impl BalloonDevice {
             .read(addr - BALLOON_MMIO_BASE, data);
     }
 
+    /// A register write from a vCPU thread. A queue notification is served here, on that
+    /// thread, except for the reporting queue (the event loop's).
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
-        let notify = self
-            .transport
-            .lock()
-            .unwrap()
-            .write(addr - BALLOON_MMIO_BASE, data);
-        // A notify the ioeventfd did not catch (e.g. an unknown queue index) lands here.
-        if let Some(q) = notify {
-            match self.queue_evts.get(q) {
-                Some(evt) => {
-                    let _ = evt.write(1);
-                }
-                None => tracing::warn!("balloon: notify for nonexistent queue {q} ignored"),
-            }
+        let mut t = self.transport.lock().unwrap();
+        let effect = t.write(addr - BALLOON_MMIO_BASE, data);
+        if serve_inline(&mut t, effect) {
+            let _ = self.reports_evt.write(1);
         }
+    }
+
+    /// Serves the free page reports the driver has made available: parsed with the device
+    /// lock held, reclaimed without it (the vCPUs' register accesses never wait for a batch),
+    /// then returned to the driver.
+    pub fn serve_reports(&self) {
+        let (mut reports, generation) = {
+            let mut t = self.transport.lock().unwrap();
+            t.process_queue(REPORTING_Q);
+            t.device_mut().drain_reports()
+        };
+        if reports.is_empty() {
+            return;
+        }
+        for r in &mut reports {
+            r.reclaim(&self.memory);
+        }
+        let mut t = self.transport.lock().unwrap();
+        t.with_device_and_queue(REPORTING_Q, |dev, q, mem| {
+            dev.complete_reports(reports, generation, q, mem)
+        });
     }
 
     pub fn stats_interval_s(&self) -> u64 {
@@ -122,26 +146,46 @@ impl BalloonDevice {
     }
 }
 
-/// Processes queues on the event loop when their ioeventfds fire.
+/// What a register write's effect asks of the writing vCPU thread: inflate, deflate and stats
+/// notifications are served here and now; a reporting notification is left for the event
+/// loop (returns true). DRIVER_OK serves every queue once, since a driver may make buffers
+/// available and notify before it. (Shared by the VMM and the fuzz targets.)
+pub fn serve_inline(t: &mut MmioTransport<Balloon>, effect: Option<Effect>) -> bool {
+    match effect {
+        None => false,
+        Some(Effect::Notify(REPORTING_Q)) => true,
+        Some(Effect::Notify(q)) if q < t.num_queues() => {
+            t.process_queue(q);
+            false
+        }
+        Some(Effect::Notify(q)) => {
+            tracing::warn!("balloon: notify for nonexistent queue {q} ignored");
+            false
+        }
+        Some(Effect::Activated) => {
+            for q in (0..t.num_queues()).filter(|&q| q != REPORTING_Q) {
+                t.process_queue(q);
+            }
+            true
+        }
+    }
+}
+
+/// Serves free page reports on the event loop when their ioeventfd fires.
 pub struct BalloonHandler {
     pub device: Arc<BalloonDevice>,
 }
 
 impl MutEventSubscriber for BalloonHandler {
     fn init(&mut self, ops: &mut EventOps) {
-        for (i, evt) in self.device.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                tracing::error!("balloon: cannot watch queue {i} notifications: {e:?}");
-            }
+        if let Err(e) = ops.add(Events::new(&self.device.reports_evt, EventSet::IN)) {
+            tracing::error!("balloon: cannot watch free page report notifications: {e:?}");
         }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let i = events.data() as usize;
-        if let Some(evt) = self.device.queue_evts.get(i) {
-            debug_assert_eq!(evt.as_raw_fd(), events.fd());
-            let _ = evt.read();
-            self.device.transport.lock().unwrap().process_queue(i);
-        }
+        debug_assert_eq!(self.device.reports_evt.as_raw_fd(), events.fd());
+        let _ = self.device.reports_evt.read();
+        self.device.serve_reports();
     }
 }

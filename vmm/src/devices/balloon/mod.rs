@@ -5,18 +5,25 @@
 //! 3 free page reporting. Features offered: VERSION_1, STATS_VQ, DEFLATE_ON_OOM,
 //! FREE_PAGE_REPORTING.
 //!
+//! Where buffers are processed: inflate, deflate and stats buffers on the vCPU thread that
+//! notified, inside its MMIO exit (no ioeventfd): handing them to another thread cost the
+//! driver vCPU a context switch per buffer on an oversubscribed host (docs/BENCHMARKS.md,
+//! "Where the time went"). Free page reports, which must be reclaimed before they are
+//! returned, go through an ioeventfd to the event-loop thread (`attach`).
+//!
 //! When an inflate buffer is acknowledged: as soon as its frames are Gathered (checked and
-//! marked in the stage-2 map), before they are zapped. Linux sends one buffer and waits for
-//! its ack, so acknowledging only after release would serialise every buffer behind a full
-//! batch; with the gather strategy the batch is flushed when full or when its window passes.
-//! With per-page and per-buffer the batch is flushed before the ack.
+//! marked in the stage-2 map), before any host call. Linux sends one buffer and waits for
+//! its ack; the gather's worker thread runs the batch when it is full or its window passes.
+//! With per-page and per-buffer the buffer's frames are released before the ack.
 //!
 //! Deflate is safe at any time: a frame still waiting in a batch leaves it and is never
-//! zapped or freed after being handed back; a released frame reads as zeros when reused.
+//! zapped or freed after being handed back; a frame in a batch in flight is handed back once
+//! that batch has ended (the deflate waits); a released frame reads as zeros when reused.
 //!
-//! Free page reporting: reported ranges are reclaimed at once (gather, zap, invalidate,
-//! release) before the buffer is returned, and exactly the frames accepted become the
-//! guest's again on return; a reported frame that is in the balloon stays there.
+//! Free page reporting: reported ranges are reclaimed (gather, zap, invalidate, release)
+//! before the buffer is returned, without the device lock held, and exactly the frames
+//! accepted become the guest's again on return; a reported frame that is in the balloon
+//! stays there.
 //!
 //! Who owns a frame is one state machine in the stage-2 map (`guest_mm::stage2_map`): the
 //! queues, the reclaim probe and reset move frames only along its transitions, and only a
@@ -43,65 +50,87 @@ mod tests;
 use crate::devices::virtio::{Interrupt, VirtioDevice, INT_USED_RING, VIRTIO_F_VERSION_1};
 use crate::memory::MemoryManager;
 use guest_mm::layout::PAGE_SIZE;
+use guest_mm::reclaim::PartialBlocks;
 use guest_mm::Reader;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-pub use attach::{BalloonDevice, BalloonHandler, BALLOON_GSI, BALLOON_MMIO_BASE};
+pub use attach::{serve_inline, BalloonDevice, BalloonHandler, BALLOON_GSI, BALLOON_MMIO_BASE};
 pub use queues::BufferError;
 
-pub const VIRTIO_ID_BALLOON: u32 = 5;
-pub const F_STATS_VQ: u64 = 1 << 1;
-pub const F_DEFLATE_ON_OOM: u64 = 1 << 2;
-pub const F_FREE_PAGE_REPORTING: u64 = 1 << 5;
+use abi::virtio::balloon::{CONFIG_ACTUAL, CONFIG_NUM_PAGES};
+pub use abi::virtio::balloon::{
+    DEFLATE_Q, F_DEFLATE_ON_OOM, F_FREE_PAGE_REPORTING, F_STATS_VQ, INFLATE_Q, REPORTING_Q, STATS_Q,
+};
+pub const VIRTIO_ID_BALLOON: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 const QUEUE_SIZE: u16 = 256;
 /// Largest inflate/deflate buffer accepted, in frames (Linux sends at most 256).
 pub const MAX_BUFFER_PFNS: usize = 16 * 1024;
 
-pub const INFLATE_Q: usize = 0;
-pub const DEFLATE_Q: usize = 1;
-pub const STATS_Q: usize = 2;
-pub const REPORTING_Q: usize = 3;
-
-/// Guest statistics, by virtio tag (virtio 1.2 §5.5.6.3; VIRTIO_BALLOON_S_*), named as
-/// Firecracker's API names them. Memory amounts are bytes, the others counts; a tag the
-/// driver never sent stays `None`.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct GuestStats {
+/// The driver's statistics, by virtio tag (virtio 1.2 §5.5.6.3; VIRTIO_BALLOON_S_*), named
+/// as Firecracker's API names them. Memory amounts are bytes, the others counts; a tag the
+/// driver never sent stays `None` and is left out of the JSON.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatValues {
     /// 0: bytes swapped in.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub swap_in: Option<u64>,
     /// 1: bytes swapped out.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub swap_out: Option<u64>,
     /// 2: major page faults.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub major_faults: Option<u64>,
     /// 3: minor page faults.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub minor_faults: Option<u64>,
     /// 4: memory the guest does not use at all.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub free_memory: Option<u64>,
     /// 5: memory the guest has.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub total_memory: Option<u64>,
     /// 6: memory available for new work (free plus reclaimable caches).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub available_memory: Option<u64>,
     /// 7: disk caches.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_caches: Option<u64>,
     /// 8: successful hugetlb page allocations.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hugetlb_allocations: Option<u64>,
     /// 9: failed hugetlb page allocations.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hugetlb_failures: Option<u64>,
     /// 10: processes the guest's OOM killer killed (Linux 6.12+ sends 10-15).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub oom_kills: Option<u64>,
     /// 11: allocations that stalled for reclaim.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub alloc_stalls: Option<u64>,
     /// 12: pages scanned by background reclaim (kswapd).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub async_scans: Option<u64>,
     /// 13: pages scanned by direct reclaim.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub direct_scans: Option<u64>,
     /// 14: pages reclaimed by background reclaim.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub async_reclaims: Option<u64>,
     /// 15: pages reclaimed by direct reclaim.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub direct_reclaims: Option<u64>,
+}
+
+/// What the driver sent: its statistics and how many buffers it sent them in.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GuestStats {
+    #[serde(flatten)]
+    pub values: StatValues,
     /// Entries with a tag this device does not know (ignored, counted).
     pub unknown_tags: u64,
     /// Statistics buffers received.
@@ -111,23 +140,24 @@ pub struct GuestStats {
 impl GuestStats {
     /// Records one (tag, value) entry.
     fn record(&mut self, tag: u16, val: u64) {
+        let v = &mut self.values;
         let slot = match tag {
-            0 => &mut self.swap_in,
-            1 => &mut self.swap_out,
-            2 => &mut self.major_faults,
-            3 => &mut self.minor_faults,
-            4 => &mut self.free_memory,
-            5 => &mut self.total_memory,
-            6 => &mut self.available_memory,
-            7 => &mut self.disk_caches,
-            8 => &mut self.hugetlb_allocations,
-            9 => &mut self.hugetlb_failures,
-            10 => &mut self.oom_kills,
-            11 => &mut self.alloc_stalls,
-            12 => &mut self.async_scans,
-            13 => &mut self.direct_scans,
-            14 => &mut self.async_reclaims,
-            15 => &mut self.direct_reclaims,
+            0 => &mut v.swap_in,
+            1 => &mut v.swap_out,
+            2 => &mut v.major_faults,
+            3 => &mut v.minor_faults,
+            4 => &mut v.free_memory,
+            5 => &mut v.total_memory,
+            6 => &mut v.available_memory,
+            7 => &mut v.disk_caches,
+            8 => &mut v.hugetlb_allocations,
+            9 => &mut v.hugetlb_failures,
+            10 => &mut v.oom_kills,
+            11 => &mut v.alloc_stalls,
+            12 => &mut v.async_scans,
+            13 => &mut v.direct_scans,
+            14 => &mut v.async_reclaims,
+            15 => &mut v.direct_reclaims,
             _ => {
                 self.unknown_tags += 1;
                 return;
@@ -137,7 +167,20 @@ impl GuestStats {
     }
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+/// `GET /balloon/statistics`: Firecracker's shape, the target and actual size and the
+/// driver's statistics under its names.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStatistics {
+    pub target_pages: u64,
+    pub actual_pages: u64,
+    pub target_mib: u64,
+    pub actual_mib: u64,
+    #[serde(flatten)]
+    pub values: StatValues,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct BalloonCounters {
     pub inflate_buffers: u64,
     pub deflate_buffers: u64,
@@ -149,6 +192,38 @@ pub struct BalloonCounters {
     pub pages_returned_by_reset: u64,
     pub invalid_frames: u64,
     pub malformed_buffers: u64,
+}
+
+/// Serves the reports the device has parsed with exclusive access to its transport (tests,
+/// fuzzing): the steps of `BalloonDevice::serve_reports` without a lock to drop between them.
+pub fn serve_reports_exclusive(t: &mut crate::devices::virtio::MmioTransport<Balloon>) {
+    t.process_queue(REPORTING_Q);
+    let (mut reports, generation) = t.device_mut().drain_reports();
+    let memory = t.device().memory().clone();
+    for r in &mut reports {
+        r.reclaim(&memory);
+    }
+    t.with_device_and_queue(REPORTING_Q, |dev, q, mem| {
+        dev.complete_reports(reports, generation, q, mem)
+    });
+}
+
+/// One free page report buffer: parsed under the device lock, reclaimed without it.
+pub struct Report {
+    head: u16,
+    frames: Result<Vec<u64>, BufferError>,
+    reclaimed: Option<guest_mm::reclaim::BufferOutcome>,
+}
+
+impl Report {
+    /// Reclaims the reported frames (gather, zap, invalidate, release) and gives exactly
+    /// those accepted back to the guest. A reported frame that is in the balloon (or a
+    /// device's) is refused and stays where it is.
+    pub fn reclaim(&mut self, memory: &MemoryManager) {
+        if let Ok(frames) = &self.frames {
+            self.reclaimed = Some(memory.gather.reclaim_and_give_back([frames.as_slice()]));
+        }
+    }
 }
 
 pub struct Balloon {
@@ -163,6 +238,10 @@ pub struct Balloon {
     /// Frames holding the active queues' rings, DeviceMapped in the stage-2 map so that a
     /// driver that balloons them is refused (`FrameError::DeviceMapped`).
     ring_frames: Vec<u64>,
+    /// Free page reports parsed and not yet completed.
+    reports: Vec<Report>,
+    /// Bumped by every reset: a report taken before a reset is not completed after it.
+    generation: u64,
     pub guest_stats: GuestStats,
     pub counters: BalloonCounters,
 }
@@ -179,6 +258,8 @@ impl Balloon {
             acked: 0,
             stats_head: None,
             ring_frames: Vec::new(),
+            reports: Vec::new(),
+            generation: 0,
             guest_stats: GuestStats::default(),
             counters: BalloonCounters::default(),
         }
@@ -211,6 +292,10 @@ impl Balloon {
         }
     }
 
+    /// Inflate and deflate buffers, on the thread that notified (a vCPU thread): each is
+    /// parsed, applied and acknowledged in turn. An inflate returns once its frames are
+    /// recorded (the gather strategy) and never waits for a host call; a deflate of frames
+    /// whose batch is in flight waits for that batch to end.
     fn process_frames(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) {
         loop {
             self.reader.enter();
@@ -218,11 +303,8 @@ impl Balloon {
                 break;
             };
             let head = chain.head_index();
-            let parsed = match index {
-                REPORTING_Q => queues::reported_frames(chain, self.memory.ram.layout()),
-                _ => queues::pfn_buffer(chain, mem, MAX_BUFFER_PFNS),
-            };
-            // The gather may wait for a grace period: hold no guest references across it.
+            let parsed = queues::pfn_buffer(chain, mem, MAX_BUFFER_PFNS);
+            // The gather may wait for a batch: hold no guest references across it.
             self.reader.quiesce();
             match parsed {
                 Err(e) => {
@@ -238,38 +320,91 @@ impl Balloon {
     }
 
     fn apply(&mut self, index: usize, frames: &[u64]) {
-        let mut gather = self.memory.gather.lock().unwrap();
-        let invalid = match index {
-            INFLATE_Q => {
-                self.counters.inflate_buffers += 1;
-                let out = gather.add_buffer(frames);
-                self.counters.pages_inflated += out.accepted.len() as u64;
-                out.invalid
-            }
-            DEFLATE_Q => {
-                self.counters.deflate_buffers += 1;
-                let out = gather.return_frames(frames);
-                self.counters.pages_deflated += out.given_back();
-                out.invalid
-            }
-            _ => {
-                // The guest keeps its free frames: reclaim them now and give back exactly
-                // those accepted. A frame the report names that is in the balloon (or a
-                // device's) is refused and stays where it is.
-                self.counters.report_buffers += 1;
-                let out = gather.reclaim_and_give_back([frames]);
-                self.counters.pages_reported += out.accepted.len() as u64;
-                out.invalid
-            }
+        let gather = &self.memory.gather;
+        let invalid = if index == INFLATE_Q {
+            self.counters.inflate_buffers += 1;
+            let out = gather.add_buffer(frames);
+            self.counters.pages_inflated += out.accepted.len() as u64;
+            out.invalid
+        } else {
+            self.counters.deflate_buffers += 1;
+            let out = gather.return_frames(frames);
+            self.counters.pages_deflated += out.given_back();
+            out.invalid
         };
-        if !invalid.is_empty() {
+        self.note_invalid(index, &invalid);
+    }
+
+    fn note_invalid(&mut self, index: usize, invalid: &[guest_mm::FrameError]) {
+        if let Some(first) = invalid.first() {
             self.counters.invalid_frames += invalid.len() as u64;
             tracing::warn!(
-                "balloon: {} invalid frame(s) on queue {index} skipped, first: {}",
+                "balloon: {} invalid frame(s) on queue {index} skipped, first: {first}",
                 invalid.len(),
-                invalid[0]
             );
         }
+    }
+
+    /// Free page reports: parsed here, under the device lock; reclaimed by the caller with
+    /// the lock dropped (`Report::reclaim`), then completed (`complete_reports`).
+    fn take_reports(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) {
+        loop {
+            self.reader.enter();
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let frames = queues::reported_frames(chain, self.memory.ram.layout());
+            self.reader.quiesce();
+            self.reports.push(Report {
+                head,
+                frames,
+                reclaimed: None,
+            });
+        }
+        self.reader.quiesce();
+    }
+
+    /// The reports parsed so far, and the device generation they belong to.
+    pub fn drain_reports(&mut self) -> (Vec<Report>, u64) {
+        (std::mem::take(&mut self.reports), self.generation)
+    }
+
+    /// Returns reclaimed report buffers to the driver, unless the device was reset since
+    /// they were taken (their ring is gone; their frames were given back all the same).
+    pub fn complete_reports(
+        &mut self,
+        reports: Vec<Report>,
+        generation: u64,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) {
+        if generation != self.generation {
+            tracing::info!(
+                "balloon: {} free page report(s) finished after a reset; not returned",
+                reports.len()
+            );
+            return;
+        }
+        for r in reports {
+            match (r.frames, r.reclaimed) {
+                (Err(e), _) => {
+                    self.counters.malformed_buffers += 1;
+                    tracing::error!(
+                        "balloon: malformed report buffer {}: {e}; returned unprocessed",
+                        r.head
+                    );
+                }
+                (Ok(_), Some(out)) => {
+                    self.counters.report_buffers += 1;
+                    self.counters.pages_reported += out.accepted.len() as u64;
+                    self.note_invalid(REPORTING_Q, &out.invalid);
+                }
+                (Ok(_), None) => {}
+            }
+            self.complete(queue, mem, r.head);
+        }
+        self.interrupt.raise(INT_USED_RING);
     }
 
     /// The driver reports the target reached. On 2 MiB pages with `--partial-blocks split`,
@@ -277,11 +412,10 @@ impl Balloon {
     /// target can only be met by splitting them (the pending batch is flushed first, so that
     /// nothing the driver sent is left waiting).
     fn target_reached(&mut self) {
-        let mut gather = self.memory.gather.lock().unwrap();
-        if !gather.config().split_partial_blocks {
+        let gather = &self.memory.gather;
+        if gather.config().partial_blocks != PartialBlocks::Split {
             return;
         }
-        let _ = gather.flush();
         if let Some(r) = gather.split_partial_blocks() {
             tracing::info!(
                 "balloon: target reached; split partial 2 MiB blocks, releasing {} frames at 4 KiB",
@@ -336,8 +470,9 @@ impl VirtioDevice for Balloon {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut cfg = [0u8; 16];
-        cfg[0..4].copy_from_slice(&self.num_pages.to_le_bytes());
-        cfg[4..8].copy_from_slice(&self.actual.to_le_bytes());
+        let (target, actual) = (CONFIG_NUM_PAGES as usize, CONFIG_ACTUAL as usize);
+        cfg[target..target + 4].copy_from_slice(&self.num_pages.to_le_bytes());
+        cfg[actual..actual + 4].copy_from_slice(&self.actual.to_le_bytes());
         let start = offset as usize;
         for (i, b) in data.iter_mut().enumerate() {
             *b = cfg.get(start + i).copied().unwrap_or(0);
@@ -346,7 +481,7 @@ impl VirtioDevice for Balloon {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Only `actual` (offset 4, le32) is driver-writable.
-        if offset == 4 && data.len() == 4 {
+        if offset == CONFIG_ACTUAL && data.len() == 4 {
             let v = u32::from_le_bytes(data.try_into().unwrap());
             let ram_pages = (self.memory.ram.layout().total_bytes() / PAGE_SIZE) as u32;
             if v > ram_pages {
@@ -374,7 +509,7 @@ impl VirtioDevice for Balloon {
         // A reset empties the balloon: the next driver starts from an empty one and will use
         // every frame, so they are all the guest's again (pending ones are never zapped,
         // released ones read as zeros).
-        let back = self.memory.gather.lock().unwrap().return_all();
+        let back = self.memory.gather.return_all();
         if back.given_back() > 0 {
             tracing::info!(
                 "balloon: reset gave {} frame(s) back to the guest",
@@ -385,6 +520,8 @@ impl VirtioDevice for Balloon {
         self.actual = 0;
         self.acked = 0;
         self.stats_head = None;
+        self.reports.clear();
+        self.generation += 1;
     }
 
     fn set_rings(&mut self, rings: &[std::ops::Range<u64>]) -> Result<(), String> {
@@ -419,9 +556,7 @@ impl VirtioDevice for Balloon {
         match index {
             INFLATE_Q | DEFLATE_Q => self.process_frames(index, queue, mem),
             STATS_Q if self.acked & F_STATS_VQ != 0 => self.process_stats(queue, mem),
-            REPORTING_Q if self.acked & F_FREE_PAGE_REPORTING != 0 => {
-                self.process_frames(index, queue, mem)
-            }
+            REPORTING_Q if self.acked & F_FREE_PAGE_REPORTING != 0 => self.take_reports(queue, mem),
             other => tracing::warn!(
                 "balloon: notify for queue {other}, which was not negotiated; ignored"
             ),

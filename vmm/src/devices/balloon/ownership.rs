@@ -68,7 +68,7 @@ pub fn check(
             map.count(FrameState::Zapped)
         ));
     }
-    let gather = mm.gather.lock().unwrap();
+    let gather = &mm.gather;
     if map.count(FrameState::Gathered) != gather.pending_pages() {
         broken.push(format!(
             "{} frames Gathered, {} pending in the batch",

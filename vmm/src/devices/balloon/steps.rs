@@ -1,17 +1,38 @@
 //! Scripted balloon targets (`vmm run --balloon-steps 768M,0`): set each target once the
 //! driver has reached the previous one, and report how long each took and what the host got
-//! back.
+//! back: one line per step for people, one `StepReport` per step in the run's report.
 
 use super::BalloonDevice;
 use crate::config::format_size;
 use guest_mm::layout::PAGE_SIZE;
+use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
+
+/// One scripted step: its target, when the driver acknowledged it, and the host memory the
+/// guest held around it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// 1-based, in the order of `--balloon-steps`.
+    pub step: u32,
+    pub target_bytes: u64,
+    /// Seconds from setting the target until the driver's `actual` equalled it; None if the
+    /// step timed out.
+    pub reached_s: Option<f64>,
+    /// Seconds until the last batch of the step was through the protocol (its host memory
+    /// returned), after the target was reached.
+    pub settled_s: Option<f64>,
+    /// Host bytes the guest held (the memfd's allocated bytes) when the target was set, and
+    /// once the step had settled (or timed out).
+    pub held_before: u64,
+    pub held_after: u64,
+}
 
 pub struct BalloonSteps {
     targets: Vec<u64>,
     next: usize,
     current: Option<(u64, Instant, u64)>,
     timeout: Duration,
+    reports: Vec<StepReport>,
 }
 
 impl BalloonSteps {
@@ -21,6 +42,7 @@ impl BalloonSteps {
             next: 0,
             current: None,
             timeout,
+            reports: Vec::new(),
         }
     }
 
@@ -30,38 +52,44 @@ impl BalloonSteps {
         let mm = t.device().memory().clone();
         if let Some((target, since, held_before)) = self.current {
             let actual = t.device().actual() as u64 * PAGE_SIZE;
+            let mut report = StepReport {
+                step: self.next as u32,
+                target_bytes: target,
+                held_before,
+                ..Default::default()
+            };
             if actual == target {
-                // Give a pending gather batch its window before reading host bytes.
+                // The driver acknowledged the target; the last batch may still be pending or
+                // in flight. Wait for it before reading host bytes.
+                report.reached_s = Some(since.elapsed().as_secs_f64());
                 drop(t);
-                if let Some(r) = mm.gather.lock().unwrap().flush() {
-                    tracing::debug!("balloon: flushed batch {} at step end", r.id);
-                }
-                let held = mm.ram.host_bytes_held().unwrap_or(0);
+                mm.gather.flush();
+                report.settled_s = Some(since.elapsed().as_secs_f64());
+                report.held_after = mm.ram.host_bytes_held().unwrap_or(0);
                 crate::report::say(&format!(
-                    "vmm: balloon step {} reached: balloon {} after {:.3}s; host bytes held {} -> {} ({}) \
-                     [step={} target_bytes={target} seconds={:.3} held_before={held_before} held_after={held}]",
-                    self.next,
+                    "vmm: balloon step {} reached: balloon {} after {:.3}s (host memory back after {:.3}s); host bytes held {} -> {} ({})",
+                    report.step,
                     format_size(target),
-                    since.elapsed().as_secs_f64(),
+                    report.reached_s.unwrap_or_default(),
+                    report.settled_s.unwrap_or_default(),
                     format_size_approx(held_before),
-                    format_size_approx(held),
-                    signed_mib(held as i64 - held_before as i64),
-                    self.next,
-                    since.elapsed().as_secs_f64(),
+                    format_size_approx(report.held_after),
+                    signed_mib(report.held_after as i64 - held_before as i64),
                 ));
-                self.current = None;
-                return;
-            }
-            if since.elapsed() > self.timeout {
+            } else if since.elapsed() > self.timeout {
+                report.held_after = mm.ram.host_bytes_held().unwrap_or(0);
                 crate::report::say(&format!(
                     "vmm: balloon step {} not reached after {:?}: target {} actual {}",
-                    self.next,
+                    report.step,
                     self.timeout,
                     format_size(target),
                     format_size_approx(actual)
                 ));
-                self.current = None;
+            } else {
+                return;
             }
+            self.reports.push(report);
+            self.current = None;
             return;
         }
         if self.next < self.targets.len() && t.is_active() {
@@ -82,6 +110,11 @@ impl BalloonSteps {
 
     pub fn done(&self) -> bool {
         self.next >= self.targets.len() && self.current.is_none()
+    }
+
+    /// What each step did, in order.
+    pub fn into_reports(self) -> Vec<StepReport> {
+        self.reports
     }
 }
 

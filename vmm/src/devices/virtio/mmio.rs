@@ -6,17 +6,30 @@
 //! queue or across queues) also make the device need a reset; the rings of an activated device
 //! are handed to it (`VirtioDevice::set_rings`) so that it can protect them.
 
-use super::{status, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
+use super::{reg, status, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
 use std::ops::Range;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 pub const MMIO_SIZE: u64 = 0x1000;
-const MAGIC: u32 = 0x7472_6976; // "virt"
+const MAGIC: u32 = abi::virtio::MAGIC;
+/// The modern (virtio 1.x) register layout.
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x554d_4551; // same vendor id as QEMU's devices use ("QEMU")
-const CONFIG_OFFSET: u64 = 0x100;
+const CONFIG_OFFSET: u64 = reg::CONFIG;
+
+/// What a register write asks of the transport's owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// QueueNotify: process this queue.
+    Notify(usize),
+    /// DRIVER_OK was accepted: process every ready queue once, since a driver may make
+    /// buffers available and notify before DRIVER_OK (Linux primes the stats queue in
+    /// `init_vqs`), and those notifications were not processed (`process_queue` ignores an
+    /// inactive device).
+    Activated,
+}
 
 pub struct MmioTransport<D: VirtioDevice> {
     device: D,
@@ -90,6 +103,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
+    /// Processes every ready queue (after `Effect::Activated`).
+    pub fn process_all(&mut self) {
+        for i in 0..self.queues.len() {
+            self.process_queue(i);
+        }
+    }
+
     /// Runs `f` on the device with queue `index` (for device-initiated queue work).
     pub fn with_device_and_queue(
         &mut self,
@@ -124,20 +144,20 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let q = self.queues.get(self.queue_sel as usize);
         let v: u32 = match offset {
-            0x000 => MAGIC,
-            0x004 => VERSION,
-            0x008 => self.device.device_type(),
-            0x00c => VENDOR,
-            0x010 => match self.device_features_sel {
+            reg::MAGIC_VALUE => MAGIC,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => VENDOR,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
                 0 => self.device.device_features() as u32,
                 1 => (self.device.device_features() >> 32) as u32,
                 _ => 0,
             },
-            0x034 => q.map_or(0, |q| q.max_size() as u32),
-            0x044 => q.map_or(0, |q| q.ready() as u32),
-            0x060 => self.interrupt.status(),
-            0x070 => self.status,
-            0x0fc => self.config_generation,
+            reg::QUEUE_NUM_MAX => q.map_or(0, |q| q.max_size() as u32),
+            reg::QUEUE_READY => q.map_or(0, |q| q.ready() as u32),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => self.config_generation,
             _ => {
                 tracing::debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0
@@ -146,8 +166,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
         write_le(data, v);
     }
 
-    /// Handles a register write. Returns the queue index for a QueueNotify write.
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> Option<usize> {
+    /// Handles a register write; returns what the owner must do next, if anything.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Option<Effect> {
         if offset >= CONFIG_OFFSET {
             self.device.write_config(offset - CONFIG_OFFSET, data);
             return None;
@@ -163,8 +183,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let queue_config_open =
             self.status & status::FEATURES_OK != 0 && self.status & status::DRIVER_OK == 0;
         match offset {
-            0x014 => self.device_features_sel = v,
-            0x020 => {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DRIVER_FEATURES => {
                 if self.status & status::FEATURES_OK == 0 {
                     match self.driver_features_sel {
                         0 => {
@@ -178,12 +198,21 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     }
                 }
             }
-            0x024 => self.driver_features_sel = v,
-            0x030 => self.queue_sel = v,
-            0x038 | 0x044 | 0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if !queue_config_open => {
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::QUEUE_NUM
+            | reg::QUEUE_READY
+            | reg::QUEUE_DESC_LOW
+            | reg::QUEUE_DESC_HIGH
+            | reg::QUEUE_AVAIL_LOW
+            | reg::QUEUE_AVAIL_HIGH
+            | reg::QUEUE_USED_LOW
+            | reg::QUEUE_USED_HIGH
+                if !queue_config_open =>
+            {
                 tracing::warn!("virtio-mmio: queue register {offset:#x} written outside feature negotiation; ignored");
             }
-            0x038 => {
+            reg::QUEUE_NUM => {
                 let max = self.selected().map_or(0, |q| q.max_size() as u32);
                 if v == 0 || v > max || !v.is_power_of_two() {
                     tracing::warn!(
@@ -197,20 +226,20 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     q.set_size(v as u16);
                 }
             }
-            0x044 => {
+            reg::QUEUE_READY => {
                 if let Some(q) = self.selected() {
                     q.set_ready(v == 1);
                 }
             }
-            0x050 => return Some(v as usize),
-            0x064 => self.interrupt.ack(v),
-            0x070 => self.write_status(v),
-            0x080 => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
-            0x084 => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
-            0x090 => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
-            0x094 => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
-            0x0a0 => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
-            0x0a4 => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
+            reg::QUEUE_NOTIFY => return Some(Effect::Notify(v as usize)),
+            reg::INTERRUPT_ACK => self.interrupt.ack(v),
+            reg::STATUS => return self.write_status(v),
+            reg::QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(v), None)),
+            reg::QUEUE_DESC_HIGH => self.with_queue(|q| q.set_desc_table_address(None, Some(v))),
+            reg::QUEUE_AVAIL_LOW => self.with_queue(|q| q.set_avail_ring_address(Some(v), None)),
+            reg::QUEUE_AVAIL_HIGH => self.with_queue(|q| q.set_avail_ring_address(None, Some(v))),
+            reg::QUEUE_USED_LOW => self.with_queue(|q| q.set_used_ring_address(Some(v), None)),
+            reg::QUEUE_USED_HIGH => self.with_queue(|q| q.set_used_ring_address(None, Some(v))),
             _ => tracing::debug!(
                 "virtio-mmio: write of {v:#x} to unknown register {offset:#x} ignored"
             ),
@@ -224,10 +253,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
-    fn write_status(&mut self, v: u32) {
+    fn write_status(&mut self, v: u32) -> Option<Effect> {
         if v == 0 {
             self.reset();
-            return;
+            return None;
         }
         // DEVICE_NEEDS_RESET is cleared only by a reset: otherwise a driver whose activation
         // was refused could write DRIVER_OK again and be accepted with the rings that were
@@ -237,7 +266,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 "virtio-mmio: status {v:#x} written while the device needs a reset; only FAILED is taken"
             );
             self.status |= v & status::FAILED;
-            return;
+            return None;
         }
         // A driver never clears a status bit except by a reset (virtio 1.2 §2.1.2); dropping
         // DRIVER_OK or FEATURES_OK would reopen feature and queue registers under a live
@@ -247,7 +276,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             tracing::warn!(
                 "virtio-mmio: status write {v:#x} would clear bits {cleared:#x} without a reset; ignored"
             );
-            return;
+            return None;
         }
         if v & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0 {
             let offered = self.device.device_features();
@@ -259,14 +288,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     self.driver_features
                 );
                 self.status = v & !(status::FEATURES_OK | status::DRIVER_OK);
-                return;
+                return None;
             }
         }
         if v & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0 {
             if v & status::FEATURES_OK == 0 {
                 tracing::error!("virtio-mmio: DRIVER_OK without FEATURES_OK refused");
                 self.status = v & !status::DRIVER_OK;
-                return;
+                return None;
             }
             let bad: Vec<usize> = self
                 .queues
@@ -279,7 +308,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 tracing::error!("virtio-mmio: queues {bad:?} have rings outside guest RAM or a bad size; device needs reset");
                 self.status = v | status::DEVICE_NEEDS_RESET;
                 self.config_changed();
-                return;
+                return None;
             }
             let rings: Vec<(usize, Range<u64>)> = self
                 .queues
@@ -294,7 +323,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 );
                 self.status = v | status::DEVICE_NEEDS_RESET;
                 self.config_changed();
-                return;
+                return None;
             }
             let ranges: Vec<Range<u64>> = rings.into_iter().map(|(_, r)| r).collect();
             if let Err(e) = self.device.set_rings(&ranges) {
@@ -303,13 +332,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 );
                 self.status = v | status::DEVICE_NEEDS_RESET;
                 self.config_changed();
-                return;
+                return None;
             }
             self.status = v;
             self.device.activate(self.driver_features);
-            return;
+            return Some(Effect::Activated);
         }
         self.status = v;
+        None
     }
 
     fn reset(&mut self) {

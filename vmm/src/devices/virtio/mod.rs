@@ -7,22 +7,55 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use mmio::{MmioTransport, MMIO_SIZE};
+pub use mmio::{Effect, MmioTransport, MMIO_SIZE};
 
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+use virtio_bindings::virtio_config as cfg;
+use virtio_bindings::virtio_mmio as mmio_regs;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << cfg::VIRTIO_F_VERSION_1;
 
 /// Device status bits (virtio 1.2 §2.1).
 pub mod status {
-    pub const ACKNOWLEDGE: u32 = 1;
-    pub const DRIVER: u32 = 2;
-    pub const DRIVER_OK: u32 = 4;
-    pub const FEATURES_OK: u32 = 8;
-    pub const DEVICE_NEEDS_RESET: u32 = 64;
-    pub const FAILED: u32 = 128;
+    use super::cfg;
+    pub const ACKNOWLEDGE: u32 = cfg::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    pub const DRIVER: u32 = cfg::VIRTIO_CONFIG_S_DRIVER;
+    pub const DRIVER_OK: u32 = cfg::VIRTIO_CONFIG_S_DRIVER_OK;
+    pub const FEATURES_OK: u32 = cfg::VIRTIO_CONFIG_S_FEATURES_OK;
+    pub const DEVICE_NEEDS_RESET: u32 = cfg::VIRTIO_CONFIG_S_NEEDS_RESET;
+    pub const FAILED: u32 = cfg::VIRTIO_CONFIG_S_FAILED;
 }
 
-pub const INT_USED_RING: u32 = 1;
-pub const INT_CONFIG: u32 = 2;
+/// The transport's register offsets (virtio 1.2 §4.2.2), as MMIO offsets.
+pub mod reg {
+    use super::mmio_regs as m;
+    pub const MAGIC_VALUE: u64 = m::VIRTIO_MMIO_MAGIC_VALUE as u64;
+    pub const VERSION: u64 = m::VIRTIO_MMIO_VERSION as u64;
+    pub const DEVICE_ID: u64 = m::VIRTIO_MMIO_DEVICE_ID as u64;
+    pub const VENDOR_ID: u64 = m::VIRTIO_MMIO_VENDOR_ID as u64;
+    pub const DEVICE_FEATURES: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES as u64;
+    pub const DEVICE_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
+    pub const DRIVER_FEATURES: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES as u64;
+    pub const DRIVER_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
+    pub const QUEUE_SEL: u64 = m::VIRTIO_MMIO_QUEUE_SEL as u64;
+    pub const QUEUE_NUM_MAX: u64 = m::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
+    pub const QUEUE_NUM: u64 = m::VIRTIO_MMIO_QUEUE_NUM as u64;
+    pub const QUEUE_READY: u64 = m::VIRTIO_MMIO_QUEUE_READY as u64;
+    pub const QUEUE_NOTIFY: u64 = m::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+    pub const INTERRUPT_STATUS: u64 = m::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+    pub const INTERRUPT_ACK: u64 = m::VIRTIO_MMIO_INTERRUPT_ACK as u64;
+    pub const STATUS: u64 = m::VIRTIO_MMIO_STATUS as u64;
+    pub const QUEUE_DESC_LOW: u64 = m::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
+    pub const QUEUE_DESC_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
+    pub const QUEUE_AVAIL_LOW: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
+    pub const QUEUE_AVAIL_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
+    pub const QUEUE_USED_LOW: u64 = m::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
+    pub const QUEUE_USED_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
+    pub const CONFIG_GENERATION: u64 = m::VIRTIO_MMIO_CONFIG_GENERATION as u64;
+    pub const CONFIG: u64 = m::VIRTIO_MMIO_CONFIG as u64;
+}
+
+pub const INT_USED_RING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// The device's interrupt: InterruptStatus bits plus an irqfd into the in-kernel irqchip.
 pub struct Interrupt {
@@ -84,4 +117,70 @@ pub trait VirtioDevice: Send {
         queue: &mut virtio_queue::Queue,
         mem: &GuestMemoryMmap,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use abi::virtio as guest;
+
+    /// The guests' copies (no_std, so they cannot use `virtio-bindings`) are rust-vmm's values.
+    #[test]
+    fn the_guests_virtio_values_are_rust_vmms() {
+        let pairs = [
+            (guest::reg::MAGIC_VALUE, reg::MAGIC_VALUE),
+            (guest::reg::VERSION, reg::VERSION),
+            (guest::reg::DEVICE_ID, reg::DEVICE_ID),
+            (guest::reg::VENDOR_ID, reg::VENDOR_ID),
+            (guest::reg::DEVICE_FEATURES, reg::DEVICE_FEATURES),
+            (guest::reg::DEVICE_FEATURES_SEL, reg::DEVICE_FEATURES_SEL),
+            (guest::reg::DRIVER_FEATURES, reg::DRIVER_FEATURES),
+            (guest::reg::DRIVER_FEATURES_SEL, reg::DRIVER_FEATURES_SEL),
+            (guest::reg::QUEUE_SEL, reg::QUEUE_SEL),
+            (guest::reg::QUEUE_NUM_MAX, reg::QUEUE_NUM_MAX),
+            (guest::reg::QUEUE_NUM, reg::QUEUE_NUM),
+            (guest::reg::QUEUE_READY, reg::QUEUE_READY),
+            (guest::reg::QUEUE_NOTIFY, reg::QUEUE_NOTIFY),
+            (guest::reg::INTERRUPT_STATUS, reg::INTERRUPT_STATUS),
+            (guest::reg::INTERRUPT_ACK, reg::INTERRUPT_ACK),
+            (guest::reg::STATUS, reg::STATUS),
+            (guest::reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_LOW),
+            (guest::reg::QUEUE_DESC_HIGH, reg::QUEUE_DESC_HIGH),
+            (guest::reg::QUEUE_AVAIL_LOW, reg::QUEUE_AVAIL_LOW),
+            (guest::reg::QUEUE_AVAIL_HIGH, reg::QUEUE_AVAIL_HIGH),
+            (guest::reg::QUEUE_USED_LOW, reg::QUEUE_USED_LOW),
+            (guest::reg::QUEUE_USED_HIGH, reg::QUEUE_USED_HIGH),
+            (guest::reg::CONFIG_GENERATION, reg::CONFIG_GENERATION),
+            (guest::reg::CONFIG, reg::CONFIG),
+        ];
+        for (g, r) in pairs {
+            assert_eq!(g, r);
+        }
+        let status = [
+            (guest::status::ACKNOWLEDGE, status::ACKNOWLEDGE),
+            (guest::status::DRIVER, status::DRIVER),
+            (guest::status::DRIVER_OK, status::DRIVER_OK),
+            (guest::status::FEATURES_OK, status::FEATURES_OK),
+            (guest::status::NEEDS_RESET, status::DEVICE_NEEDS_RESET),
+            (guest::status::FAILED, status::FAILED),
+            (guest::INT_VRING, INT_USED_RING),
+            (guest::INT_CONFIG, INT_CONFIG),
+        ];
+        for (g, r) in status {
+            assert_eq!(g, r);
+        }
+        assert_eq!(guest::F_VERSION_1, VIRTIO_F_VERSION_1);
+        assert_eq!(
+            guest::balloon::DEVICE_ID,
+            virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON
+        );
+        assert_eq!(
+            u32::from(guest::DESC_F_NEXT),
+            virtio_bindings::virtio_ring::VRING_DESC_F_NEXT
+        );
+        assert_eq!(
+            u32::from(guest::DESC_F_WRITE),
+            virtio_bindings::virtio_ring::VRING_DESC_F_WRITE
+        );
+    }
 }

@@ -7,8 +7,9 @@
 mod sequences;
 
 use super::*;
-use crate::devices::virtio::{status, MmioTransport};
-use guest_mm::{FrameState, GatherConfig, GuestRam, KvmMemfd, OwnershipChecked, Strategy};
+use crate::devices::virtio::{reg as r, status, MmioTransport};
+use crate::memory::Protocol;
+use guest_mm::{FrameState, GuestRam, KvmMemfd, OwnershipChecked, ReclaimConfig, Strategy};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,16 +28,14 @@ struct AsBlocks {
 }
 
 impl guest_mm::Stage2Backend for AsBlocks {
-    fn name(&self) -> &'static str {
-        "memfd-as-blocks"
-    }
-    fn granule(&self) -> guest_mm::Granule {
-        guest_mm::Granule::Block {
-            can_split: self.can_split,
+    fn capabilities(&self) -> guest_mm::Capabilities {
+        guest_mm::Capabilities {
+            name: "memfd-as-blocks",
+            granule: guest_mm::Granule::Block {
+                can_split: self.can_split,
+            },
+            ..self.inner.capabilities()
         }
-    }
-    fn zap_keeps_contents(&self) -> bool {
-        self.inner.zap_keeps_contents()
     }
     fn zap(&self, s: &guest_mm::ZapSpan) -> Result<(), guest_mm::BackendError> {
         self.inner.zap(s)
@@ -54,8 +53,13 @@ struct Harness {
     outside: ownership::Outside,
 }
 
+/// A register write as a vCPU thread makes it (`BalloonDevice::mmio_write`): notifications
+/// and DRIVER_OK served at once, free page reports as the event loop serves them.
 fn reg(t: &mut MmioTransport<Balloon>, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
+    let effect = t.write(off, &v.to_le_bytes());
+    if serve_inline(t, effect) {
+        serve_reports_exclusive(t);
+    }
 }
 
 fn read_reg(t: &MmioTransport<Balloon>, off: u64) -> u32 {
@@ -74,9 +78,9 @@ impl Harness {
     fn with_blocks(strategy: Strategy, blocks: Option<bool>) -> Self {
         let ram = Arc::new(GuestRam::new(MEM).unwrap());
         // Every host call is checked against the frames' owners.
-        let config = GatherConfig::new(strategy);
+        let config = ReclaimConfig::with_strategy(strategy);
         let mm = Arc::new(match blocks {
-            None => MemoryManager::checked(ram.clone(), config),
+            None => MemoryManager::checked(ram.clone(), config).unwrap(),
             Some(can_split) => MemoryManager::with_backend(
                 ram.clone(),
                 config,
@@ -87,10 +91,17 @@ impl Harness {
                     };
                     Arc::new(OwnershipChecked::new(Arc::new(blocks), map.clone()))
                 },
+                Protocol::Inline,
                 None,
-                None,
-            ),
+            )
+            .unwrap(),
         });
+        Self::on(mm)
+    }
+
+    /// The device on `mm`'s RAM and gather.
+    fn on(mm: Arc<MemoryManager>) -> Self {
+        let ram = mm.ram.clone();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let t = MmioTransport::new(
             Balloon::new(mm.clone(), interrupt.clone()),
@@ -139,15 +150,29 @@ impl Harness {
 
     /// Drives the driver side of initialisation; `rings` overrides queue 0's ring address.
     fn init(&mut self, features: u64, ring0: Option<u64>) {
+        self.init_queues_at(features, ring0);
+        reg(
+            &mut self.t,
+            r::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+    }
+
+    /// Initialisation up to DRIVER_OK: features and the four queues.
+    fn init_queues(&mut self, features: u64) {
+        self.init_queues_at(features, None);
+    }
+
+    fn init_queues_at(&mut self, features: u64, ring0: Option<u64>) {
         let t = &mut self.t;
-        reg(t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
-        reg(t, 0x24, 0);
-        reg(t, 0x20, features as u32);
-        reg(t, 0x24, 1);
-        reg(t, 0x20, (features >> 32) as u32);
+        reg(t, r::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        reg(t, r::DRIVER_FEATURES_SEL, 0);
+        reg(t, r::DRIVER_FEATURES, features as u32);
+        reg(t, r::DRIVER_FEATURES_SEL, 1);
+        reg(t, r::DRIVER_FEATURES, (features >> 32) as u32);
         reg(
             t,
-            0x70,
+            r::STATUS,
             status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
         );
         for q in 0..4u64 {
@@ -156,24 +181,34 @@ impl Harness {
             } else {
                 RING_BASE + q * 0x3000
             };
-            reg(t, 0x30, q as u32);
-            reg(t, 0x38, QSIZE as u32);
-            for (lo, addr) in [(0x80, base), (0x90, base + 0x1000), (0xa0, base + 0x2000)] {
+            reg(t, r::QUEUE_SEL, q as u32);
+            reg(t, r::QUEUE_NUM, QSIZE as u32);
+            for (lo, addr) in [
+                (r::QUEUE_DESC_LOW, base),
+                (r::QUEUE_AVAIL_LOW, base + 0x1000),
+                (r::QUEUE_USED_LOW, base + 0x2000),
+            ] {
                 reg(t, lo, addr as u32);
                 reg(t, lo + 4, (addr >> 32) as u32);
             }
-            reg(t, 0x44, 1);
+            reg(t, r::QUEUE_READY, 1);
         }
-        reg(
-            t,
-            0x70,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
     }
 
-    /// Puts a chain of (addr, len, flags) descriptors on queue q and lets the device run.
-    /// Returns the used index afterwards.
+    /// Puts a chain of (addr, len, flags) descriptors on queue q and notifies the device, as
+    /// a driver does. Returns the used index afterwards.
     fn submit(&mut self, q: usize, chain: &[(u64, u32, u16)]) -> u16 {
+        self.make_available(q, chain);
+        reg(&mut self.t, r::QUEUE_NOTIFY, q as u32);
+        self.check();
+        let base = RING_BASE + q as u64 * 0x3000;
+        self.mem()
+            .read_obj::<u16>(GuestAddress(base + 0x2002))
+            .unwrap()
+    }
+
+    /// Puts a chain of (addr, len, flags) descriptors on queue q's available ring.
+    fn make_available(&mut self, q: usize, chain: &[(u64, u32, u16)]) {
         let base = RING_BASE + q as u64 * 0x3000;
         for (i, &(addr, len, flags)) in chain.iter().enumerate() {
             let next = if i + 1 < chain.len() { 1 } else { 0 };
@@ -193,11 +228,6 @@ impl Harness {
         self.mem()
             .write_obj(self.avail_idx[q], GuestAddress(base + 0x1002))
             .unwrap();
-        self.t.process_queue(q);
-        self.check();
-        self.mem()
-            .read_obj::<u16>(GuestAddress(base + 0x2002))
-            .unwrap()
     }
 
     /// Parses `chain` as a free page report, as the device does (without processing it).
@@ -232,9 +262,17 @@ impl Harness {
         }
     }
 
+    /// A driver's reset: the device's, then fresh rings (as a driver sets them up again), so
+    /// that DRIVER_OK finds nothing left from before.
     fn reset(&mut self) {
-        reg(&mut self.t, 0x70, 0);
+        reg(&mut self.t, r::STATUS, 0);
         self.avail_idx = [0; 4];
+        for q in 0..4u64 {
+            let base = RING_BASE + q * 0x3000;
+            for idx in [base + 0x1002, base + 0x2002] {
+                self.mem().write_obj(0u16, GuestAddress(idx)).unwrap();
+            }
+        }
         self.check();
     }
 
@@ -298,7 +336,7 @@ fn deflate_while_still_gathered_never_frees_the_frames() {
     );
     let buf = h.pfn_buffer(&[0x1001, 0x1002]);
     h.submit(DEFLATE_Q, &[buf]);
-    h.mm.gather.lock().unwrap().flush();
+    h.mm.gather.flush();
     assert_eq!(h.state(0x1001), FrameState::Mapped);
     assert_eq!(h.state(0x1000), FrameState::Released);
     assert!(
@@ -388,11 +426,11 @@ fn a_descriptor_loop_is_cut_at_the_queue_size() {
 fn rings_outside_guest_ram_make_the_device_need_a_reset() {
     let mut h = Harness::new(Strategy::PerBuffer);
     h.init(ALL, Some(0xC000_0000));
-    assert_ne!(read_reg(&h.t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+    assert_ne!(read_reg(&h.t, r::STATUS) & status::DEVICE_NEEDS_RESET, 0);
     assert!(!h.t.is_active());
     h.t.process_queue(INFLATE_Q); // ignored, no panic
-    reg(&mut h.t, 0x70, 0);
-    assert_eq!(read_reg(&h.t, 0x70), 0, "a reset clears it");
+    reg(&mut h.t, r::STATUS, 0);
+    assert_eq!(read_reg(&h.t, r::STATUS), 0, "a reset clears it");
     h.init(ALL, None);
     assert!(h.t.is_active());
 }
@@ -403,25 +441,25 @@ fn only_a_reset_clears_needs_reset_or_other_status_bits() {
     h.init(ALL, Some(0xC000_0000));
     let all = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
     // Writing DRIVER_OK again does not activate the refused rings.
-    reg(&mut h.t, 0x70, all);
-    assert_ne!(read_reg(&h.t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+    reg(&mut h.t, r::STATUS, all);
+    assert_ne!(read_reg(&h.t, r::STATUS) & status::DEVICE_NEEDS_RESET, 0);
     assert!(!h.t.is_active());
-    reg(&mut h.t, 0x70, all | status::FAILED);
+    reg(&mut h.t, r::STATUS, all | status::FAILED);
     assert_ne!(
-        read_reg(&h.t, 0x70) & status::FAILED,
+        read_reg(&h.t, r::STATUS) & status::FAILED,
         0,
         "FAILED may be added"
     );
-    reg(&mut h.t, 0x70, 0);
+    reg(&mut h.t, r::STATUS, 0);
     h.init(ALL, None);
     assert!(h.t.is_active());
     // Dropping DRIVER_OK / FEATURES_OK without a reset is refused; the device stays active
     // with the features it was activated with, and the queue registers stay frozen.
-    reg(&mut h.t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
-    assert_eq!(read_reg(&h.t, 0x70), all);
-    reg(&mut h.t, 0x24, 0);
-    reg(&mut h.t, 0x20, u32::MAX);
-    reg(&mut h.t, 0x70, all);
+    reg(&mut h.t, r::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+    assert_eq!(read_reg(&h.t, r::STATUS), all);
+    reg(&mut h.t, r::DRIVER_FEATURES_SEL, 0);
+    reg(&mut h.t, r::DRIVER_FEATURES, u32::MAX);
+    reg(&mut h.t, r::STATUS, all);
     assert!(h.t.is_active());
     let buf = h.pfn_buffer(&[0x1000]);
     assert_eq!(h.submit(INFLATE_Q, &[buf]), 1);
@@ -433,15 +471,15 @@ fn overlapping_rings_make_the_device_need_a_reset() {
     let mut h = Harness::new(Strategy::PerBuffer);
     // Queue 0's rings placed exactly over queue 1's.
     h.init(ALL, Some(RING_BASE + 0x3000));
-    assert_ne!(read_reg(&h.t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+    assert_ne!(read_reg(&h.t, r::STATUS) & status::DEVICE_NEEDS_RESET, 0);
     assert!(!h.t.is_active());
-    reg(&mut h.t, 0x70, 0);
+    reg(&mut h.t, r::STATUS, 0);
     // A few bytes are enough: queue 0's used ring (134 bytes) ends 6 bytes into queue 1's
     // descriptor table; every ring stays aligned, so only the overlap is wrong.
     h.init(ALL, Some(RING_BASE + 0x1000 - 0x80));
     assert_eq!(h.t.queue_rings_for_test(0)[2].end, RING_BASE + 0x3000 + 6);
-    assert_ne!(read_reg(&h.t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
-    reg(&mut h.t, 0x70, 0);
+    assert_ne!(read_reg(&h.t, r::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    reg(&mut h.t, r::STATUS, 0);
     h.init(ALL, None);
     assert!(h.t.is_active(), "a reset and a clean layout recover");
 }
@@ -471,7 +509,7 @@ fn ring_frames_are_refused_while_the_device_uses_them() {
 fn features_not_offered_are_refused() {
     let mut h = Harness::new(Strategy::PerBuffer);
     h.init(ALL | 1 << 3, None);
-    assert_eq!(read_reg(&h.t, 0x70) & status::FEATURES_OK, 0);
+    assert_eq!(read_reg(&h.t, r::STATUS) & status::FEATURES_OK, 0);
     assert!(!h.t.is_active());
     let mut h = Harness::new(Strategy::PerBuffer);
     h.init(F_STATS_VQ, None); // no VERSION_1: legacy drivers are not supported
@@ -496,6 +534,132 @@ fn free_page_reports_are_reclaimed_and_given_back() {
     assert_eq!(h.counters().pages_reported, 512);
 }
 
+/// The memfd backend with a gate: while closed, a zap waits (tests of who waits for whom).
+#[derive(Default)]
+struct Gate {
+    closed: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+struct Gated {
+    inner: KvmMemfd,
+    gate: Arc<Gate>,
+}
+
+impl guest_mm::Stage2Backend for Gated {
+    fn capabilities(&self) -> guest_mm::Capabilities {
+        self.inner.capabilities()
+    }
+    fn zap(&self, s: &guest_mm::ZapSpan) -> Result<(), guest_mm::BackendError> {
+        let mut closed = self.gate.closed.lock().unwrap();
+        while *closed {
+            closed = self.gate.opened.wait(closed).unwrap();
+        }
+        drop(closed);
+        self.inner.zap(s)
+    }
+    fn release(&self, r: guest_mm::GfnRange) -> Result<(), guest_mm::BackendError> {
+        self.inner.release(r)
+    }
+}
+
+/// The design the device path relies on: an inflate notification, served on the notifying
+/// (vCPU) thread, records the frames, returns the buffer and comes back while the batch it
+/// fed is still waiting to be zapped; every zap and release runs on the `reclaim` worker.
+/// The zap is held by a gate: a notification that waited for it would never return.
+#[test]
+fn an_inflate_notification_returns_before_its_batch_is_zapped() {
+    let ram = Arc::new(GuestRam::new(MEM).unwrap());
+    let gate = Arc::new(Gate::default());
+    let backend_gate = gate.clone();
+    let mm = Arc::new(
+        MemoryManager::with_backend(
+            ram,
+            ReclaimConfig {
+                batch_pages: 16,
+                ..ReclaimConfig::default()
+            },
+            |ram, map| {
+                let gated = Gated {
+                    inner: KvmMemfd::new(ram.clone()),
+                    gate: backend_gate,
+                };
+                Arc::new(OwnershipChecked::new(Arc::new(gated), map.clone()))
+            },
+            Protocol::Worker,
+            None,
+        )
+        .unwrap(),
+    );
+    let log = Arc::new(guest_mm::reclaim::EventLog::default());
+    mm.gather.set_event_log(log.clone());
+    let mut h = Harness::on(mm);
+    h.init(ALL, None);
+    *gate.closed.lock().unwrap() = true;
+    let pfns: Vec<u32> = (0x1000..0x1010).rev().collect();
+    let buf = h.pfn_buffer(&pfns);
+    h.make_available(INFLATE_Q, &[buf]);
+    reg(&mut h.t, r::QUEUE_NOTIFY, INFLATE_Q as u32);
+    log.note("notification returned");
+    let used = h
+        .mem()
+        .read_obj::<u16>(GuestAddress(RING_BASE + 0x2002))
+        .unwrap();
+    assert_eq!(used, 1, "the buffer is back on the used ring");
+    // The batch is full, so the worker has it (or is about to): nothing is zapped yet.
+    assert_eq!(h.mm.map.count(FrameState::Released), 0);
+    assert!(pfns.iter().all(|&g| matches!(
+        h.state(g as u64),
+        FrameState::Gathered | FrameState::Batched
+    )));
+    *gate.closed.lock().unwrap() = false;
+    gate.opened.notify_all();
+    h.mm.gather.flush();
+    assert!(pfns
+        .iter()
+        .all(|&g| h.state(g as u64) == FrameState::Released));
+    h.check();
+    let events = log.events();
+    let returned = events
+        .iter()
+        .position(|e| e.phase == guest_mm::reclaim::Phase::External("notification returned"))
+        .unwrap();
+    let first_zap = events
+        .iter()
+        .position(|e| matches!(e.phase, guest_mm::reclaim::Phase::Zap(_)))
+        .expect("the batch was zapped");
+    assert!(returned < first_zap, "{events:?}");
+    for e in events.iter().filter(|e| e.batch != u64::MAX) {
+        assert_eq!(e.thread, "reclaim", "{e:?} ran off the worker");
+    }
+}
+
+/// Linux primes the stats queue and notifies it in `init_vqs()`, before DRIVER_OK; the
+/// notification finds the device inactive. DRIVER_OK must serve every ready queue once, or the
+/// driver's statistics never arrive (they did not, with Linux 6.1's driver).
+#[test]
+fn a_notification_before_driver_ok_is_served_at_driver_ok() {
+    let mut h = Harness::new(Strategy::Gather);
+    h.init_queues(ALL);
+    let b: Vec<u8> = [(4u16, 100u64), (5, 200)]
+        .into_iter()
+        .flat_map(|(tag, val)| tag.to_le_bytes().into_iter().chain(val.to_le_bytes()))
+        .collect();
+    h.mem().write_slice(&b, GuestAddress(BUF)).unwrap();
+    h.make_available(STATS_Q, &[(BUF, 20, 0)]);
+    reg(&mut h.t, r::QUEUE_NOTIFY, STATS_Q as u32);
+    assert_eq!(
+        h.t.device().guest_stats.updates,
+        0,
+        "the device is not active yet"
+    );
+    let all = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+    reg(&mut h.t, r::STATUS, all);
+    assert_eq!(h.t.device().guest_stats.updates, 1);
+    assert_eq!(h.t.device().guest_stats.values.total_memory, Some(200));
+    h.check();
+}
+
 #[test]
 fn stats_are_parsed_and_refreshed_on_request() {
     let mut h = Harness::new(Strategy::Gather);
@@ -514,7 +678,8 @@ fn stats_are_parsed_and_refreshed_on_request() {
         0,
         "the device keeps the stats buffer"
     );
-    let s = &h.t.device().guest_stats;
+    let g = &h.t.device().guest_stats;
+    let s = &g.values;
     assert_eq!(
         (s.free_memory, s.total_memory, s.available_memory),
         (Some(100), Some(200), Some(150))
@@ -524,7 +689,7 @@ fn stats_are_parsed_and_refreshed_on_request() {
             s.major_faults,
             s.hugetlb_failures,
             s.swap_in,
-            s.unknown_tags
+            g.unknown_tags
         ),
         (Some(7), Some(1), None, 1),
         "every virtio tag kept by name, unknown ones counted"
@@ -556,28 +721,36 @@ fn stats_are_parsed_and_refreshed_on_request() {
 fn deflate_on_oom_gives_frames_back_below_the_target() {
     let mut h = Harness::new(Strategy::PerBuffer);
     h.init(ALL, None);
-    let _ = read_reg(&h.t, 0x60);
-    reg(&mut h.t, 0x64, 3); // acknowledge anything pending
+    let _ = read_reg(&h.t, r::INTERRUPT_STATUS);
+    reg(&mut h.t, r::INTERRUPT_ACK, 3); // acknowledge anything pending
     assert!(h.t.device_mut().set_num_pages(16));
     h.t.config_changed();
-    assert_eq!(read_reg(&h.t, 0x60) & 2, 2, "config-change interrupt");
-    reg(&mut h.t, 0x64, 2);
+    assert_eq!(
+        read_reg(&h.t, r::INTERRUPT_STATUS) & 2,
+        2,
+        "config-change interrupt"
+    );
+    reg(&mut h.t, r::INTERRUPT_ACK, 2);
     let pfns: Vec<u32> = (0x1000..0x1010).collect();
     let buf = h.pfn_buffer(&pfns);
     h.submit(INFLATE_Q, &[buf]);
-    h.t.write(0x104, &16u32.to_le_bytes());
+    h.t.write(r::CONFIG + CONFIG_ACTUAL, &16u32.to_le_bytes());
     let held = h.mm.ram.host_bytes_held().unwrap();
     // The OOM notifier deflates 8 pages with the target unchanged.
     let buf = h.pfn_buffer(&pfns[..8]);
     assert_eq!(h.submit(DEFLATE_Q, &[buf]), 1);
-    h.t.write(0x104, &8u32.to_le_bytes());
+    h.t.write(r::CONFIG + CONFIG_ACTUAL, &8u32.to_le_bytes());
     assert_eq!((h.t.device().actual(), h.t.device().num_pages()), (8, 16));
     assert_eq!(h.state(0x1007), FrameState::Mapped);
     assert_eq!(h.state(0x1008), FrameState::Released);
     h.fill(0x1007, 0xcd);
     assert!(h.page_is(0x1007, 0xcd), "a deflated frame is usable RAM");
     assert!(h.mm.ram.host_bytes_held().unwrap() >= held);
-    assert_eq!(read_reg(&h.t, 0x60) & 2, 0, "no new config change");
+    assert_eq!(
+        read_reg(&h.t, r::INTERRUPT_STATUS) & 2,
+        0,
+        "no new config change"
+    );
     assert_eq!(h.counters().pages_deflated, 8);
     assert!(h.canary_intact());
 }
@@ -587,10 +760,10 @@ fn config_reports_target_and_validates_actual() {
     let mut h = Harness::new(Strategy::Gather);
     h.init(ALL, None);
     h.t.device_mut().set_num_pages(1234);
-    assert_eq!(read_reg(&h.t, 0x100), 1234);
-    h.t.write(0x104, &500u32.to_le_bytes());
+    assert_eq!(read_reg(&h.t, r::CONFIG + CONFIG_NUM_PAGES), 1234);
+    h.t.write(r::CONFIG + CONFIG_ACTUAL, &500u32.to_le_bytes());
     assert_eq!(h.t.device().actual(), 500);
-    h.t.write(0x104, &u32::MAX.to_le_bytes());
+    h.t.write(r::CONFIG + CONFIG_ACTUAL, &u32::MAX.to_le_bytes());
     assert_eq!(
         h.t.device().actual(),
         500,
@@ -619,7 +792,7 @@ fn a_report_over_ballooned_frames_leaves_them_in_the_balloon() {
     let held_frame = 0x480u32;
     let buf = h.pfn_buffer(&[held_frame]);
     h.submit(INFLATE_Q, &[buf]);
-    h.mm.gather.lock().unwrap().flush();
+    h.mm.gather.flush();
     assert_eq!(h.state(held_frame as u64), FrameState::Released);
     // 2 MiB of free frames 0x400..0x600, one of which is in the balloon.
     assert_eq!(h.submit(REPORTING_Q, &[(0x400000, 0x200000, 2)]), 1);
@@ -657,7 +830,7 @@ fn a_report_over_ring_frames_counts_each_refused_frame_once() {
     assert_eq!(h.submit(REPORTING_Q, &[(RING_BASE, 12 * 4096, 2)]), 1);
     let c = h.counters();
     assert_eq!((c.invalid_frames, c.pages_reported), (12, 0));
-    assert_eq!(h.mm.gather.lock().unwrap().stats().invalid_frames, 12);
+    assert_eq!(h.mm.gather.stats().invalid_frames, 12);
     assert_eq!(h.state(RING_BASE / 4096), FrameState::DeviceMapped);
 }
 
@@ -704,7 +877,7 @@ fn a_reset_gives_every_ballooned_frame_back() {
     h.init(ALL, None);
     let buf = h.pfn_buffer(&[0x1000, 0x1001, 0x1002]);
     h.submit(INFLATE_Q, &[buf]);
-    h.mm.gather.lock().unwrap().flush();
+    h.mm.gather.flush();
     h.fill(0x1003, 0x77);
     let buf = h.pfn_buffer(&[0x1003]);
     h.submit(INFLATE_Q, &[buf]); // still pending in the batch
@@ -714,7 +887,7 @@ fn a_reset_gives_every_ballooned_frame_back() {
     assert_eq!(h.counters().pages_returned_by_reset, 4);
     assert_eq!(h.state(0x1000), FrameState::Mapped);
     assert!(h.page_is(0x1003, 0x77), "a pending frame was never zapped");
-    h.mm.gather.lock().unwrap().flush();
+    h.mm.gather.flush();
     assert_eq!(h.state(0x1003), FrameState::Mapped, "nor is it later");
     h.check();
 }
@@ -725,10 +898,10 @@ fn a_ring_in_a_ballooned_frame_makes_driver_ok_fail() {
     let spot = 0x2000u64; // queue 0's rings go to frames spot..spot+3
                           // A reset empties the balloon and an inactive device processes no queue, so a guest
                           // cannot get here; the check at DRIVER_OK is the last line. Put a frame there directly.
-    h.mm.gather.lock().unwrap().add_buffer(&[spot + 1]);
-    h.mm.gather.lock().unwrap().flush();
+    h.mm.gather.add_buffer(&[spot + 1]);
+    h.mm.gather.flush();
     h.init(ALL, Some(spot * 4096));
-    assert_ne!(read_reg(&h.t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+    assert_ne!(read_reg(&h.t, r::STATUS) & status::DEVICE_NEEDS_RESET, 0);
     assert!(!h.t.is_active());
     assert_eq!(
         h.state(spot + 1),

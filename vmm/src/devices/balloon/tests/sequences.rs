@@ -89,14 +89,12 @@ impl Model {
 
 fn run(strategy: Reclaim, zap_span_gap: u64, blocks: Option<bool>, ops: &[Op]) {
     let mut h = Harness::with_blocks(strategy, blocks);
-    {
-        let mut g = h.mm.gather.lock().unwrap();
-        let c = GatherConfig {
-            zap_span_gap,
-            ..*g.config()
-        };
-        g.set_config(c);
-    }
+    let g = &h.mm.gather;
+    g.set_config(ReclaimConfig {
+        zap_span_gap,
+        ..g.config()
+    })
+    .unwrap();
     h.init(ALL, None);
     let mut model = Model::default();
     for op in ops {
@@ -170,7 +168,7 @@ fn run(strategy: Reclaim, zap_span_gap: u64, blocks: Option<bool>, ops: &[Op]) {
                 h.outside.invalid += out.invalid;
             }
             Op::Flush => {
-                h.mm.gather.lock().unwrap().flush();
+                h.mm.gather.flush();
             }
             Op::Reset => {
                 h.reset();

@@ -1,6 +1,7 @@
 //! QEMU as a peer VMM: the one microvm command line our guests boot under, a child process
 //! whose failures carry QEMU's own words (exit status and the tail of its stderr), and a
-//! start-up check that boots a tiny guest before anything relies on QEMU.
+//! start-up check that boots a tiny guest before anything relies on QEMU. Development only:
+//! the tests and the benchmarks compare against QEMU; the VMM never runs it.
 //!
 //! Callers (tests, peer-compare) never see a bare "connection refused": when QEMU exits or
 //! never opens its QMP socket, they get a [`QemuError`] that says how it ended and what it
@@ -66,16 +67,7 @@ pub fn microvm_args(memory: &str, vcpus: u32) -> Vec<String> {
     .collect()
 }
 
-/// A test guest's command line under QEMU with `vcpus` vCPUs. QEMU starts only the boot vCPU
-/// at the PVH entry; `cpus=N` tells the guest's runtime to bring up the other N - 1 itself
-/// with INIT/SIPI (guest-kernels/rt, `start_aps`).
-pub fn guest_cmdline(cmdline: &str, vcpus: u32) -> String {
-    if vcpus > 1 {
-        format!("{cmdline} cpus={vcpus}").trim().to_string()
-    } else {
-        cmdline.to_string()
-    }
-}
+pub use crate::console::guest_cmdline;
 
 #[derive(Debug, Error)]
 pub enum QemuError {
@@ -95,7 +87,7 @@ pub enum QemuError {
     },
     #[error("QMP with QEMU failed: {err}; QEMU said:\n{stderr}")]
     Qmp { err: std::io::Error, stderr: String },
-    #[error("QEMU cannot boot a tiny test guest on this host, so nothing that compares against QEMU can run: {cause}\nWhat to do: check that /dev/kvm is usable and that qemu-system-x86_64 is Debian's qemu-system-x86 (./setup.sh installs it); if QEMU refuses a CPU feature of this host, mask it in vmm::qemu's CPU_MODEL")]
+    #[error("QEMU cannot boot a tiny test guest on this host, so nothing that compares against QEMU can run: {cause}\nWhat to do: check that /dev/kvm is usable and that qemu-system-x86_64 is Debian's qemu-system-x86 (./setup.sh installs it); if QEMU refuses a CPU feature of this host, mask it in vmm_harness::qemu's CPU_MODEL")]
     StartupCheck { cause: Box<QemuError> },
 }
 

@@ -18,7 +18,8 @@
 //! Bridged frames are not touched in the stage-2 map: they stay Mapped (or whatever they
 //! were) with their reverse-map state, since they were never given away.
 
-use crate::coalesce::same_ram_range;
+use super::coalesce::same_ram_range;
+pub use crate::backend::ZapSpan;
 use crate::gfn::{Gfn, GfnRange};
 use crate::layout::Layout;
 use crate::stage2_map::{Owner, Stage2Map};
@@ -27,31 +28,6 @@ use crate::stage2_map::{Owner, Stage2Map};
 /// and do not count against the bound, so without a cap a span could cover most of a guest;
 /// KVM walks the whole range under mmu_lock and may break the walk with an extra flush.
 pub const MAX_SPAN_FRAMES: u64 = 1 << 18;
-
-/// One zap call: `span`, covering the reclaimed `ranges` (ascending, inside `span`, the first
-/// starting and the last ending where the span does) and `bridged` in-use frames.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ZapSpan {
-    pub span: GfnRange,
-    pub ranges: Vec<GfnRange>,
-    /// Frames in the span that the guest or a device owns (they may refault).
-    pub bridged: u64,
-}
-
-impl ZapSpan {
-    fn single(r: GfnRange) -> Self {
-        Self {
-            span: r,
-            ranges: vec![r],
-            bridged: 0,
-        }
-    }
-
-    /// Frames of the span in no reclaimed range.
-    pub fn gap_frames(&self) -> u64 {
-        self.span.count - self.ranges.iter().map(|r| r.count).sum::<u64>()
-    }
-}
 
 /// In-use frames in `[start, end)`, counting no further than `limit + 1`.
 fn in_use_between(map: &Stage2Map, start: Gfn, end: Gfn, limit: u64) -> u64 {
@@ -101,8 +77,8 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coalesce::coalesce;
     use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE};
+    use crate::reclaim::coalesce::coalesce;
     use proptest::prelude::*;
 
     const HOLE_START: Gfn = MMIO_HOLE_START / PAGE_SIZE;

@@ -2,7 +2,7 @@
 //! (memslot) boundary, reporting every frame that is not RAM.
 
 use crate::gfn::{FrameError, Gfn, GfnRange};
-use crate::layout::{Layout, PAGE_SIZE};
+use crate::layout::{check_ram, Layout, PAGE_SIZE};
 
 /// The result of coalescing: valid frames as ranges, and every invalid frame with its reason.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -12,20 +12,6 @@ pub struct Coalesced {
     pub invalid: Vec<FrameError>,
     /// Valid frames that appeared more than once (counted, merged into one).
     pub duplicates: u64,
-}
-
-/// Why `gfn` is not RAM in `layout`, if it is not.
-pub fn check_ram(layout: &Layout, gfn: Gfn) -> Result<(), FrameError> {
-    let Some(gpa) = gfn.checked_mul(PAGE_SIZE) else {
-        return Err(FrameError::OutsideRam(gfn));
-    };
-    if layout.range_of(gpa).is_some() {
-        Ok(())
-    } else if gpa >= layout.end() {
-        Err(FrameError::OutsideRam(gfn))
-    } else {
-        Err(FrameError::InMmioHole(gfn))
-    }
 }
 
 /// Coalesces `gfns` (any order, duplicates allowed). `gfns` is sorted in place.
