@@ -11,21 +11,27 @@ cd "$(dirname "$0")"
 cargo build --release --locked -p vmm
 vmm=./target/release/vmm
 
-echo "== 1. balloon: 4 vCPUs, 1 GiB; inflate 768 MiB through the gather, then deflate =="
-$vmm run --guest balloon --vcpus 4 --memory 1G --balloon-steps 768M,0 \
-    --cmdline "changes=2 touch=32M" --reclaim-strategy gather
+# One run of the balloon guest on 4 vCPUs with 1 GiB: $1 the heading, $2 the balloon steps,
+# $3 the guest command line; the rest are further `vmm run` options.
+demo_run() {
+    local heading=$1 steps=$2 cmdline=$3
+    shift 3
+    echo "== $heading =="
+    $vmm run --guest balloon --vcpus 4 --memory 1G --balloon-steps "$steps" \
+        --cmdline "$cmdline" "$@"
+}
+
+demo_run "1. balloon: 4 vCPUs, 1 GiB; inflate 768 MiB through the gather, then deflate" \
+    768M,0 "changes=2 touch=32M" --reclaim-strategy gather
 
 echo
-echo "== 2. a 256 MiB inflate with one host call per 4 KiB page (what QEMU does), for comparison =="
-$vmm run --guest balloon --vcpus 4 --memory 1G --balloon-steps 256M,0 \
-    --cmdline "changes=2 touch=32M" --reclaim-strategy per-page
+demo_run "2. a 256 MiB inflate with one host call per 4 KiB page (what QEMU does), for comparison" \
+    256M,0 "changes=2 touch=32M" --reclaim-strategy per-page
 
 echo
-echo "== 3. a fragmented guest: 384 MiB of scattered frames through zap spans (one invalidation per batch) =="
-$vmm run --guest balloon --vcpus 4 --memory 1G --balloon-steps 384M,0 \
-    --cmdline "changes=2 touch=32M fragment=1" --reclaim-strategy gather
+demo_run "3. a fragmented guest: 384 MiB of scattered frames through zap spans (one invalidation per batch)" \
+    384M,0 "changes=2 touch=32M fragment=1" --reclaim-strategy gather
 
 echo
-echo "== 4. the same with one zap per range (--zap-span-gap 0), for comparison =="
-$vmm run --guest balloon --vcpus 4 --memory 1G --balloon-steps 384M,0 \
-    --cmdline "changes=2 touch=32M fragment=1" --reclaim-strategy gather --zap-span-gap 0
+demo_run "4. the same with one zap per range (--zap-span-gap 0), for comparison" \
+    384M,0 "changes=2 touch=32M fragment=1" --reclaim-strategy gather --zap-span-gap 0

@@ -236,75 +236,57 @@ fn bad_requests_get_their_status_and_a_fault_message_and_the_vm_keeps_serving() 
             .to_string();
         (code, f)
     };
-    let cases: &[(&str, &str, Option<&str>, u16, &str)] = &[
-        ("GET", "/nowhere", None, 404, "no resource /nowhere"),
-        ("DELETE", "/balloon", None, 405, "use GET, PATCH"),
-        ("PUT", "/vm/reclaim", None, 405, "use GET"),
+    // Method or resource refused: method, resource, status, fault message.
+    let refused: &[(&str, &str, u16, &str)] = &[
+        ("GET", "/nowhere", 404, "no resource /nowhere"),
+        ("DELETE", "/balloon", 405, "use GET, PATCH"),
+        ("PUT", "/vm/reclaim", 405, "use GET"),
+    ];
+    // PATCH bodies refused as 400 Bad Request: resource, body, fault message.
+    let bad_bodies: &[(&str, &str, &str)] = &[
+        ("/balloon", "not json", "bad request body"),
+        ("/balloon", r#"{"amount_mib": -5}"#, "bad request body"),
+        ("/balloon", r#"{"amount_mib": 1, "x": 1}"#, "unknown field"),
         (
-            "PATCH",
             "/balloon",
-            Some("not json"),
-            400,
-            "bad request body",
-        ),
-        (
-            "PATCH",
-            "/balloon",
-            Some(r#"{"amount_mib": -5}"#),
-            400,
-            "bad request body",
-        ),
-        (
-            "PATCH",
-            "/balloon",
-            Some(r#"{"amount_mib": 1, "x": 1}"#),
-            400,
-            "unknown field",
-        ),
-        (
-            "PATCH",
-            "/balloon",
-            Some(r#"{"amount_mib": 1048576}"#),
-            400,
+            r#"{"amount_mib": 1048576}"#,
             "exceeds the guest's RAM (512 MiB)",
         ),
         (
-            "PATCH",
             "/balloon",
-            Some(r#"{"amount_mib": 18446744073709551615}"#),
-            400,
+            r#"{"amount_mib": 18446744073709551615}"#,
             "exceeds the guest's RAM",
         ),
         (
-            "PATCH",
             "/balloon/statistics",
-            Some(r#"{"stats_polling_interval_s": 100000}"#),
-            400,
+            r#"{"stats_polling_interval_s": 100000}"#,
             "is above 65535",
         ),
         (
-            "PATCH",
             "/vm/reclaim/config",
-            Some(r#"{"strategy": "fast"}"#),
-            400,
+            r#"{"strategy": "fast"}"#,
             "unknown variant `fast`, expected one of `per-page`, `per-buffer`, `gather`",
         ),
         (
-            "PATCH",
             "/vm/reclaim/config",
-            Some(r#"{"batch_pages": 0}"#),
-            400,
+            r#"{"batch_pages": 0}"#,
             "is not within 1..=",
         ),
         (
-            "PATCH",
             "/vm/reclaim/config",
-            Some(r#"{"batch_window_ms": 999999}"#),
-            400,
+            r#"{"batch_window_ms": 999999}"#,
             "is above 60000",
         ),
     ];
-    for &(method, resource, body, status, needle) in cases {
+    let cases = refused
+        .iter()
+        .map(|&(method, resource, status, needle)| (method, resource, None, status, needle))
+        .chain(
+            bad_bodies
+                .iter()
+                .map(|&(resource, body, needle)| ("PATCH", resource, Some(body), 400, needle)),
+        );
+    for (method, resource, body, status, needle) in cases {
         let (code, f) = fault(curl(s, method, resource, body));
         assert_eq!(code, status, "{method} {resource} {body:?}: {f}");
         assert!(f.contains(needle), "{method} {resource} {body:?}: {f}");
@@ -336,15 +318,10 @@ fn bad_requests_get_their_status_and_a_fault_message_and_the_vm_keeps_serving() 
     // `vmm balloon` says what the VM refused.
     let r = cli(s, &["set", "100000"]);
     assert_eq!(r.status, Some(2), "{}", r.all());
-    assert!(r.stderr.contains("whole MiB"), "{}", r.all());
+    r.assert_stderr_has(&["whole MiB"]);
     let r = cli(s, &["set", "2G"]);
     assert_eq!(r.status, Some(2), "{}", r.all());
-    assert!(
-        r.stderr
-            .contains("PATCH /balloon answered 400: amount_mib 2048 exceeds"),
-        "{}",
-        r.all()
-    );
+    r.assert_stderr_has(&["PATCH /balloon answered 400: amount_mib 2048 exceeds"]);
     // Still serving: a real change works.
     assert_eq!(curl(s, "GET", "/", None).0, 200);
     assert_eq!(
@@ -411,11 +388,7 @@ fn idle_clients_delay_neither_the_api_nor_the_gather() {
 fn balloon_cli_without_a_vm_says_what_to_do() {
     let r = cli(Path::new("/nonexistent/vmm.sock"), &["stats"]);
     assert_eq!(r.status, Some(2), "{}", r.all());
-    assert!(
-        r.stderr.contains("is `vmm run --api-sock` running?"),
-        "{}",
-        r.all()
-    );
+    r.assert_stderr_has(&["is `vmm run --api-sock` running?"]);
 }
 
 #[test]
@@ -428,11 +401,6 @@ fn a_file_at_the_socket_path_is_never_replaced() {
         .api_sock(&path)
         .run(RUN_LIMIT);
     assert_eq!(r.status, Some(2), "{}", r.all());
-    assert!(
-        r.stderr
-            .contains("exists and is not a socket; refusing to replace it"),
-        "{}",
-        r.all()
-    );
+    r.assert_stderr_has(&["exists and is not a socket; refusing to replace it"]);
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
 }

@@ -24,7 +24,7 @@ fn memtouch_passes_on(vcpus: u32, test: &str) {
             r.all()
         );
     }
-    assert!(r.stderr.contains("guest verdict PASS"), "{}", r.all());
+    r.assert_stderr_has(&["guest verdict PASS"]);
 }
 
 #[test]
@@ -63,12 +63,7 @@ fn guest_fail_verdict_gives_exit_status_1() {
         .cmdline("mode=fail")
         .run(RUN_LIMIT);
     assert_eq!(r.status, Some(1), "{}", r.all());
-    assert!(
-        r.stderr
-            .contains("guest verdict FAIL (exit port value 0x11)"),
-        "{}",
-        r.all()
-    );
+    r.assert_stderr_has(&["guest verdict FAIL (exit port value 0x11)"]);
 }
 
 #[test]
@@ -90,17 +85,11 @@ fn triple_fault_is_an_error_with_registers() {
         .cmdline("mode=triple-fault")
         .run(RUN_LIMIT);
     assert_eq!(r.status, Some(2), "{}", r.all());
-    assert!(
-        r.stderr
-            .contains("guest triple-faulted (KVM_EXIT_SHUTDOWN) on vCPU 0"),
-        "{}",
-        r.all()
-    );
-    assert!(
-        r.stderr.contains("rip=0x") && r.stderr.contains("cr3=0x10000"),
-        "{}",
-        r.all()
-    );
+    r.assert_stderr_has(&[
+        "guest triple-faulted (KVM_EXIT_SHUTDOWN) on vCPU 0",
+        "rip=0x",
+        "cr3=0x10000",
+    ]);
 }
 
 #[test]
@@ -111,9 +100,5 @@ fn vcpus_stopping_without_verdict_is_a_failure() {
         .cmdline("mode=stop")
         .run(RUN_LIMIT);
     assert_eq!(r.status, Some(1), "{}", r.all());
-    assert!(
-        r.stderr.contains("every vCPU stopped without a verdict"),
-        "{}",
-        r.all()
-    );
+    r.assert_stderr_has(&["every vCPU stopped without a verdict"]);
 }

@@ -83,13 +83,9 @@ fn kvm_device_without_permission() {
     let r = RunningVm::spawn_command(as_nobody(runuser, &run.command()))
         .finish(std::time::Duration::from_secs(30));
     assert_eq!(r.status, Some(2), "{}", r.all());
-    assert!(
-        r.stderr.contains(
-            "no permission to open /dev/kvm (run as root or add your user to the 'kvm' group)"
-        ),
-        "{}",
-        r.all()
-    );
+    r.assert_stderr_has(&[
+        "no permission to open /dev/kvm (run as root or add your user to the 'kvm' group)",
+    ]);
 }
 
 #[test]

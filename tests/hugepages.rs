@@ -239,7 +239,7 @@ fn missing_huge_page_prerequisites_are_errors_that_say_what_to_do() {
     let expect = |run: VmmRun, needle: &str| {
         let r = run.run(RUN_LIMIT);
         assert_eq!(r.status, Some(2), "{}", r.all());
-        assert!(r.stderr.contains(needle), "no '{needle}' in\n{}", r.all());
+        r.assert_stderr_has(&[needle]);
     };
     // A directory on neither tmpfs nor hugetlbfs (the build tree).
     expect(

@@ -170,7 +170,7 @@ fn pvh_vmlinux_on_one_vcpu_gets_through_early_boot() {
     require!("pvh_vmlinux_on_one_vcpu_gets_through_early_boot", Need::Kvm);
     // The default command line, which has earlyprintk: the console before Linux's own.
     let w = watch(linux("vmlinux", "512M", 1), initramfs_ready);
-    assert!(w.stderr.contains("(ELF vmlinux, PVH entry"), "{}", w.all());
+    w.assert_stderr_has(&["(ELF vmlinux, PVH entry"]);
     check_early_boot(&w, 512 << 20, 1);
     check_end(&w, "cmpxchg16b");
     print_timings(&w);
@@ -247,21 +247,13 @@ fn bzimage_enters_through_the_64_bit_boot_protocol() {
     let w = watch(linux("vmlinuz", "512M", 1), |lines, elapsed| {
         initramfs_ready(lines, elapsed) || (!hardware && elapsed > Duration::from_secs(20))
     });
-    assert!(
-        w.stderr.contains("(bzImage, 64-bit boot protocol"),
-        "{}",
-        w.all()
-    );
+    w.assert_stderr_has(&["(bzImage, 64-bit boot protocol"]);
     assert!(w.stopped, "the bzImage run ended by itself\n{}", w.all());
     assert_eq!(w.status, Some(128 + libc::SIGTERM), "{}", w.all());
     // A decompressor that rejects what it was given prints why through earlyprintk and halts
     // with interrupts off, which neither faults nor exits.
     assert!(w.find("System halted").is_none(), "{}", w.all());
-    assert!(
-        w.stderr.contains("vmm: stopped by signal 15"),
-        "{}",
-        w.all()
-    );
+    w.assert_stderr_has(&["vmm: stopped by signal 15"]);
     if hardware {
         check_early_boot(&w, 512 << 20, 1);
     }
@@ -283,16 +275,7 @@ fn acpi_tables_pass_iasl() {
     std::fs::create_dir_all(&dir).unwrap();
     let tables = vmm::acpi::build(&vmm::vm::acpi_platform(4)).unwrap();
     let iasl = |args: &[&str]| {
-        let o = Command::new("iasl")
-            .args(args)
-            .current_dir(&dir)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let (o, text) = vmm_harness::output_text(Command::new("iasl").args(args).current_dir(&dir));
         (o.status.success(), text)
     };
     for t in tables.iter().filter(|t| t.signature != "RSDP") {

@@ -24,6 +24,17 @@ fn the_probe(r: &Finished) -> &ProbeReport {
     }
 }
 
+/// The run reclaimed nothing: no probe answered, no frame went through the gather.
+fn nothing_reclaimed(r: &Finished) {
+    let rep = r.report();
+    assert!(
+        rep.probes.is_empty(),
+        "nothing may be reclaimed: {:#?}",
+        rep.probes
+    );
+    assert_eq!(rep.gather.pages_reclaimed, 0, "{:#?}", rep.gather);
+}
+
 /// Host bytes the probe freed (the memfd's allocated bytes before minus after).
 fn freed(p: &ProbeReport) -> u64 {
     p.host_bytes_before.saturating_sub(p.host_bytes_after)
@@ -42,9 +53,7 @@ fn reclaim_with(strategy: Strategy, span_gap: u64, test: &str) -> ProbeReport {
             ..ReclaimConfig::with_strategy(strategy)
         })
         .reclaim_probe()
-        .report_json(&scratch(&format!("{test}.json")))
-        .run(RUN_LIMIT);
-    assert_eq!(r.status, Some(0), "{}", r.all());
+        .passes_with_report(&scratch(&format!("{test}.json")), RUN_LIMIT);
     r.assert_stdout_has(&[
         "reclaimcheck: PASS",
         "not_zero=0 corrupted=0 reuse_errors=0 unlisted=0",
@@ -129,9 +138,7 @@ fn reclaim_above_4g() {
         .memory("3328M")
         .cmdline("bytes=32M above4g=1")
         .reclaim_probe()
-        .report_json(&scratch("reclaim_above_4g.json"))
-        .run(RUN_LIMIT);
-    assert_eq!(r.status, Some(0), "{}", r.all());
+        .passes_with_report(&scratch("reclaim_above_4g.json"), RUN_LIMIT);
     let p = the_probe(&r);
     assert!(
         p.region_gfn >= (1 << 32) / 4096,
@@ -150,9 +157,7 @@ fn hostile_probe_mailboxes_are_refused_and_the_vm_keeps_running() {
     let r = vmm_guest("faulty")
         .cmdline("mode=bad-probe")
         .reclaim_probe()
-        .report_json(&scratch("hostile-probe.json"))
-        .run(RUN_LIMIT);
-    assert_eq!(r.status, Some(0), "{}", r.all());
+        .passes_with_report(&scratch("hostile-probe.json"), RUN_LIMIT);
     r.assert_stdout_has(&[
         "bad magic: status=1",
         "region in the MMIO hole: status=2",
@@ -160,19 +165,8 @@ fn hostile_probe_mailboxes_are_refused_and_the_vm_keeps_running() {
         "list capacity 2^61+1: status=2 reclaimed=0",
         "list capacity u64::MAX: status=2 reclaimed=0",
     ]);
-    let rep = r.report();
-    assert!(
-        rep.probes.is_empty(),
-        "nothing may be reclaimed: {:#?}",
-        rep.probes
-    );
-    assert_eq!(rep.gather.pages_reclaimed, 0, "{:#?}", rep.gather);
-    assert!(
-        r.stderr
-            .contains("mailbox address 0xf0000000 is not in guest RAM"),
-        "{}",
-        r.all()
-    );
+    nothing_reclaimed(&r);
+    r.assert_stderr_has(&["mailbox address 0xf0000000 is not in guest RAM"]);
 }
 
 #[test]
@@ -192,19 +186,8 @@ fn the_reclaim_probe_is_off_unless_enabled() {
     r.assert_stdout_has(&[
         "no reclaim probe answered on port 0xf6 (run the VMM with --reclaim-probe)",
     ]);
-    assert!(
-        r.stderr
-            .contains("the probe is off (vmm run --reclaim-probe)"),
-        "{}",
-        r.all()
-    );
-    let rep = r.report();
-    assert!(
-        rep.probes.is_empty(),
-        "nothing reclaimed: {:#?}",
-        rep.probes
-    );
-    assert_eq!(rep.gather.pages_reclaimed, 0, "{:#?}", rep.gather);
+    r.assert_stderr_has(&["the probe is off (vmm run --reclaim-probe)"]);
+    nothing_reclaimed(&r);
 }
 
 /// Zap spans under writers: the other vCPUs keep rewriting and verifying the region's frames
@@ -227,9 +210,7 @@ fn frames_written_during_a_span_zap_keep_their_contents() {
             ..ReclaimConfig::default()
         })
         .reclaim_probe()
-        .report_json(&scratch("span-writers.json"))
-        .run(RUN_LIMIT);
-    assert_eq!(r.status, Some(0), "{}", r.all());
+        .passes_with_report(&scratch("span-writers.json"), RUN_LIMIT);
     r.assert_stdout_has(&[
         "reclaimcheck: PASS",
         "not_zero=0 corrupted=0 reuse_errors=0 unlisted=0",

@@ -7,6 +7,9 @@ use thiserror::Error;
 /// Start of the MMIO hole below 4 GiB. RAM never lives in [MMIO_HOLE_START, 4 GiB).
 pub const MMIO_HOLE_START: u64 = 0xC000_0000;
 pub const MMIO_HOLE_END: u64 = 1 << 32;
+/// The MMIO hole in frames: its first frame, and the first frame above it.
+pub const MMIO_HOLE_START_GFN: Gfn = MMIO_HOLE_START / PAGE_SIZE;
+pub const MMIO_HOLE_END_GFN: Gfn = MMIO_HOLE_END / PAGE_SIZE;
 
 /// A contiguous range of guest RAM and where it lives in the backing file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,7 +150,7 @@ mod tests {
     #[test]
     fn frame_ranges_must_lie_inside_one_ram_range() {
         let l = Layout::new(4 << 30).unwrap();
-        let hole = MMIO_HOLE_START / PAGE_SIZE;
+        let hole = MMIO_HOLE_START_GFN;
         assert_eq!(l.range_of_frames(0, 16).map(|r| r.gpa), Some(0));
         assert_eq!(l.range_of_frames(hole - 1, 1).map(|r| r.gpa), Some(0));
         assert!(l.range_of_frames(hole - 1, 2).is_none(), "across the hole");

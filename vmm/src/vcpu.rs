@@ -63,6 +63,13 @@ impl VmShared {
         })
     }
 
+    /// The balloon device, if the VM has one and `addr` lies in its MMIO window.
+    fn balloon_at(&self, addr: u64) -> Option<&BalloonDevice> {
+        self.balloon
+            .as_deref()
+            .filter(|_| BalloonDevice::contains(addr))
+    }
+
     /// Records how the VM ends (the first outcome wins) and asks everyone to stop.
     pub fn finish(&self, outcome: Outcome) {
         let mut o = self.outcome.lock().unwrap();
@@ -94,6 +101,16 @@ fn exit_name(exit: &VcpuExit) -> String {
         VcpuExit::Hlt => "Hlt".into(),
         other => format!("{other:?}"),
     }
+}
+
+/// Logs an MMIO access that no device claims (`access`: "read of" or "write to"); the caller
+/// answers a read with all ones and drops a write.
+fn unclaimed_mmio(index: u32, addr: u64, access: &str) {
+    tracing::debug!(
+        vcpu = index,
+        addr = format_args!("{addr:#x}"),
+        "MMIO {access} unclaimed address"
+    );
 }
 
 /// Runs vCPU `index` until it stops. Reports its end through `shared`.
@@ -133,34 +150,22 @@ pub fn run(mut vcpu: VcpuFd, index: u32, shared: Arc<VmShared>) {
                 shared.io.read(port, data);
                 Next::Continue
             }
-            Ok(VcpuExit::MmioRead(addr, data))
-                if shared.balloon.is_some() && BalloonDevice::contains(addr) =>
-            {
-                shared.balloon.as_ref().unwrap().mmio_read(addr, data);
-                Next::Continue
-            }
-            Ok(VcpuExit::MmioWrite(addr, data))
-                if shared.balloon.is_some() && BalloonDevice::contains(addr) =>
-            {
-                // Queue notifications are served here, on this thread (`BalloonDevice`).
-                shared.balloon.as_ref().unwrap().mmio_write(addr, data);
-                Next::Continue
-            }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                tracing::debug!(
-                    vcpu = index,
-                    addr = format_args!("{addr:#x}"),
-                    "MMIO read of unclaimed address"
-                );
-                data.fill(0xff);
+                match shared.balloon_at(addr) {
+                    Some(balloon) => balloon.mmio_read(addr, data),
+                    None => {
+                        unclaimed_mmio(index, addr, "read of");
+                        data.fill(0xff);
+                    }
+                }
                 Next::Continue
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                tracing::debug!(
-                    vcpu = index,
-                    addr = format_args!("{addr:#x}"),
-                    "MMIO write to unclaimed address"
-                );
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                match shared.balloon_at(addr) {
+                    // Queue notifications are served here, on this thread (`BalloonDevice`).
+                    Some(balloon) => balloon.mmio_write(addr, data),
+                    None => unclaimed_mmio(index, addr, "write to"),
+                }
                 Next::Continue
             }
             Ok(VcpuExit::Shutdown) => Next::TripleFault,

@@ -80,6 +80,14 @@ global_asm!(
     mov %eax, %cr0
     .endm
 
+    /* DS, ES and SS to the kernel data segment, after the far jump into a new mode. */
+    .macro load_kernel_data_segments
+    mov ${kernel_ds}, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    .endm
+
     .section .text.boot, "ax"
     .code64
     .global _start64
@@ -133,10 +141,7 @@ pvh_start32:
     lgdt rt_pvh_gdt_ptr
     ljmp ${kernel_cs}, $3f
     .code64
-3:  mov ${kernel_ds}, %eax
-    mov %eax, %ds
-    mov %eax, %es
-    mov %eax, %ss
+3:  load_kernel_data_segments
     mov %esi, %edi
     xor %esi, %esi
     mov $1, %edx
@@ -164,18 +169,12 @@ rt_ap_trampoline_end:
 
     .code32
 rt_ap_start32:
-    mov ${kernel_ds}, %eax
-    mov %eax, %ds
-    mov %eax, %es
-    mov %eax, %ss
+    load_kernel_data_segments
     mov $RT_PVH_TABLES, %edi
     enter_long_mode
     ljmp ${kernel_cs}, $4f
     .code64
-4:  mov ${kernel_ds}, %eax
-    mov %eax, %ds
-    mov %eax, %es
-    mov %eax, %ss
+4:  load_kernel_data_segments
     /* The vCPU index is the local APIC ID (CPUID.1:EBX[31:24]). */
     mov $1, %eax
     cpuid
@@ -466,12 +465,7 @@ extern "C" fn rt_user_main(id: usize) -> ! {
     }
     JOIN.wait(count);
     if id == 0 {
-        let v = if FAILED.load(Ordering::Relaxed) == 0 {
-            Verdict::Pass
-        } else {
-            Verdict::Fail
-        };
-        exit::exit(v);
+        exit::exit(Verdict::pass_if(FAILED.load(Ordering::Relaxed) == 0));
     }
     exit::cpu_stop()
 }

@@ -22,6 +22,17 @@ pub enum Verdict {
     Fail = abi::VERDICT_FAIL,
 }
 
+impl Verdict {
+    /// `Pass` if `ok`, else `Fail`.
+    pub fn pass_if(ok: bool) -> Verdict {
+        if ok {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        }
+    }
+}
+
 /// i8042 command port, and its "pulse reset line" command.
 const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;

@@ -3,16 +3,10 @@
 //! microvm also appends), feature negotiation, and split virtqueues with one buffer in flight.
 
 use crate::frames;
-use abi::virtio::{reg, status, MAGIC};
+use abi::virtio::{reg, MAGIC};
 use core::sync::atomic::{fence, Ordering};
 
-pub use abi::virtio::{DESC_F_NEXT, DESC_F_WRITE, F_VERSION_1};
-pub const STATUS_ACKNOWLEDGE: u32 = status::ACKNOWLEDGE;
-pub const STATUS_DRIVER: u32 = status::DRIVER;
-pub const STATUS_DRIVER_OK: u32 = status::DRIVER_OK;
-pub const STATUS_FEATURES_OK: u32 = status::FEATURES_OK;
-pub const STATUS_NEEDS_RESET: u32 = status::NEEDS_RESET;
-pub const STATUS_FAILED: u32 = status::FAILED;
+pub use abi::virtio::{status, DESC_F_NEXT, DESC_F_WRITE, F_VERSION_1};
 
 #[derive(Debug)]
 pub enum VirtioError {
@@ -65,8 +59,8 @@ impl Device {
             return Err(VirtioError::Legacy(version));
         }
         self.set_status(0);
-        self.set_status(STATUS_ACKNOWLEDGE);
-        self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        self.set_status(status::ACKNOWLEDGE);
+        self.set_status(status::ACKNOWLEDGE | status::DRIVER);
         self.write(reg::DEVICE_FEATURES_SEL, 0);
         let lo = self.read(reg::DEVICE_FEATURES) as u64;
         self.write(reg::DEVICE_FEATURES_SEL, 1);
@@ -79,16 +73,18 @@ impl Device {
         self.write(reg::DRIVER_FEATURES, accepted as u32);
         self.write(reg::DRIVER_FEATURES_SEL, 1);
         self.write(reg::DRIVER_FEATURES, (accepted >> 32) as u32);
-        self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-        if self.status() & STATUS_FEATURES_OK == 0 {
+        self.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        if self.status() & status::FEATURES_OK == 0 {
             return Err(VirtioError::FeaturesRefused);
         }
         Ok(accepted)
     }
 
     pub fn driver_ok(&self) -> Result<(), VirtioError> {
-        self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
-        if self.status() & STATUS_NEEDS_RESET != 0 {
+        self.set_status(
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        if self.status() & status::NEEDS_RESET != 0 {
             return Err(VirtioError::NeedsReset);
         }
         Ok(())
@@ -308,7 +304,7 @@ impl Queue {
     pub fn call(&mut self, chain: &[Desc]) -> Result<(), VirtioError> {
         self.submit(chain);
         while !self.poll() {
-            if self.dev.status() & STATUS_NEEDS_RESET != 0 {
+            if self.dev.status() & status::NEEDS_RESET != 0 {
                 return Err(VirtioError::NeedsReset);
             }
             core::hint::spin_loop();

@@ -45,12 +45,9 @@ pub(crate) fn same_ram_range(layout: &Layout, a: Gfn, b: Gfn) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
+    use crate::layout::{MMIO_HOLE_END_GFN, MMIO_HOLE_START_GFN};
     use proptest::prelude::*;
     use std::collections::BTreeSet;
-
-    const HOLE_START: Gfn = MMIO_HOLE_START / PAGE_SIZE;
-    const HOLE_END: Gfn = MMIO_HOLE_END / PAGE_SIZE;
 
     #[test]
     fn merges_sorts_and_dedups() {
@@ -72,17 +69,25 @@ mod tests {
     #[test]
     fn never_merges_across_the_hole() {
         let layout = Layout::new(4 << 30).unwrap();
-        let mut g = vec![HOLE_START - 1, HOLE_START, HOLE_END - 1, HOLE_END];
+        let mut g = vec![
+            MMIO_HOLE_START_GFN - 1,
+            MMIO_HOLE_START_GFN,
+            MMIO_HOLE_END_GFN - 1,
+            MMIO_HOLE_END_GFN,
+        ];
         let c = coalesce(&mut g, &layout);
         assert_eq!(
             c.ranges,
-            vec![GfnRange::new(HOLE_START - 1, 1), GfnRange::new(HOLE_END, 1)]
+            vec![
+                GfnRange::new(MMIO_HOLE_START_GFN - 1, 1),
+                GfnRange::new(MMIO_HOLE_END_GFN, 1)
+            ]
         );
         assert_eq!(
             c.invalid,
             vec![
-                FrameError::InMmioHole(HOLE_START),
-                FrameError::InMmioHole(HOLE_END - 1)
+                FrameError::InMmioHole(MMIO_HOLE_START_GFN),
+                FrameError::InMmioHole(MMIO_HOLE_END_GFN - 1)
             ]
         );
     }
@@ -113,10 +118,10 @@ mod tests {
         // Mix frames near the interesting boundaries: start of RAM, the hole, the end.
         let near = prop_oneof![
             0u64..64u64,
-            (HOLE_START - 32)..(HOLE_START + 32),
-            HOLE_END - 32..HOLE_END + 32,
+            (MMIO_HOLE_START_GFN - 32)..(MMIO_HOLE_START_GFN + 32),
+            MMIO_HOLE_END_GFN - 32..MMIO_HOLE_END_GFN + 32,
             (16384u64 - 32)..(16384u64 + 32),
-            (HOLE_END + 16384) - 32..(HOLE_END + 16384) + 32,
+            (MMIO_HOLE_END_GFN + 16384) - 32..(MMIO_HOLE_END_GFN + 16384) + 32,
             any::<u64>(),
         ];
         proptest::collection::vec(near, 0..300)

@@ -77,12 +77,9 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE};
+    use crate::layout::{MMIO_HOLE_END_GFN, MMIO_HOLE_START, MMIO_HOLE_START_GFN, PAGE_SIZE};
     use crate::reclaim::coalesce::coalesce;
     use proptest::prelude::*;
-
-    const HOLE_START: Gfn = MMIO_HOLE_START / PAGE_SIZE;
-    const HOLE_END: Gfn = MMIO_HOLE_END / PAGE_SIZE;
 
     #[test]
     fn bridges_small_gaps_and_splits_at_large_ones() {
@@ -122,7 +119,10 @@ mod tests {
     fn never_spans_the_mmio_hole() {
         let layout = Layout::new(MMIO_HOLE_START + (64 << 20)).unwrap();
         let map = Stage2Map::new(layout.clone());
-        let ranges = [GfnRange::new(HOLE_START - 1, 1), GfnRange::new(HOLE_END, 1)];
+        let ranges = [
+            GfnRange::new(MMIO_HOLE_START_GFN - 1, 1),
+            GfnRange::new(MMIO_HOLE_END_GFN, 1),
+        ];
         assert_eq!(plan(&ranges, &layout, &map, u64::MAX).len(), 2);
     }
 
@@ -138,12 +138,12 @@ mod tests {
     fn frames(layout: &Layout) -> impl Strategy<Value = Vec<Gfn>> {
         let end = layout.end() / PAGE_SIZE;
         let near = |base: Gfn| (0..600u64).prop_map(move |d| base.saturating_add(d));
-        let below_hole = |d: u64| HOLE_START.saturating_sub(600) + d;
+        let below_hole = |d: u64| MMIO_HOLE_START_GFN.saturating_sub(600) + d;
         prop::collection::vec(
             prop_oneof![
                 near(0),
                 (0..600u64).prop_map(below_hole),
-                near(HOLE_END),
+                near(MMIO_HOLE_END_GFN),
                 (0..600u64).prop_map(move |d| end.saturating_sub(600) + d),
             ],
             0..400,

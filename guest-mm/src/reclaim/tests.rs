@@ -2,7 +2,9 @@
 //! the worker thread, and (property tests) spans and 2 MiB blocks.
 
 use super::*;
-use crate::backend::{BackendError, Capabilities, Granule, Stage2Backend, BLOCK_FRAMES};
+use crate::backend::{
+    BackendError, Capabilities, Granule, OwnershipChecked, Stage2Backend, BLOCK_FRAMES,
+};
 use crate::gfn::{FrameError, Gfn, GfnRange};
 use crate::grace::Readers;
 use crate::layout::Layout;
@@ -74,10 +76,31 @@ fn gather_on(
     (g, readers, log)
 }
 
+/// A gather with `config` over `rec`, whose every host call is checked against the frames'
+/// owners (`OwnershipChecked`) and then recorded.
+fn checked_gather(
+    config: ReclaimConfig,
+    rec: Recording,
+) -> (Stage2Gather, Arc<Recording>, Arc<Stage2Map>) {
+    let map = Arc::new(Stage2Map::new(Layout::new(64 << 20).unwrap()));
+    let rec = Arc::new(rec);
+    let checked = Arc::new(OwnershipChecked::new(rec.clone(), map.clone()));
+    let g = Stage2Gather::new(config, map.clone(), checked, Readers::new()).unwrap();
+    (g, rec, map)
+}
+
 fn setup(strategy: Strategy) -> (Stage2Gather, Arc<Recording>, Arc<Readers>, Arc<EventLog>) {
     let rec = Arc::new(Recording::default());
     let (g, readers, log) = gather_on(ReclaimConfig::with_strategy(strategy), rec.clone());
     (g, rec, readers, log)
+}
+
+/// A gather with `config` on a recording backend, its protocol on the `reclaim` worker
+/// thread; the backend and the gather's event log.
+fn with_worker(config: ReclaimConfig) -> (Stage2Gather, Arc<Recording>, Arc<EventLog>) {
+    let rec = Arc::new(Recording::default());
+    let (g, _, log) = gather_on(config, rec.clone());
+    (g.spawn_worker().unwrap(), rec, log)
 }
 
 /// Two buffers of Linux-style descending PFNs that together form one run.
@@ -343,13 +366,10 @@ fn release_waits_for_a_reader_holding_a_reference_for_every_strategy() {
 /// it would never return.
 #[test]
 fn with_a_worker_the_feeding_thread_never_waits_for_the_protocol_nor_runs_it() {
-    let rec = Arc::new(Recording::default());
-    let config = ReclaimConfig {
+    let (g, rec, log) = with_worker(ReclaimConfig {
         batch_pages: 256,
         ..ReclaimConfig::default()
-    };
-    let (g, _, log) = gather_on(config, rec.clone());
-    let g = g.spawn_worker().unwrap();
+    });
     rec.close_gate();
     let (a, b) = two_buffers();
     let out = g.add_buffer(&a);
@@ -395,15 +415,10 @@ fn with_a_worker_the_feeding_thread_never_waits_for_the_protocol_nor_runs_it() {
 /// it (the worker sleeps until the batch's deadline).
 #[test]
 fn with_a_worker_a_batch_closes_by_its_window() {
-    let rec = Arc::new(Recording::default());
-    let (g, _, _) = gather_on(
-        ReclaimConfig {
-            batch_window_ms: 20,
-            ..ReclaimConfig::default()
-        },
-        rec.clone(),
-    );
-    let g = g.spawn_worker().unwrap();
+    let (g, _, _) = with_worker(ReclaimConfig {
+        batch_window_ms: 20,
+        ..ReclaimConfig::default()
+    });
     for round in 0..3u64 {
         g.add_buffer(&[100 + round]);
         let start = std::time::Instant::now();
@@ -422,15 +437,11 @@ fn with_a_worker_a_batch_closes_by_its_window() {
 /// back Released (they read as zeros): never a release after the guest has them again.
 #[test]
 fn frames_in_flight_are_given_back_only_after_their_batch_ends() {
-    let rec = Arc::new(Recording::default());
-    let (g, _, _) = gather_on(
-        ReclaimConfig {
-            batch_pages: 4,
-            ..ReclaimConfig::default()
-        },
-        rec.clone(),
-    );
-    let g = Arc::new(g.spawn_worker().unwrap());
+    let (g, rec, _) = with_worker(ReclaimConfig {
+        batch_pages: 4,
+        ..ReclaimConfig::default()
+    });
+    let g = Arc::new(g);
     rec.close_gate();
     g.add_buffer(&[40, 41, 42, 43]);
     while g.map().count(FrameState::Batched) == 0 {
@@ -454,7 +465,6 @@ fn frames_in_flight_are_given_back_only_after_their_batch_ends() {
 mod spans {
     use super::Strategy as Reclaim;
     use super::*;
-    use crate::backend::OwnershipChecked;
     use proptest::prelude::*;
     use proptest::strategy::Strategy;
 
@@ -489,15 +499,10 @@ mod spans {
             destroys in any::<bool>(),
             gap in prop_oneof![Just(0u64), 1..4u64, Just(64u64)],
         ) {
-            let map = Arc::new(Stage2Map::new(Layout::new(64 << 20).unwrap()));
-            let rec = Arc::new(Recording { destroys, ..Recording::default() });
-            let checked = Arc::new(OwnershipChecked::new(rec.clone(), map.clone()));
-            let g = Stage2Gather::new(
+            let (g, rec, map) = checked_gather(
                 ReclaimConfig { zap_span_gap: gap, ..ReclaimConfig::with_strategy(Reclaim::Gather) },
-                map.clone(),
-                checked,
-                Readers::new(),
-            ).unwrap();
+                Recording { destroys, ..Recording::default() },
+            );
             for op in ops {
                 let before: Vec<FrameState> = (0..600).map(|f| map.state(f).unwrap()).collect();
                 let zaps_before = rec.spans.lock().unwrap().len();
@@ -527,7 +532,6 @@ mod spans {
 mod blocks {
     use super::Strategy as Reclaim;
     use super::*;
-    use crate::backend::OwnershipChecked;
     use proptest::prelude::*;
     use proptest::strategy::Strategy;
     use std::collections::BTreeSet;
@@ -569,20 +573,13 @@ mod blocks {
     }
 
     fn setup(can_split: bool) -> (Stage2Gather, Arc<Recording>, Arc<Stage2Map>) {
-        let map = Arc::new(Stage2Map::new(Layout::new(64 << 20).unwrap()));
-        let rec = Arc::new(Recording {
-            block: Some(can_split),
-            ..Recording::default()
-        });
-        let checked = Arc::new(OwnershipChecked::new(rec.clone(), map.clone()));
-        let g = Stage2Gather::new(
+        checked_gather(
             ReclaimConfig::with_strategy(Reclaim::Gather),
-            map.clone(),
-            checked,
-            Readers::new(),
+            Recording {
+                block: Some(can_split),
+                ..Recording::default()
+            },
         )
-        .unwrap();
-        (g, rec, map)
     }
 
     proptest! {

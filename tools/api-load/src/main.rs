@@ -127,9 +127,7 @@ fn main() -> Result<()> {
     );
     println!("|---:|---|---:|---:|---:|---:|---:|---:|");
     for &clients in &a.clients {
-        let dir = std::env::temp_dir().join(format!("api-load-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let sock = dir.join("api.sock");
+        let (dir, sock) = vmm_harness::run::temp_api_sock("api-load")?;
         let mut vm = VmmRun::guest(&a.vmm, "balloon")
             .vcpus(a.vcpus)
             .memory(a.memory.to_string())

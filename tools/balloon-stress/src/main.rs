@@ -214,9 +214,7 @@ fn run(a: &Args) -> Result<(Report, bool)> {
         cmdline.push_str(" hot=1");
     }
     let reclaim = a.reclaim;
-    let dir = std::env::temp_dir().join(format!("balloon-stress-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let sock = dir.join("api.sock");
+    let (dir, sock) = vmm_harness::run::temp_api_sock("balloon-stress")?;
     let mut vmm_run = VmmRun::guest(&a.vmm, "balloon")
         .vcpus(a.vcpus)
         .memory(a.memory.to_string())

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use vmm::report::BalloonReport;
-use vmm_harness::{require, Need};
+use vmm_harness::Need;
 
 fn vmm_binary() -> PathBuf {
     // target/<profile>/balloon-stress → target/<profile>/vmm (built by `cargo test --workspace`).
@@ -19,21 +19,33 @@ fn vmm_binary() -> PathBuf {
     p
 }
 
-fn markers() -> &'static Path {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
+/// The skip idiom of the project's KVM tests (`vmm_harness::require`, markers in
+/// CARGO_TARGET_TMPDIR): returns from the test when a need is not met.
+macro_rules! require {
+    ($test:expr $(, $need:expr)* $(,)?) => {
+        if !vmm_harness::require(Path::new(env!("CARGO_TARGET_TMPDIR")), $test, &[$($need),*]) {
+            return;
+        }
+    };
 }
 
 fn balloon_stress(args: &[&str]) -> (Output, String) {
-    let r = Command::new(env!("CARGO_BIN_EXE_balloon-stress"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&r.stdout),
-        String::from_utf8_lossy(&r.stderr)
-    );
-    (r, text)
+    vmm_harness::output_text(Command::new(env!("CARGO_BIN_EXE_balloon-stress")).args(args))
+}
+
+/// balloon-stress driving the `vmm` binary next to it (`--vmm`), with `args`.
+fn balloon_stress_with_vmm(args: &[&str]) -> (Output, String) {
+    let vmm = vmm_binary();
+    let mut all = vec!["--vmm", vmm.to_str().unwrap()];
+    all.extend_from_slice(args);
+    balloon_stress(&all)
+}
+
+/// Asserts that balloon-stress's output `text` holds every one of `needles`.
+fn assert_says(text: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(text.contains(n), "no '{n}' in:\n{text}");
+    }
 }
 
 /// The parts of balloon-stress's JSON report this test reads.
@@ -50,18 +62,15 @@ struct StepWritten {
 
 #[test]
 fn short_sawtooth_scenario_passes_and_writes_report_and_plots() {
-    let name = "short_sawtooth_scenario_passes_and_writes_report_and_plots";
-    if !require(markers(), name, &[Need::Kvm]) {
-        return;
-    }
+    require!(
+        "short_sawtooth_scenario_passes_and_writes_report_and_plots",
+        Need::Kvm
+    );
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("balloon-stress-short");
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).unwrap();
     let json = out.join("report.json");
-    let vmm = vmm_binary();
-    let (r, text) = balloon_stress(&[
-        "--vmm",
-        vmm.to_str().unwrap(),
+    let (r, text) = balloon_stress_with_vmm(&[
         "--vcpus",
         "2",
         "--memory",
@@ -80,13 +89,12 @@ fn short_sawtooth_scenario_passes_and_writes_report_and_plots() {
         out.to_str().unwrap(),
     ]);
     assert!(r.status.success(), "{text}");
-    assert!(
-        text.contains("guest: verifier errors 0, reuse errors 0, verdict PASS"),
-        "{text}"
-    );
-    assert!(
-        text.contains("latency p50/p90/p99 us: batch wait "),
-        "{text}"
+    assert_says(
+        &text,
+        &[
+            "guest: verifier errors 0, reuse errors 0, verdict PASS",
+            "latency p50/p90/p99 us: batch wait ",
+        ],
     );
     let written = std::fs::read_to_string(&json).unwrap();
     let rep: Written = serde_json::from_str(&written).unwrap();
@@ -126,21 +134,18 @@ fn memory_backend_options_are_refused_as_vmm_run_refuses_them() {
     ] {
         let (r, text) = balloon_stress(args);
         assert_eq!(r.status.code(), Some(2), "{text}");
-        assert!(text.contains(message), "{text}");
+        assert_says(&text, &[message]);
     }
 }
 
 #[test]
 fn a_memory_path_the_vmm_refuses_ends_the_run_with_the_vmms_error() {
-    let name = "a_memory_path_the_vmm_refuses_ends_the_run_with_the_vmms_error";
-    if !require(markers(), name, &[Need::Kvm]) {
-        return;
-    }
-    let vmm = vmm_binary();
+    require!(
+        "a_memory_path_the_vmm_refuses_ends_the_run_with_the_vmms_error",
+        Need::Kvm
+    );
     let missing = Path::new(env!("CARGO_TARGET_TMPDIR")).join("no-such-dir");
-    let (r, text) = balloon_stress(&[
-        "--vmm",
-        vmm.to_str().unwrap(),
+    let (r, text) = balloon_stress_with_vmm(&[
         "--memory",
         "256M",
         "--memory-backend",
@@ -152,12 +157,11 @@ fn a_memory_path_the_vmm_refuses_ends_the_run_with_the_vmms_error() {
         "/dev/null",
     ]);
     assert_eq!(r.status.code(), Some(2), "{text}");
-    assert!(
-        text.contains("error: the VM ended waiting for the control socket"),
-        "{text}"
-    );
-    assert!(
-        text.contains("does not exist or is not a directory"),
-        "{text}"
+    assert_says(
+        &text,
+        &[
+            "error: the VM ended waiting for the control socket",
+            "does not exist or is not a directory",
+        ],
     );
 }

@@ -25,3 +25,17 @@ pub mod vm;
 pub use run::VmmRun;
 pub use skip::{require, Need};
 pub use vm::{Finished, RunningVm};
+
+/// Runs `cmd` to its end: its output, and its stdout then its stderr as one text (what the
+/// tests search and show).
+pub fn output_text(cmd: &mut std::process::Command) -> (std::process::Output, String) {
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o, text)
+}

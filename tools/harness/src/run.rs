@@ -26,6 +26,15 @@ enum Boot {
     Nothing,
 }
 
+/// A fresh directory for one run of the tool `tool` (TMPDIR/TOOL-PID) and the path of a
+/// control socket in it, for `VmmRun::api_sock`; the caller removes the directory.
+pub fn temp_api_sock(tool: &str) -> std::io::Result<(PathBuf, PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("{tool}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("api.sock");
+    Ok((dir, sock))
+}
+
 /// A `vmm run` to start.
 #[derive(Clone, Debug)]
 pub struct VmmRun {
@@ -268,6 +277,15 @@ impl VmmRun {
     /// Starts the VM; its console and stderr are collected as they come.
     pub fn spawn(&self) -> RunningVm {
         RunningVm::spawn(self)
+    }
+
+    /// Runs to its end with its report written to `report` (`--report-json`), and asserts
+    /// that it passed (exit status 0) and wrote the report, showing everything seen if not.
+    pub fn passes_with_report(self, report: &Path, timeout: Duration) -> Finished {
+        let r = self.report_json(report).run(timeout);
+        assert_eq!(r.status, Some(0), "{}", r.all());
+        r.report();
+        r
     }
 
     /// Runs the VM to its end (killed, and the caller told so, after `timeout`).

@@ -100,6 +100,17 @@ impl Finished {
         }
     }
 
+    /// Asserts that stderr holds every one of `needles`, showing all output if not.
+    pub fn assert_stderr_has(&self, needles: &[&str]) {
+        for n in needles {
+            assert!(
+                self.stderr.contains(n),
+                "no '{n}' in stderr\n{}",
+                self.all()
+            );
+        }
+    }
+
     /// The report, or a panic that shows why there is none.
     pub fn report(&self) -> &BalloonReport {
         self.report

@@ -231,36 +231,59 @@ trait PeerVm {
     fn console(&self) -> String;
 }
 
-struct Ours(vmm_harness::RunningVm, vmm::api::ApiClient);
+/// A peer driven through the Firecracker-style balloon API (`PATCH /balloon`, `GET
+/// /balloon/statistics`): this VMM or Firecracker, with a client of that API.
+struct ApiPeer {
+    vm: ApiPeerVm,
+    api: vmm::api::ApiClient,
+}
 
-impl PeerVm for Ours {
+enum ApiPeerVm {
+    Ours(vmm_harness::RunningVm),
+    Firecracker(FirecrackerVm),
+}
+
+impl PeerVm for ApiPeer {
     fn pid(&self) -> u32 {
-        self.0.pid()
+        match &self.vm {
+            ApiPeerVm::Ours(vm) => vm.pid(),
+            ApiPeerVm::Firecracker(vm) => vm.pid(),
+        }
     }
     fn host_bytes(&self) -> u64 {
-        host::guest_memfd_bytes(self.pid())
+        match self.vm {
+            ApiPeerVm::Ours(_) => host::guest_memfd_bytes(self.pid()),
+            // Guest RAM is anonymous (or hugetlb) memory: what the process holds resident.
+            ApiPeerVm::Firecracker(_) => host::resident_bytes(self.pid()),
+        }
     }
     fn set_target(&mut self, balloon: u64) -> Result<()> {
-        Ok(self.1.set_balloon_mib(balloon >> 20)?)
+        Ok(self.api.set_balloon_mib(balloon >> 20)?)
     }
     fn reached(&mut self, balloon: u64) -> Result<bool> {
-        Ok(self.1.statistics()?.actual_mib == balloon >> 20)
+        Ok(self.api.statistics()?.actual_mib == balloon >> 20)
     }
     fn flush_requests(&mut self) -> Result<Option<u64>> {
-        Ok(self.1.reclaim()?.kvm_remote_tlb_flush_requests)
+        match self.vm {
+            ApiPeerVm::Ours(_) => Ok(self.api.reclaim()?.kvm_remote_tlb_flush_requests),
+            // Firecracker reports no KVM statistics: --count-calls counts its host calls instead.
+            ApiPeerVm::Firecracker(_) => Ok(None),
+        }
     }
     fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
-        self.0
-            .wait_for(needle, timeout)
-            .map(drop)
-            .map_err(anyhow::Error::msg)
+        match &mut self.vm {
+            ApiPeerVm::Ours(vm) => vm
+                .wait_for(needle, timeout)
+                .map(drop)
+                .map_err(anyhow::Error::msg),
+            ApiPeerVm::Firecracker(vm) => vm.wait_for(needle, timeout),
+        }
     }
     fn console(&self) -> String {
-        self.0
-            .console()
-            .into_iter()
-            .map(|(_, l)| l + "\n")
-            .collect()
+        match &self.vm {
+            ApiPeerVm::Ours(vm) => vm.console().into_iter().map(|(_, l)| l + "\n").collect(),
+            ApiPeerVm::Firecracker(vm) => vm.console(),
+        }
     }
 }
 
@@ -298,34 +321,6 @@ impl PeerVm for Qemu {
     }
     fn console(&self) -> String {
         self.0.stdout()
-    }
-}
-
-struct Firecracker(FirecrackerVm, vmm::api::ApiClient);
-
-impl PeerVm for Firecracker {
-    fn pid(&self) -> u32 {
-        self.0.pid()
-    }
-    fn host_bytes(&self) -> u64 {
-        // Guest RAM is anonymous (or hugetlb) memory: what the process holds resident.
-        host::resident_bytes(self.pid())
-    }
-    fn set_target(&mut self, balloon: u64) -> Result<()> {
-        Ok(self.1.set_balloon_mib(balloon >> 20)?)
-    }
-    fn reached(&mut self, balloon: u64) -> Result<bool> {
-        Ok(self.1.statistics()?.actual_mib == balloon >> 20)
-    }
-    fn flush_requests(&mut self) -> Result<Option<u64>> {
-        // Firecracker reports no KVM statistics: --count-calls counts its host calls instead.
-        Ok(None)
-    }
-    fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
-        self.0.wait_for(needle, timeout)
-    }
-    fn console(&self) -> String {
-        self.0.console()
     }
 }
 
@@ -422,7 +417,11 @@ fn run_ours(a: &Args, strategy: Strategy, dir: &Path, count: bool) -> Result<(Ru
         .map_err(anyhow::Error::msg)?;
     let launch_s = t0.elapsed().as_secs_f64();
     let api = vm.api();
-    measure(a, &mut Ours(vm, api), launch_s, dir, count)
+    let mut peer = ApiPeer {
+        vm: ApiPeerVm::Ours(vm),
+        api,
+    };
+    measure(a, &mut peer, launch_s, dir, count)
 }
 
 fn run_qemu(a: &Args, dir: &Path, count: bool) -> Result<(Run, Option<Calls>)> {
@@ -482,7 +481,11 @@ fn run_firecracker(a: &Args, bin: &Path, dir: &Path, count: bool) -> Result<(Run
     vm.wait_for("balloon: driver ready", Duration::from_secs(120))?;
     let launch_s = t0.elapsed().as_secs_f64();
     let api = vm.api()?;
-    measure(a, &mut Firecracker(vm, api), launch_s, dir, count)
+    let mut peer = ApiPeer {
+        vm: ApiPeerVm::Firecracker(vm),
+        api,
+    };
+    measure(a, &mut peer, launch_s, dir, count)
 }
 
 /// One zap and one release of `--balloon` bytes as one contiguous range: the reclaim probe

@@ -91,42 +91,40 @@ struct Request {
     ipi: bool,
 }
 
-/// What the model counted in one execution.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Counters {
-    pub flush_rounds: u64,
-    pub ipis: u64,
-    pub acks: u64,
-    pub tlb_hits: u64,
-    pub stale_hits: u64,
-    pub tlb_fills: u64,
-    pub faults: u64,
-    pub fault_waits: u64,
-    pub refaults: u64,
-    /// Faults on frames a span bridged: mapped again to the same host frame.
-    pub bridged_refaults: u64,
-    /// In-use frames zapped by spans.
-    pub bridged_zaps: u64,
-    pub writebacks: u64,
-    pub frames_freed: u64,
+/// Declares `Counters` from its fields (every one a u64 count) and `add`, which sums them all,
+/// so that no count is left out of the sum.
+macro_rules! counters {
+    ($($(#[$doc:meta])* $field:ident,)+) => {
+        /// What the model counted in one execution.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+        pub struct Counters {
+            $($(#[$doc])* pub $field: u64,)+
+        }
+
+        impl Counters {
+            pub fn add(&mut self, o: &Counters) {
+                $(self.$field += o.$field;)+
+            }
+        }
+    };
 }
 
-impl Counters {
-    pub fn add(&mut self, o: &Counters) {
-        self.flush_rounds += o.flush_rounds;
-        self.ipis += o.ipis;
-        self.acks += o.acks;
-        self.tlb_hits += o.tlb_hits;
-        self.stale_hits += o.stale_hits;
-        self.tlb_fills += o.tlb_fills;
-        self.faults += o.faults;
-        self.fault_waits += o.fault_waits;
-        self.refaults += o.refaults;
-        self.bridged_refaults += o.bridged_refaults;
-        self.bridged_zaps += o.bridged_zaps;
-        self.writebacks += o.writebacks;
-        self.frames_freed += o.frames_freed;
-    }
+counters! {
+    flush_rounds,
+    ipis,
+    acks,
+    tlb_hits,
+    stale_hits,
+    tlb_fills,
+    faults,
+    fault_waits,
+    refaults,
+    /// Faults on frames a span bridged: mapped again to the same host frame.
+    bridged_refaults,
+    /// In-use frames zapped by spans.
+    bridged_zaps,
+    writebacks,
+    frames_freed,
 }
 
 /// How many recent steps a violation report shows (`STAGE2_MODEL_TRACE` overrides).

@@ -52,6 +52,30 @@ fn exhaustive(preemptions: usize) -> Search {
     Search::Exhaustive { preemptions }
 }
 
+fn random(schedules: usize, seed: u64) -> Search {
+    Search::Random { schedules, seed }
+}
+
+/// The violation report of a wrong order on 20,000 random schedules.
+fn violation_on_random_schedules(s: Scenario) -> String {
+    violation_of(s, random(20_000, 1))
+}
+
+/// Asserts that the violation report `v` says every one of `needles`.
+fn assert_says(v: &str, needles: &[&str]) {
+    for n in needles {
+        assert!(v.contains(n), "missing '{n}' in:\n{v}");
+    }
+}
+
+/// Asserts that the violation report `v` says at least one of `needles`.
+fn assert_says_one_of(v: &str, needles: &[&str]) {
+    assert!(
+        needles.iter().any(|n| v.contains(n)),
+        "none of {needles:?} in:\n{v}"
+    );
+}
+
 #[test]
 fn correct_order_survives_every_schedule_of_the_small_configuration() {
     let k = env("STAGE2_MODEL_PREEMPTIONS", 3);
@@ -72,10 +96,7 @@ fn correct_order_survives_random_schedules_of_4_vcpus_and_1024_frames() {
     let r = run(
         "random (4 vCPUs, 1024 frames)",
         Scenario::random(Order::Correct),
-        Search::Random {
-            schedules: schedules(),
-            seed: 1,
-        },
+        random(schedules(), 1),
     );
     assert_eq!(r.executions, schedules());
     assert!(r.counters.stale_hits > 0 && r.counters.refaults > 0 && r.counters.writebacks > 0);
@@ -111,10 +132,7 @@ fn every_strategy_of_the_unchanged_gather_keeps_the_order() {
         let r = run(
             &format!("random, {strategy}"),
             s,
-            Search::Random {
-                schedules: schedules() / 10,
-                seed: 3,
-            },
+            random(schedules() / 10, 3),
         );
         assert!(r.counters.flush_rounds > 0);
     }
@@ -123,46 +141,32 @@ fn every_strategy_of_the_unchanged_gather_keeps_the_order() {
 #[test]
 fn free_before_flush_is_caught_as_use_after_free() {
     let v = violation_of(Scenario::small(Order::FreeBeforeFlush), exhaustive(2));
-    assert!(
-        v.contains("use-after-free: vcpu0 wrote gfn 0x1 through a stale TLB entry into host frame 0x1, which now belongs to tenant #"),
-        "{v}"
+    assert_says(
+        &v,
+        &[
+            "use-after-free: vcpu0 wrote gfn 0x1 through a stale TLB entry into host frame 0x1, which now belongs to tenant #",
+            "gather (free before flush): frees host frame 0x1",
+        ],
     );
-    assert!(
-        v.contains("gather (free before flush): frees host frame 0x1"),
-        "{v}"
-    );
-    let v = violation_of(
-        Scenario::random(Order::FreeBeforeFlush),
-        Search::Random {
-            schedules: 20_000,
-            seed: 1,
-        },
-    );
-    assert!(v.contains("use-after-free: vcpu"), "{v}");
+    let v = violation_on_random_schedules(Scenario::random(Order::FreeBeforeFlush));
+    assert_says(&v, &["use-after-free: vcpu"]);
 }
 
 #[test]
 fn early_rmap_drop_is_caught_as_lost_write() {
     let v = violation_of(Scenario::small(Order::EarlyRmapDrop), exhaustive(2));
-    assert!(
-        v.contains("lost write: host frame 0x1 of gfn 0x1 is freed as clean, but holds 0x10002 (written by vcpu0)"),
-        "{v}"
+    assert_says(
+        &v,
+        &[
+            "lost write: host frame 0x1 of gfn 0x1 is freed as clean, but holds 0x10002 (written by vcpu0)",
+            // The steps that led there.
+            "gather: drops the rmap of gfns 0x1+2 before the flush",
+            "writeback: rmap of host frame 0x1 (gfn 0x1) is empty: nothing to clean or flush",
+            "vcpu0: write 0x10002 to gfn 0x1 through a stale TLB entry",
+        ],
     );
-    for step in [
-        "gather: drops the rmap of gfns 0x1+2 before the flush",
-        "writeback: rmap of host frame 0x1 (gfn 0x1) is empty: nothing to clean or flush",
-        "vcpu0: write 0x10002 to gfn 0x1 through a stale TLB entry",
-    ] {
-        assert!(v.contains(step), "missing step '{step}' in:\n{v}");
-    }
-    let v = violation_of(
-        Scenario::random(Order::EarlyRmapDrop),
-        Search::Random {
-            schedules: 20_000,
-            seed: 1,
-        },
-    );
-    assert!(v.contains("lost write"), "{v}");
+    let v = violation_on_random_schedules(Scenario::random(Order::EarlyRmapDrop));
+    assert_says(&v, &["lost write"]);
 }
 
 #[test]
@@ -185,25 +189,13 @@ fn zap_spans_survive_every_schedule_of_the_small_span_configuration() {
 #[test]
 fn releasing_a_whole_span_is_caught() {
     let v = violation_of(Scenario::small_span(Order::ReleaseWholeSpan), exhaustive(2));
-    assert!(
-        v.contains("frees host frame 0x2 of in-use gfn 0x2, discarding its contents"),
-        "{v}"
+    assert_says(
+        &v,
+        &["frees host frame 0x2 of in-use gfn 0x2, discarding its contents"],
     );
-    assert!(
-        v.contains("use-after-free") || v.contains("lost write"),
-        "{v}"
-    );
-    let v = violation_of(
-        Scenario::random(Order::ReleaseWholeSpan),
-        Search::Random {
-            schedules: 20_000,
-            seed: 1,
-        },
-    );
-    assert!(
-        v.contains("use-after-free") || v.contains("lost write"),
-        "{v}"
-    );
+    assert_says_one_of(&v, &["use-after-free", "lost write"]);
+    let v = violation_on_random_schedules(Scenario::random(Order::ReleaseWholeSpan));
+    assert_says_one_of(&v, &["use-after-free", "lost write"]);
 }
 
 #[test]
@@ -212,26 +204,19 @@ fn dropping_the_rmap_of_bridged_frames_before_the_flush_is_caught_as_lost_write(
         Scenario::small_span(Order::EarlyBridgedRmapDrop),
         exhaustive(2),
     );
-    assert!(
-        v.contains("lost write: host frame 0x2 of gfn 0x2 is clean"),
-        "{v}"
+    assert_says(
+        &v,
+        &[
+            "lost write: host frame 0x2 of gfn 0x2 is clean",
+            // The steps that led there.
+            "gather: drops the rmap of bridged in-use gfn 0x2 before the flush",
+            "writeback: rmap of host frame 0x2 (gfn 0x2) is empty: nothing to clean or flush",
+            // Through the TLB entry it filled before the flush (not yet taken).
+            "vcpu0: write 0x20002 to gfn 0x2 through",
+        ],
     );
-    for step in [
-        "gather: drops the rmap of bridged in-use gfn 0x2 before the flush",
-        "writeback: rmap of host frame 0x2 (gfn 0x2) is empty: nothing to clean or flush",
-        // Through the TLB entry it filled before the flush (not yet taken).
-        "vcpu0: write 0x20002 to gfn 0x2 through",
-    ] {
-        assert!(v.contains(step), "missing step '{step}' in:\n{v}");
-    }
-    let v = violation_of(
-        Scenario::random(Order::EarlyBridgedRmapDrop),
-        Search::Random {
-            schedules: 20_000,
-            seed: 1,
-        },
-    );
-    assert!(v.contains("lost write"), "{v}");
+    let v = violation_on_random_schedules(Scenario::random(Order::EarlyBridgedRmapDrop));
+    assert_says(&v, &["lost write"]);
 }
 
 /// On 2 MiB blocks that cannot be split (hugetlb): frames wait in their blocks, a block goes
@@ -241,10 +226,7 @@ fn correct_order_survives_random_schedules_on_2mib_blocks() {
     let r = run(
         "random, 2 MiB blocks (4 vCPUs, 1024 frames)",
         Scenario::random_blocks(Order::Correct),
-        Search::Random {
-            schedules: schedules() / 10,
-            seed: 4,
-        },
+        random(schedules() / 10, 4),
     );
     assert!(
         r.counters.frames_freed >= 512,
@@ -256,12 +238,6 @@ fn correct_order_survives_random_schedules_on_2mib_blocks() {
 
 #[test]
 fn free_before_flush_is_caught_on_2mib_blocks_too() {
-    let v = violation_of(
-        Scenario::random_blocks(Order::FreeBeforeFlush),
-        Search::Random {
-            schedules: 20_000,
-            seed: 1,
-        },
-    );
-    assert!(v.contains("use-after-free"), "{v}");
+    let v = violation_on_random_schedules(Scenario::random_blocks(Order::FreeBeforeFlush));
+    assert_says(&v, &["use-after-free"]);
 }

@@ -102,6 +102,14 @@ pub fn detect(path: &Path) -> Result<KernelFormat, VmmError> {
     Err(VmmError::KernelFormat(path.into()))
 }
 
+/// `--memory` is too small for this kernel: `why`.
+fn too_small(ram: &GuestRam, why: impl Into<String>) -> VmmError {
+    VmmError::KernelMemory {
+        memory: format_size(ram.layout().total_bytes()),
+        why: why.into(),
+    }
+}
+
 /// The end of RAM below the MMIO hole: kernels, the initrd and the boot data live there.
 fn low_ram_end(ram: &GuestRam) -> u64 {
     ram.layout().ranges()[0].end()
@@ -116,16 +124,20 @@ pub fn prepare(
     vcpus: u32,
 ) -> Result<(LoadedKernel, BootPlan), VmmError> {
     if low_ram_end(ram) <= HIGH_MEMORY_START {
-        return Err(VmmError::KernelMemory {
-            memory: format_size(ram.layout().total_bytes()),
-            why: "Linux needs RAM above 1 MiB".into(),
-        });
+        return Err(too_small(ram, "Linux needs RAM above 1 MiB"));
     }
     let map = memmap::linux_e820(ram.layout());
     let format = detect(&boot.kernel)?;
+    let load = KernelLoad {
+        ram,
+        boot,
+        map: &map,
+        cmdline,
+        rsdp,
+    };
     let (loaded, entry) = match format {
-        KernelFormat::PvhElf => load_pvh(ram, boot, &map, cmdline, rsdp)?,
-        KernelFormat::BzImage => load_bzimage(ram, boot, &map, cmdline, rsdp)?,
+        KernelFormat::PvhElf => load.pvh()?,
+        KernelFormat::BzImage => load.bzimage()?,
     };
     let mut entries = vec![None; vcpus.max(1) as usize];
     entries[0] = Some(entry);
@@ -149,13 +161,13 @@ fn load_initrd(
     let addr = match addr {
         Some(a) if a >= kernel_end => a,
         _ => {
-            return Err(VmmError::KernelMemory {
-                memory: format_size(ram.layout().total_bytes()),
-                why: format!(
+            return Err(too_small(
+                ram,
+                format!(
                     "the initrd {} ({size} bytes) does not fit between the kernel's end at {kernel_end:#x} and {top:#x}",
                     path.display()
                 ),
-            })
+            ))
         }
     };
     ram.memory()
@@ -201,54 +213,125 @@ fn load_image<L: KernelLoader>(
     .map_err(|e| load_err(path, e))
 }
 
-fn load_pvh(
-    ram: &GuestRam,
-    boot: &LinuxBoot,
-    map: &[Region],
-    cmdline: &str,
+/// One kernel to load: into `ram`, what `boot` names, with the e820 `map`, the command line
+/// and the RSDP's address.
+struct KernelLoad<'a> {
+    ram: &'a GuestRam,
+    boot: &'a LinuxBoot,
+    map: &'a [Region],
+    cmdline: &'a str,
     rsdp: Option<u64>,
-) -> Result<(LoadedKernel, CpuEntry), VmmError> {
-    let path = &boot.kernel;
-    if let Some(end) = elf_load_end(path).filter(|&end| end > low_ram_end(ram)) {
-        return Err(VmmError::KernelMemory {
-            memory: format_size(ram.layout().total_bytes()),
-            why: format!("the kernel's ELF segments need RAM up to {end:#x}"),
-        });
-    }
-    let result = load_image::<Elf>(ram, path)?;
-    let PvhBootCapability::PvhEntryPresent(entry) = result.pvh_boot_cap else {
-        return Err(VmmError::KernelNoPvh(path.clone()));
-    };
-    if result.kernel_end > low_ram_end(ram) {
-        return Err(VmmError::KernelMemory {
-            memory: format_size(ram.layout().total_bytes()),
-            why: format!("the kernel ends at {:#x}", result.kernel_end),
-        });
-    }
-    let initrd = match &boot.initrd {
-        Some(p) => Some(load_initrd(ram, p, result.kernel_end, u64::MAX)?),
-        None => None,
-    };
-    super::write_cmdline(ram, cmdline, PVH_CMDLINE_MAX)?;
-    tables::write_gdt(ram, &tables::PVH_32_GDT)?;
-    let modules: Vec<_> = initrd.iter().copied().collect();
-    let start_info = pvh::write(ram, &pvh::build(map, &modules, rsdp))?;
-    Ok((
-        LoadedKernel {
-            format: KernelFormat::PvhElf,
-            entry: entry.0,
-            initrd,
-        },
-        CpuEntry {
-            mode: EntryMode::Protected,
-            gdt: tables::PVH_32_GDT,
-            regs: kvm_regs {
-                rip: entry.0,
-                rbx: start_info,
-                ..Default::default()
+}
+
+impl KernelLoad<'_> {
+    /// An ELF vmlinux, through its PVH entry.
+    fn pvh(&self) -> Result<(LoadedKernel, CpuEntry), VmmError> {
+        let (ram, path) = (self.ram, &self.boot.kernel);
+        if let Some(end) = elf_load_end(path).filter(|&end| end > low_ram_end(ram)) {
+            return Err(too_small(
+                ram,
+                format!("the kernel's ELF segments need RAM up to {end:#x}"),
+            ));
+        }
+        let result = load_image::<Elf>(ram, path)?;
+        let PvhBootCapability::PvhEntryPresent(entry) = result.pvh_boot_cap else {
+            return Err(VmmError::KernelNoPvh(path.clone()));
+        };
+        if result.kernel_end > low_ram_end(ram) {
+            return Err(too_small(
+                ram,
+                format!("the kernel ends at {:#x}", result.kernel_end),
+            ));
+        }
+        let initrd = match &self.boot.initrd {
+            Some(p) => Some(load_initrd(ram, p, result.kernel_end, u64::MAX)?),
+            None => None,
+        };
+        super::write_cmdline(ram, self.cmdline, PVH_CMDLINE_MAX)?;
+        tables::write_gdt(ram, &tables::PVH_32_GDT)?;
+        let modules: Vec<_> = initrd.iter().copied().collect();
+        let start_info = pvh::write(ram, &pvh::build(self.map, &modules, self.rsdp))?;
+        Ok((
+            LoadedKernel {
+                format: KernelFormat::PvhElf,
+                entry: entry.0,
+                initrd,
             },
-        },
-    ))
+            CpuEntry {
+                mode: EntryMode::Protected,
+                gdt: tables::PVH_32_GDT,
+                regs: kvm_regs {
+                    rip: entry.0,
+                    rbx: start_info,
+                    ..Default::default()
+                },
+            },
+        ))
+    }
+
+    /// A bzImage, through the 64-bit boot protocol.
+    fn bzimage(&self) -> Result<(LoadedKernel, CpuEntry), VmmError> {
+        let (ram, path) = (self.ram, &self.boot.kernel);
+        let result = load_image::<BzImage>(ram, path)?;
+        let hdr = result
+            .setup_header
+            .ok_or_else(|| load_err(path, "no setup header"))?;
+        if hdr.version < 0x020c || hdr.xloadflags & XLF_KERNEL_64 == 0 {
+            return Err(VmmError::KernelNo64BitEntry {
+                path: path.clone(),
+                version: hdr.version,
+            });
+        }
+        let kernel_end = decompress_end(result.kernel_load.0, &hdr)
+            .map(|e| e.max(result.kernel_end))
+            .ok_or_else(|| load_err(path, "pref_address + init_size overflows"))?;
+        if kernel_end > low_ram_end(ram) {
+            return Err(too_small(
+                ram,
+                format!("the kernel needs RAM up to {kernel_end:#x} to decompress"),
+            ));
+        }
+        let initrd = match &self.boot.initrd {
+            Some(p) => Some(load_initrd(
+                ram,
+                p,
+                kernel_end,
+                u64::from(hdr.initrd_addr_max).saturating_add(1),
+            )?),
+            None => None,
+        };
+        let max = if hdr.cmdline_size > 0 {
+            hdr.cmdline_size as usize
+        } else {
+            255
+        };
+        super::write_cmdline(ram, self.cmdline, max)?;
+        let params = boot_params_for(hdr, self.map, self.cmdline.len(), initrd, self.rsdp);
+        LinuxBootConfigurator::write_bootparams(
+            &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
+            ram.memory(),
+        )
+        .map_err(|e| load_err(path, e))?;
+        let cr3 = tables::write_page_tables(ram)?;
+        tables::write_gdt(ram, &tables::LINUX_64_GDT)?;
+        let entry = result.kernel_load.0 + STARTUP_64_OFFSET;
+        Ok((
+            LoadedKernel {
+                format: KernelFormat::BzImage,
+                entry,
+                initrd,
+            },
+            CpuEntry {
+                mode: EntryMode::Long { cr3 },
+                gdt: tables::LINUX_64_GDT,
+                regs: kvm_regs {
+                    rip: entry,
+                    rsi: ZERO_PAGE_ADDR,
+                    ..Default::default()
+                },
+            },
+        ))
+    }
 }
 
 /// The zero page for a bzImage whose setup header is `hdr`.
@@ -285,75 +368,6 @@ pub fn boot_params_for(
         }
     }
     params
-}
-
-fn load_bzimage(
-    ram: &GuestRam,
-    boot: &LinuxBoot,
-    map: &[Region],
-    cmdline: &str,
-    rsdp: Option<u64>,
-) -> Result<(LoadedKernel, CpuEntry), VmmError> {
-    let path = &boot.kernel;
-    let result = load_image::<BzImage>(ram, path)?;
-    let hdr = result
-        .setup_header
-        .ok_or_else(|| load_err(path, "no setup header"))?;
-    if hdr.version < 0x020c || hdr.xloadflags & XLF_KERNEL_64 == 0 {
-        return Err(VmmError::KernelNo64BitEntry {
-            path: path.clone(),
-            version: hdr.version,
-        });
-    }
-    let kernel_end = decompress_end(result.kernel_load.0, &hdr)
-        .map(|e| e.max(result.kernel_end))
-        .ok_or_else(|| load_err(path, "pref_address + init_size overflows"))?;
-    if kernel_end > low_ram_end(ram) {
-        return Err(VmmError::KernelMemory {
-            memory: format_size(ram.layout().total_bytes()),
-            why: format!("the kernel needs RAM up to {kernel_end:#x} to decompress"),
-        });
-    }
-    let initrd = match &boot.initrd {
-        Some(p) => Some(load_initrd(
-            ram,
-            p,
-            kernel_end,
-            u64::from(hdr.initrd_addr_max).saturating_add(1),
-        )?),
-        None => None,
-    };
-    let max = if hdr.cmdline_size > 0 {
-        hdr.cmdline_size as usize
-    } else {
-        255
-    };
-    super::write_cmdline(ram, cmdline, max)?;
-    let params = boot_params_for(hdr, map, cmdline.len(), initrd, rsdp);
-    LinuxBootConfigurator::write_bootparams(
-        &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
-        ram.memory(),
-    )
-    .map_err(|e| load_err(path, e))?;
-    let cr3 = tables::write_page_tables(ram)?;
-    tables::write_gdt(ram, &tables::LINUX_64_GDT)?;
-    let entry = result.kernel_load.0 + STARTUP_64_OFFSET;
-    Ok((
-        LoadedKernel {
-            format: KernelFormat::BzImage,
-            entry,
-            initrd,
-        },
-        CpuEntry {
-            mode: EntryMode::Long { cr3 },
-            gdt: tables::LINUX_64_GDT,
-            regs: kvm_regs {
-                rip: entry,
-                rsi: ZERO_PAGE_ADDR,
-                ..Default::default()
-            },
-        },
-    ))
 }
 
 /// Reads boot_params back from guest memory (tests).

@@ -107,11 +107,7 @@ fn verifier(cpu: &Cpu, bytes: u64, hot: bool) -> Verdict {
         cpu.id, n, rounds, errors
     );
     VERIFY_ERRORS.fetch_add(errors, Ordering::Relaxed);
-    if errors == 0 {
-        Verdict::Pass
-    } else {
-        Verdict::Fail
-    }
+    Verdict::pass_if(errors == 0)
 }
 
 /// Runs of frames held while touching or reporting them (kept off the 64 KiB stack).
@@ -589,7 +585,7 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
         "balloon: {} targets reached; inflated {} deflated {} pages; reuse errors {}; stats buffers {}; pages reported after targets {}",
         reached, d.inflated, d.deflated, d.reuse_errors, d.stats_sent, reported_total
     );
-    Ok(if ok { Verdict::Pass } else { Verdict::Fail })
+    Ok(Verdict::pass_if(ok))
 }
 
 fn main(cpu: &Cpu) -> Verdict {

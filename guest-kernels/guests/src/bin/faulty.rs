@@ -115,11 +115,7 @@ fn bad_probe() -> Verdict {
         );
         ok &= status == want && reclaimed == 0;
     }
-    if ok {
-        Verdict::Pass
-    } else {
-        Verdict::Fail
-    }
+    Verdict::pass_if(ok)
 }
 
 rt::guest_main!(main);

@@ -22,10 +22,7 @@
 #![no_main]
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use rt::virtio::{
-    self, Desc, Device, Queue, DESC_F_NEXT, DESC_F_WRITE, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
-    STATUS_DRIVER_OK, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
-};
+use rt::virtio::{self, status, Desc, Device, Queue, DESC_F_NEXT, DESC_F_WRITE};
 use rt::{bootinfo, cmdline, frames, pattern, println, Cpu, Verdict};
 
 use abi::virtio::balloon::DEVICE_ID as VIRTIO_ID_BALLOON;
@@ -33,7 +30,7 @@ use abi::virtio::reg;
 const DESC_F_INDIRECT: u16 = 4;
 const QSIZE: u16 = 64;
 const PAGE: u64 = frames::PAGE_SIZE;
-const ALL_OK: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+const ALL_OK: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
 const CANARY_PAGES: u64 = 256;
 const CANARY_SALT: u64 = 0xca11;
 /// The region the writer vCPUs rewrite; every VICTIM_EVERY-th page is inflated under them
@@ -151,6 +148,28 @@ enum Got {
     Timeout,
 }
 
+/// The pages of a region that an attack under the writer vCPUs inflates: page i if
+/// i % stride == offset. With `skip` the writers leave them alone, else they rewrite them too.
+#[derive(Clone, Copy)]
+struct Victims {
+    stride: u64,
+    offset: u64,
+    skip: bool,
+}
+
+/// `written`: every VICTIM_EVERY-th page, which the writers rewrite too.
+const WRITTEN: Victims = Victims {
+    stride: VICTIM_EVERY,
+    offset: 3,
+    skip: false,
+};
+/// `neighbours`: every other page, between two that the writers rewrite.
+const NEIGHBOURS: Victims = Victims {
+    stride: 2,
+    offset: 1,
+    skip: true,
+};
+
 struct Driver {
     dev: Device,
     /// Ring frames of queues 0 (inflate) and 1 (deflate), reused by every setup.
@@ -246,7 +265,7 @@ impl Driver {
             if q.poll() {
                 got = Got::Used(q.last_used().1);
                 true
-            } else if dev.status() & STATUS_NEEDS_RESET != 0 {
+            } else if dev.status() & status::NEEDS_RESET != 0 {
                 got = Got::NeedsReset;
                 true
             } else {
@@ -318,7 +337,7 @@ impl Driver {
     /// The device is active and a fresh frame goes through inflate and deflate.
     fn alive(&mut self) -> Res {
         let s = self.dev.status();
-        if s & STATUS_NEEDS_RESET != 0 || s & STATUS_DRIVER_OK == 0 {
+        if s & status::NEEDS_RESET != 0 || s & status::DRIVER_OK == 0 {
             return Err("device not active");
         }
         let g = alloc()? as u32;
@@ -472,7 +491,7 @@ impl Driver {
         }
         // Writing DRIVER_OK again does not clear it.
         self.dev.set_status(ALL_OK);
-        if self.dev.status() & STATUS_NEEDS_RESET == 0 {
+        if self.dev.status() & status::NEEDS_RESET == 0 {
             return Err("a second DRIVER_OK cleared NEEDS_RESET");
         }
         self.dev.set_status(0);
@@ -531,12 +550,12 @@ impl Driver {
         self.dev.write(reg::DRIVER_FEATURES, u32::MAX);
         self.dev.set_status(ALL_OK);
         // Dropping DRIVER_OK / FEATURES_OK without a reset, then setting them again.
-        self.dev.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        self.dev.set_status(status::ACKNOWLEDGE | status::DRIVER);
         if self.dev.status() != ALL_OK {
             return Err("status bits cleared without a reset");
         }
         self.dev
-            .set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+            .set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
         // Moving a live queue's rings outside RAM.
         self.dev.write(reg::QUEUE_SEL, 0);
         self.dev.write(reg::QUEUE_DESC_LOW, 0xC000_0000);
@@ -585,18 +604,28 @@ impl Driver {
         Ok(())
     }
 
-    /// Inflates the victims of a fresh region (page i is one if i % stride == offset)
-    /// while the writer vCPUs rewrite it (the victims too, unless `skip`), lets them run two
-    /// more rounds over the reclaimed batch, stops them, and checks that every page that was
-    /// not given away kept its pattern; then deflates and reuses the victims. Returns the
-    /// victims, the writers' rounds and the words found wrong (by the writers and vCPU 0).
+    /// The attack `name`, skipped without writer vCPUs: inflates the victims of a fresh
+    /// region while the writer vCPUs rewrite it (the victims too, unless `skip`), lets them
+    /// run two more rounds over the reclaimed batch, stops them, and checks that every page
+    /// that was not given away kept its pattern; then deflates and reuses the victims.
+    /// `report` prints the outcome from the victims, the writers' rounds, the pages kept and
+    /// the words found wrong (by the writers and vCPU 0); any wrong word fails it with `lost`.
     fn under_writers(
         &mut self,
+        name: &str,
         writers: u64,
-        stride: u64,
-        offset: u64,
-        skip: bool,
-    ) -> Res<(u64, u64, u64)> {
+        Victims {
+            stride,
+            offset,
+            skip,
+        }: Victims,
+        lost: &'static str,
+        report: impl FnOnce(u64, u64, u64, u64),
+    ) -> Res {
+        if writers == 0 {
+            println!("hostile: {}: skipped (no other vCPUs)", name);
+            return Ok(());
+        }
         let (base, n) = frames::alloc_run(REGION_PAGES).ok_or("no region")?;
         if n != REGION_PAGES {
             return Err("no contiguous region");
@@ -654,50 +683,34 @@ impl Driver {
         for i in (0..REGION_PAGES).filter(|i| i % stride != offset) {
             frames::free(base + i);
         }
-        Ok((nv as u64, (1..=writers).map(rounds).sum(), bad))
+        let victims = nv as u64;
+        report(
+            victims,
+            (1..=writers).map(rounds).sum(),
+            REGION_PAGES - victims,
+            bad,
+        );
+        if bad != 0 {
+            return Err(lost);
+        }
+        Ok(())
     }
 
     fn written(&mut self, writers: u64) -> Res {
-        if writers == 0 {
-            println!("hostile: written: skipped (no other vCPUs)");
-            return Ok(());
-        }
-        let (victims, rounds, bad) = self.under_writers(writers, VICTIM_EVERY, 3, false)?;
-        println!(
-            "hostile: written: {} frames inflated while {} vCPUs rewrote them ({} writer rounds); the other {} pages kept their pattern ({} bad words); victims deflated and reused; device alive",
-            victims,
-            writers,
-            rounds,
-            REGION_PAGES - victims,
-            bad
-        );
-        if bad != 0 {
-            return Err("pages not given away lost their pattern");
-        }
-        Ok(())
+        let lost = "pages not given away lost their pattern";
+        self.under_writers("written", writers, WRITTEN, lost, |victims, rounds, kept, bad| {
+            println!("hostile: written: {victims} frames inflated while {writers} vCPUs rewrote them ({rounds} writer rounds); the other {kept} pages kept their pattern ({bad} bad words); victims deflated and reused; device alive")
+        })
     }
 
     /// Every other page of a region is inflated while the writer vCPUs keep rewriting and
     /// verifying the pages between them: the host's zap spans cover those in-use neighbours,
     /// so this checks that a span over frames written during its zap loses nothing.
     fn neighbours(&mut self, writers: u64) -> Res {
-        if writers == 0 {
-            println!("hostile: neighbours: skipped (no other vCPUs)");
-            return Ok(());
-        }
-        let (victims, rounds, bad) = self.under_writers(writers, 2, 1, true)?;
-        println!(
-            "hostile: neighbours: {} frames inflated, each between two in-use pages that {} vCPUs kept rewriting and verifying ({} writer rounds); the victims read zero once reclaimed; the {} neighbours kept every write ({} bad words); victims deflated and reused; device alive",
-            victims,
-            writers,
-            rounds,
-            REGION_PAGES - victims,
-            bad
-        );
-        if bad != 0 {
-            return Err("in-use neighbours of inflated frames lost writes");
-        }
-        Ok(())
+        let lost = "in-use neighbours of inflated frames lost writes";
+        self.under_writers("neighbours", writers, NEIGHBOURS, lost, |victims, rounds, kept, bad| {
+            println!("hostile: neighbours: {victims} frames inflated, each between two in-use pages that {writers} vCPUs kept rewriting and verifying ({rounds} writer rounds); the victims read zero once reclaimed; the {kept} neighbours kept every write ({bad} bad words); victims deflated and reused; device alive")
+        })
     }
 
     fn touch(&mut self) -> Res {
@@ -805,11 +818,7 @@ fn writer(cpu: &Cpu) -> Verdict {
         WRITERS_DONE.fetch_add(1, Ordering::AcqRel);
         done = session;
     }
-    if errors == 0 {
-        Verdict::Pass
-    } else {
-        Verdict::Fail
-    }
+    Verdict::pass_if(errors == 0)
 }
 
 fn drive(cpu: &Cpu) -> Res<bool> {

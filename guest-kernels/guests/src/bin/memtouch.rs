@@ -88,11 +88,7 @@ fn main(cpu: &Cpu) -> Verdict {
     } else {
         DONE.fetch_add(1, Ordering::Release);
     }
-    if errors == 0 {
-        Verdict::Pass
-    } else {
-        Verdict::Fail
-    }
+    Verdict::pass_if(errors == 0)
 }
 
 static DONE: AtomicU64 = AtomicU64::new(0);

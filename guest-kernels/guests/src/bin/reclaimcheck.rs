@@ -86,11 +86,7 @@ fn writer_vcpu(cpu: &Cpu) -> Verdict {
         cpu.id, frames, round, errors
     );
     OTHER_ERRORS.fetch_add(errors, Ordering::Relaxed);
-    if errors == 0 {
-        Verdict::Pass
-    } else {
-        Verdict::Fail
-    }
+    Verdict::pass_if(errors == 0)
 }
 
 fn page(gfn: u64) -> *mut u64 {
@@ -136,11 +132,7 @@ fn other_vcpu(cpu: &Cpu, bytes: u64) -> Verdict {
         cpu.id, pages, rounds, errors
     );
     OTHER_ERRORS.fetch_add(errors, Ordering::Relaxed);
-    if errors == 0 {
-        Verdict::Pass
-    } else {
-        Verdict::Fail
-    }
+    Verdict::pass_if(errors == 0)
 }
 
 fn main(cpu: &Cpu) -> Verdict {
@@ -261,11 +253,7 @@ fn main(cpu: &Cpu) -> Verdict {
         bad_reuse,
         reclaimed - next
     );
-    if ok {
-        Verdict::Pass
-    } else {
-        Verdict::Fail
-    }
+    Verdict::pass_if(ok)
 }
 
 rt::guest_main!(main);

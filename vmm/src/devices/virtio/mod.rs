@@ -127,48 +127,23 @@ mod tests {
     /// The guests' copies (no_std, so they cannot use `virtio-bindings`) are rust-vmm's values.
     #[test]
     fn the_guests_virtio_values_are_rust_vmms() {
-        let pairs = [
-            (guest::reg::MAGIC_VALUE, reg::MAGIC_VALUE),
-            (guest::reg::VERSION, reg::VERSION),
-            (guest::reg::DEVICE_ID, reg::DEVICE_ID),
-            (guest::reg::VENDOR_ID, reg::VENDOR_ID),
-            (guest::reg::DEVICE_FEATURES, reg::DEVICE_FEATURES),
-            (guest::reg::DEVICE_FEATURES_SEL, reg::DEVICE_FEATURES_SEL),
-            (guest::reg::DRIVER_FEATURES, reg::DRIVER_FEATURES),
-            (guest::reg::DRIVER_FEATURES_SEL, reg::DRIVER_FEATURES_SEL),
-            (guest::reg::QUEUE_SEL, reg::QUEUE_SEL),
-            (guest::reg::QUEUE_NUM_MAX, reg::QUEUE_NUM_MAX),
-            (guest::reg::QUEUE_NUM, reg::QUEUE_NUM),
-            (guest::reg::QUEUE_READY, reg::QUEUE_READY),
-            (guest::reg::QUEUE_NOTIFY, reg::QUEUE_NOTIFY),
-            (guest::reg::INTERRUPT_STATUS, reg::INTERRUPT_STATUS),
-            (guest::reg::INTERRUPT_ACK, reg::INTERRUPT_ACK),
-            (guest::reg::STATUS, reg::STATUS),
-            (guest::reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_LOW),
-            (guest::reg::QUEUE_DESC_HIGH, reg::QUEUE_DESC_HIGH),
-            (guest::reg::QUEUE_AVAIL_LOW, reg::QUEUE_AVAIL_LOW),
-            (guest::reg::QUEUE_AVAIL_HIGH, reg::QUEUE_AVAIL_HIGH),
-            (guest::reg::QUEUE_USED_LOW, reg::QUEUE_USED_LOW),
-            (guest::reg::QUEUE_USED_HIGH, reg::QUEUE_USED_HIGH),
-            (guest::reg::CONFIG_GENERATION, reg::CONFIG_GENERATION),
-            (guest::reg::CONFIG, reg::CONFIG),
-        ];
-        for (g, r) in pairs {
-            assert_eq!(g, r);
+        // Asserts that each named constant of `module` has rust-vmm's value in the guests' copy.
+        macro_rules! same_in_guests {
+            ($module:ident: $($name:ident),+ $(,)?) => {
+                $(assert_eq!(guest::$module::$name, $module::$name, stringify!($name));)+
+            };
         }
-        let status = [
-            (guest::status::ACKNOWLEDGE, status::ACKNOWLEDGE),
-            (guest::status::DRIVER, status::DRIVER),
-            (guest::status::DRIVER_OK, status::DRIVER_OK),
-            (guest::status::FEATURES_OK, status::FEATURES_OK),
-            (guest::status::NEEDS_RESET, status::DEVICE_NEEDS_RESET),
-            (guest::status::FAILED, status::FAILED),
-            (guest::INT_VRING, INT_USED_RING),
-            (guest::INT_CONFIG, INT_CONFIG),
-        ];
-        for (g, r) in status {
-            assert_eq!(g, r);
-        }
+        same_in_guests!(reg:
+            MAGIC_VALUE, VERSION, DEVICE_ID, VENDOR_ID, DEVICE_FEATURES, DEVICE_FEATURES_SEL,
+            DRIVER_FEATURES, DRIVER_FEATURES_SEL, QUEUE_SEL, QUEUE_NUM_MAX, QUEUE_NUM,
+            QUEUE_READY, QUEUE_NOTIFY, INTERRUPT_STATUS, INTERRUPT_ACK, STATUS, QUEUE_DESC_LOW,
+            QUEUE_DESC_HIGH, QUEUE_AVAIL_LOW, QUEUE_AVAIL_HIGH, QUEUE_USED_LOW, QUEUE_USED_HIGH,
+            CONFIG_GENERATION, CONFIG,
+        );
+        same_in_guests!(status: ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK, FAILED);
+        assert_eq!(guest::status::NEEDS_RESET, status::DEVICE_NEEDS_RESET);
+        assert_eq!(guest::INT_VRING, INT_USED_RING);
+        assert_eq!(guest::INT_CONFIG, INT_CONFIG);
         assert_eq!(guest::F_VERSION_1, VIRTIO_F_VERSION_1);
         assert_eq!(
             guest::balloon::DEVICE_ID,

@@ -73,6 +73,13 @@ impl Harness {
         Self::with_blocks(strategy, None)
     }
 
+    /// A device whose driver accepted all of `ALL` and set DRIVER_OK, rings at their usual place.
+    fn active(strategy: Strategy) -> Self {
+        let mut h = Self::new(strategy);
+        h.init(ALL, None);
+        h
+    }
+
     /// With `blocks`, the memfd backend is driven as a 2 MiB block backend (that can split,
     /// or not), so the gather holds frames in their blocks as it does on huge pages.
     fn with_blocks(strategy: Strategy, blocks: Option<bool>) -> Self {
@@ -114,14 +121,10 @@ impl Harness {
             avail_idx: [0; 4],
             outside: ownership::Outside::default(),
         };
-        for g in CANARY {
-            h.fill(g, 0xcc);
-        }
+        h.fill_frames(CANARY, 0xcc);
         // Populate the rings and the buffer page now, so that later host-byte counts only
         // move with reclaim.
-        for g in (RING_BASE / 4096)..(RING_BASE / 4096 + 12) {
-            h.fill(g, 0);
-        }
+        h.fill_frames((RING_BASE / 4096)..(RING_BASE / 4096 + 12), 0);
         h.fill(BUF / 4096, 0);
         h
     }
@@ -134,6 +137,12 @@ impl Harness {
         self.mem()
             .write_slice(&[byte; 4096], GuestAddress(gfn * 4096))
             .unwrap();
+    }
+
+    fn fill_frames(&self, frames: impl IntoIterator<Item = u64>, byte: u8) {
+        for gfn in frames {
+            self.fill(gfn, byte);
+        }
     }
 
     fn page_is(&self, gfn: u64, byte: u8) -> bool {
@@ -295,12 +304,9 @@ const ALL: u64 = VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_FREE_PAG
 
 #[test]
 fn inflate_reclaims_frames_and_deflate_returns_them() {
-    let mut h = Harness::new(Strategy::PerBuffer);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::PerBuffer);
     assert!(h.t.is_active());
-    for g in 0x1000..0x1010 {
-        h.fill(g, 0xab);
-    }
+    h.fill_frames(0x1000..0x1010, 0xab);
     let held = h.mm.ram.host_bytes_held().unwrap();
     let pfns: Vec<u32> = (0x1000..0x1010).rev().collect();
     let buf = h.pfn_buffer(&pfns);
@@ -321,11 +327,8 @@ fn inflate_reclaims_frames_and_deflate_returns_them() {
 
 #[test]
 fn deflate_while_still_gathered_never_frees_the_frames() {
-    let mut h = Harness::new(Strategy::Gather);
-    h.init(ALL, None);
-    for g in 0x1000..0x1004 {
-        h.fill(g, 0x5a);
-    }
+    let mut h = Harness::active(Strategy::Gather);
+    h.fill_frames(0x1000..0x1004, 0x5a);
     let held = h.mm.ram.host_bytes_held().unwrap();
     let buf = h.pfn_buffer(&[0x1000, 0x1001, 0x1002, 0x1003]);
     h.submit(INFLATE_Q, &[buf]);
@@ -348,8 +351,7 @@ fn deflate_while_still_gathered_never_frees_the_frames() {
 
 #[test]
 fn hostile_pfns_are_refused_one_by_one() {
-    let mut h = Harness::new(Strategy::PerBuffer);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::PerBuffer);
     let beyond = (MEM / 4096) as u32;
     let hole = (0xC000_0000u64 / 4096) as u32;
     h.fill(0x1000, 1);
@@ -374,8 +376,7 @@ fn hostile_pfns_are_refused_one_by_one() {
 
 #[test]
 fn malformed_buffers_are_returned_unprocessed() {
-    let mut h = Harness::new(Strategy::PerBuffer);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::PerBuffer);
     let (addr, _, _) = h.pfn_buffer(&[0x1000, 0x1001]);
     // Length not a multiple of 4.
     assert_eq!(h.submit(INFLATE_Q, &[(addr, 6, 0)]), 1);
@@ -396,8 +397,7 @@ fn malformed_buffers_are_returned_unprocessed() {
 
 #[test]
 fn a_descriptor_loop_is_cut_at_the_queue_size() {
-    let mut h = Harness::new(Strategy::PerBuffer);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::PerBuffer);
     let (addr, len, _) = h.pfn_buffer(&[0x1000]);
     // One descriptor whose `next` points at itself, forever.
     let d = RING_BASE;
@@ -486,8 +486,7 @@ fn overlapping_rings_make_the_device_need_a_reset() {
 
 #[test]
 fn ring_frames_are_refused_while_the_device_uses_them() {
-    let mut h = Harness::new(Strategy::PerBuffer);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::PerBuffer);
     let ring = |q: u64, page: u64| (RING_BASE / 4096 + q * 3 + page) as u32;
     // Queue 1's descriptor table, queue 0's used ring, and one ordinary frame.
     let buf = h.pfn_buffer(&[ring(1, 0), ring(0, 2), 0x1000]);
@@ -518,11 +517,8 @@ fn features_not_offered_are_refused() {
 
 #[test]
 fn free_page_reports_are_reclaimed_and_given_back() {
-    let mut h = Harness::new(Strategy::Gather);
-    h.init(ALL, None);
-    for g in 0x400..0x600 {
-        h.fill(g, 7);
-    }
+    let mut h = Harness::active(Strategy::Gather);
+    h.fill_frames(0x400..0x600, 7);
     let held = h.mm.ram.host_bytes_held().unwrap();
     assert_eq!(h.submit(REPORTING_Q, &[(0x400000, 0x200000, 2)]), 1);
     assert_eq!(held - h.mm.ram.host_bytes_held().unwrap(), 0x200000);
@@ -662,8 +658,7 @@ fn a_notification_before_driver_ok_is_served_at_driver_ok() {
 
 #[test]
 fn stats_are_parsed_and_refreshed_on_request() {
-    let mut h = Harness::new(Strategy::Gather);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::Gather);
     let mut b = Vec::new();
     // Tags 0-9 as every Linux sends them, 10-15 as Linux 6.12+ adds them, and one unknown.
     let entries = [(4u16, 100u64), (5, 200), (6, 150), (2, 7), (9, 1), (10, 3)];
@@ -719,8 +714,7 @@ fn stats_are_parsed_and_refreshed_on_request() {
 /// the smaller `actual`. The device takes those frames back and does not re-raise the target.
 #[test]
 fn deflate_on_oom_gives_frames_back_below_the_target() {
-    let mut h = Harness::new(Strategy::PerBuffer);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::PerBuffer);
     let _ = read_reg(&h.t, r::INTERRUPT_STATUS);
     reg(&mut h.t, r::INTERRUPT_ACK, 3); // acknowledge anything pending
     assert!(h.t.device_mut().set_num_pages(16));
@@ -757,8 +751,7 @@ fn deflate_on_oom_gives_frames_back_below_the_target() {
 
 #[test]
 fn config_reports_target_and_validates_actual() {
-    let mut h = Harness::new(Strategy::Gather);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::Gather);
     h.t.device_mut().set_num_pages(1234);
     assert_eq!(read_reg(&h.t, r::CONFIG + CONFIG_NUM_PAGES), 1234);
     h.t.write(r::CONFIG + CONFIG_ACTUAL, &500u32.to_le_bytes());
@@ -773,8 +766,7 @@ fn config_reports_target_and_validates_actual() {
 
 #[test]
 fn oversized_buffers_are_refused_whole() {
-    let mut h = Harness::new(Strategy::PerBuffer);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::PerBuffer);
     let pfns: Vec<u32> = (0x1000..0x1000 + MAX_BUFFER_PFNS as u32 + 1).collect();
     let buf = h.pfn_buffer(&pfns);
     assert_eq!(h.submit(INFLATE_Q, &[buf]), 1);
@@ -787,8 +779,7 @@ fn oversized_buffers_are_refused_whole() {
 /// balloon refuses that frame and reclaims the rest, and must not hand it back.
 #[test]
 fn a_report_over_ballooned_frames_leaves_them_in_the_balloon() {
-    let mut h = Harness::new(Strategy::Gather);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::Gather);
     let held_frame = 0x480u32;
     let buf = h.pfn_buffer(&[held_frame]);
     h.submit(INFLATE_Q, &[buf]);
@@ -824,8 +815,7 @@ fn a_report_over_ballooned_frames_leaves_them_in_the_balloon() {
 /// each refused frame is counted once, by both.
 #[test]
 fn a_report_over_ring_frames_counts_each_refused_frame_once() {
-    let mut h = Harness::new(Strategy::PerBuffer);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::PerBuffer);
     // The 12 ring frames of the four queues, reported as free.
     assert_eq!(h.submit(REPORTING_Q, &[(RING_BASE, 12 * 4096, 2)]), 1);
     let c = h.counters();
@@ -836,8 +826,7 @@ fn a_report_over_ring_frames_counts_each_refused_frame_once() {
 
 #[test]
 fn zero_length_inflate_descriptors_are_malformed_even_outside_ram() {
-    let mut h = Harness::new(Strategy::PerBuffer);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::PerBuffer);
     let (addr, len, _) = h.pfn_buffer(&[0x1000]);
     for bad in [0xC000_0000u64, u64::MAX, addr] {
         h.submit(INFLATE_Q, &[(bad, 0, 0)]);
@@ -854,8 +843,7 @@ fn zero_length_inflate_descriptors_are_malformed_even_outside_ram() {
 
 #[test]
 fn zero_length_report_descriptors_are_refused_as_zero_length() {
-    let mut h = Harness::new(Strategy::PerBuffer);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::PerBuffer);
     let chain = [(0x400000u64, 0u32, 2u16)];
     assert_eq!(
         h.parse_report(&chain),
@@ -873,8 +861,7 @@ fn zero_length_report_descriptors_are_refused_as_zero_length() {
 
 #[test]
 fn a_reset_gives_every_ballooned_frame_back() {
-    let mut h = Harness::new(Strategy::Gather);
-    h.init(ALL, None);
+    let mut h = Harness::active(Strategy::Gather);
     let buf = h.pfn_buffer(&[0x1000, 0x1001, 0x1002]);
     h.submit(INFLATE_Q, &[buf]);
     h.mm.gather.flush();
