@@ -191,3 +191,20 @@ pub fn linux_guest() -> PathBuf {
     }
     dir
 }
+
+/// The test kernel (Linux 6.1 built for this host from Debian's linux-source-6.1) and its
+/// initramfs, built by ./setup.sh (guest-kernels/linux/build-test-kernel.sh) into a cache that
+/// `target/linux-test-kernel` links to: (vmlinux, initramfs.cpio).
+pub fn linux_test_kernel() -> (PathBuf, PathBuf) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/linux-test-kernel");
+    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
+    for f in [&kernel, &initrd] {
+        assert!(
+            f.is_file(),
+            "no {}: run ./setup.sh (it runs guest-kernels/linux/build-test-kernel.sh, which builds \
+             the test kernel from Debian's linux-source-6.1)",
+            f.display()
+        );
+    }
+    (kernel, initrd)
+}

@@ -80,7 +80,11 @@ impl BalloonReport {
             memory_backend: mm.ram.backing().name().into(),
             partial_block_bytes: mm.map.count(guest_mm::FrameState::Partial) * PAGE_SIZE,
             strategy: gather.config().strategy.to_string(),
-            device: b.counters.clone(),
+            device: {
+                let mut c = b.counters.clone();
+                (c.used_ring_interrupts, c.config_interrupts) = t.interrupt().signals();
+                c
+            },
             guest: b.guest_stats.clone(),
             gather: gather.stats(),
             kvm_remote_tlb_flush_requests: mm.kvm_stat("remote_tlb_flush_requests"),

@@ -90,6 +90,24 @@ pub fn throughputs(log: &str) -> Vec<Throughput> {
     out
 }
 
+/// The latest value of `key` (e.g. `balloon_inflate`, `virtio_irqs`) in the Linux test
+/// inits' `vmm-init:` round lines ("vmm-init: round N ... balloon_inflate:PAGES ..."), if any
+/// line has it (guest-kernels/linux/init and vmm-guest.c print them).
+pub fn vmm_init_value(log: &str, key: &str) -> Option<u64> {
+    let key = format!("{key}:");
+    log.lines()
+        .rev()
+        .filter(|l| l.contains("vmm-init: "))
+        .find_map(|l| {
+            l.split(&key)
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +119,16 @@ mod tests {
                    balloon: cpu 2 verified its 100 pages 3 times, 7 errors\n";
         assert_eq!(verifier_totals(log), (8192 * 2510 + 300, 7));
         assert_eq!(verifier_totals(""), (0, 0));
+    }
+
+    #[test]
+    fn vmm_init_values_are_the_latest_round_s() {
+        let log = "vmm-init: round 1 MemTotal:100 balloon_inflate:0 virtio_irqs:3\r\n\
+                   [ 1.0] something else balloon_inflate:7\n\
+                   vmm-init: round 2 MemTotal:100 balloon_inflate:256 virtio_irqs:9\r\n";
+        assert_eq!(vmm_init_value(log, "balloon_inflate"), Some(256));
+        assert_eq!(vmm_init_value(log, "virtio_irqs"), Some(9));
+        assert_eq!(vmm_init_value(log, "balloon_deflate"), None);
     }
 
     #[test]

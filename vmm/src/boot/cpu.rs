@@ -55,9 +55,17 @@ pub fn segment(gdt: &Gdt, selector: u16) -> kvm_segment {
 const CPUID_HYPERVISOR: u32 = 1 << 31;
 const CPUID_TSC_DEADLINE: u32 = 1 << 24;
 
+/// KVM's paravirt feature leaf (KVM_CPUID_FEATURES).
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// Its features used through hypercalls: KVM_FEATURE_PV_UNHALT (7, KVM_HC_KICK_CPU),
+/// KVM_FEATURE_PV_SEND_IPI (11, KVM_HC_SEND_IPI), KVM_FEATURE_PV_SCHED_YIELD (13,
+/// KVM_HC_SCHED_YIELD).
+const KVM_HYPERCALL_FEATURES: u32 = 1 << 7 | 1 << 11 | 1 << 13;
+
 /// Gives vCPU `index` KVM's supported CPUID with its APIC ID, the hypervisor bit, and the
 /// TSC-deadline timer when KVM_CAP_TSC_DEADLINE_TIMER says the in-kernel LAPIC has it (KVM's
-/// api.rst: that bit is reported through the capability, not in the CPUID it returns).
+/// api.rst: that bit is reported through the capability, not in the CPUID it returns); on
+/// hosts where hypercalls do not work (nested PVM), without KVM's hypercall features.
 pub fn set_cpuid(
     vcpu: &VcpuFd,
     cpuid: &CpuId,
@@ -65,8 +73,26 @@ pub fn set_cpuid(
     tsc_deadline: bool,
 ) -> Result<(), VmmError> {
     let mut cpuid = cpuid.clone();
-    for e in cpuid.as_mut_slice() {
+    let hypercalls_work = crate::emulation::host_has_hardware_virtualization();
+    adjust_cpuid(cpuid.as_mut_slice(), index, tsc_deadline, hypercalls_work);
+    vcpu.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))
+}
+
+/// `set_cpuid`'s changes to KVM's supported CPUID, for vCPU `index`.
+fn adjust_cpuid(
+    entries: &mut [kvm_bindings::kvm_cpuid_entry2],
+    index: u32,
+    tsc_deadline: bool,
+    hypercalls_work: bool,
+) {
+    for e in entries {
         match e.function {
+            // KVM's paravirt features that a guest uses through hypercalls. On nested PVM
+            // hosts a VMCALL in guest ring 0 never completes (the vCPU stays in KVM_RUN and
+            // no exit reaches the VMM; found with Linux's first PV IPI, which hung every SMP
+            // boot at "Booting SMP configuration"). There Linux must not be told of them: it
+            // then sends IPIs through the local APIC and spins without PV unhalt.
+            KVM_CPUID_FEATURES if !hypercalls_work => e.eax &= !KVM_HYPERCALL_FEATURES,
             // Initial APIC ID in EBX[31:24]; ECX bit 31 says "running under a hypervisor",
             // so Linux finds KVM's paravirt clock and features instead of calibrating
             // against the PIT. Set whatever KVM_GET_SUPPORTED_CPUID says (this host's PVM
@@ -83,7 +109,6 @@ pub fn set_cpuid(
             _ => {}
         }
     }
-    vcpu.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))
 }
 
 /// Puts the vCPU at `entry` and marks it runnable.
@@ -150,6 +175,26 @@ pub fn enter(vcpu: &VcpuFd, entry: &CpuEntry) -> Result<(), VmmError> {
 
 #[cfg(test)]
 mod tests {
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn hypercall_features_are_hidden_only_where_hypercalls_hang() {
+        let leaf = |function, eax| kvm_cpuid_entry2 {
+            function,
+            eax,
+            ..Default::default()
+        };
+        // PV_UNHALT, PV_TLB_FLUSH, PV_SEND_IPI, PV_SCHED_YIELD, and the clock (bit 3).
+        let offered = 1 << 7 | 1 << 9 | 1 << 11 | 1 << 13 | 1 << 3;
+        let mut e = [leaf(KVM_CPUID_FEATURES, offered), leaf(1, 0)];
+        adjust_cpuid(&mut e, 2, false, true);
+        assert_eq!(e[0].eax, offered, "kept where hypercalls work");
+        adjust_cpuid(&mut e, 2, false, false);
+        assert_eq!(e[0].eax, 1 << 9 | 1 << 3, "only the hypercall features go");
+        assert_eq!(e[1].ebx >> 24, 2, "the APIC ID");
+        assert_ne!(e[1].ecx & CPUID_HYPERVISOR, 0);
+    }
+
     use super::super::tables::{LINUX_64_GDT, PVH_32_GDT, TEST_GUEST_GDT};
     use super::*;
 

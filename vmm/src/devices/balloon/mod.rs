@@ -192,6 +192,10 @@ pub struct BalloonCounters {
     pub pages_returned_by_reset: u64,
     pub invalid_frames: u64,
     pub malformed_buffers: u64,
+    /// Interrupts signalled through the irqfd: used-ring updates and configuration changes
+    /// (filled in from the transport's interrupt when a report is made).
+    pub used_ring_interrupts: u64,
+    pub config_interrupts: u64,
 }
 
 /// Serves the reports the device has parsed with exclusive access to its transport (tests,

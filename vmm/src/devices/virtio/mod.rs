@@ -3,7 +3,7 @@
 
 pub mod mmio;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -57,10 +57,13 @@ pub mod reg {
 pub const INT_USED_RING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
-/// The device's interrupt: InterruptStatus bits plus an irqfd into the in-kernel irqchip.
+/// The device's interrupt: InterruptStatus bits plus an irqfd into the in-kernel irqchip, and
+/// how many times each kind was signalled (the guest sees them in its /proc/interrupts).
 pub struct Interrupt {
     status: AtomicU32,
     irqfd: EventFd,
+    used_ring_signals: AtomicU64,
+    config_signals: AtomicU64,
 }
 
 impl Interrupt {
@@ -68,6 +71,8 @@ impl Interrupt {
         Self {
             status: AtomicU32::new(0),
             irqfd,
+            used_ring_signals: AtomicU64::new(0),
+            config_signals: AtomicU64::new(0),
         }
     }
 
@@ -77,9 +82,23 @@ impl Interrupt {
 
     pub fn raise(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::AcqRel);
+        if bits & INT_USED_RING != 0 {
+            self.used_ring_signals.fetch_add(1, Ordering::Relaxed);
+        }
+        if bits & INT_CONFIG != 0 {
+            self.config_signals.fetch_add(1, Ordering::Relaxed);
+        }
         if let Err(e) = self.irqfd.write(1) {
             tracing::warn!("cannot signal virtio interrupt: {e}");
         }
+    }
+
+    /// Signals written to the irqfd so far: (used ring, configuration change).
+    pub fn signals(&self) -> (u64, u64) {
+        (
+            self.used_ring_signals.load(Ordering::Relaxed),
+            self.config_signals.load(Ordering::Relaxed),
+        )
     }
 
     pub fn status(&self) -> u32 {
