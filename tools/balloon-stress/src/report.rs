@@ -93,6 +93,9 @@ pub struct Config {
     /// memfd, shmem-thp or hugetlb (vmm --memory-backend).
     pub memory_backend: String,
     pub memory_path: Option<PathBuf>,
+    /// With --kernel: the Linux kernel the guest ran (else the balloon test guest).
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
     pub touch: u64,
     pub pattern: Pattern,
     pub cycles: u32,

@@ -22,6 +22,8 @@ use vmm::api::ApiClient;
 /// What to boot on Firecracker.
 pub struct FirecrackerConfig<'a> {
     pub guest: &'a Path,
+    /// An initramfs for a Linux guest.
+    pub initrd: Option<&'a Path>,
     /// The guest's command line (Firecracker appends its own virtio-mmio entries).
     pub cmdline: &'a str,
     pub vcpus: u32,
@@ -44,7 +46,7 @@ impl FirecrackerVm {
     pub fn spawn(bin: &Path, c: &FirecrackerConfig, dir: &Path) -> anyhow::Result<Self> {
         let sock = dir.join("firecracker.sock");
         let _ = std::fs::remove_file(&sock);
-        let config = json!({
+        let mut config = json!({
             "boot-source": {
                 "kernel_image_path": c.guest,
                 "boot_args": if c.start_all_vcpus {
@@ -66,6 +68,9 @@ impl FirecrackerVm {
                 "stats_polling_interval_s": 1,
             },
         });
+        if let Some(initrd) = c.initrd {
+            config["boot-source"]["initrd_path"] = json!(initrd);
+        }
         let config_path = dir.join("firecracker.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
         // Seccomp off: a build for the gnu target has no filter of its own anyway (its build

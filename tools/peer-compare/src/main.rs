@@ -100,6 +100,15 @@ struct Args {
     /// boot vCPU at the PVH entry). Not a fair comparison: for reproducing that one.
     #[arg(long)]
     firecracker_boot_vcpu_only: bool,
+    /// Linux as the client instead of the balloon test guest: this kernel (a vmlinux with a
+    /// PVH note, e.g. target/linux-test-kernel/vmlinux), with --initrd. The run waits for the
+    /// initramfs's "vmm-init: ready", and also times the deflate back to 0 (no verifier
+    /// vCPUs, so no throughput column).
+    #[arg(long, requires = "initrd")]
+    kernel: Option<PathBuf>,
+    /// The initramfs for --kernel (e.g. target/linux-test-kernel/initramfs.cpio).
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
     /// Also write the runs and the medians as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -155,6 +164,8 @@ struct Run {
     /// KVM flush requests during the inflate, where the peer reports them.
     flushes: Option<u64>,
     throughput: Option<Throughput>,
+    /// Linux clients: from setting the target back to 0 until the driver's `actual` is 0.
+    deflate_s: Option<f64>,
 }
 
 /// Host calls counted under strace during one inflate.
@@ -165,7 +176,35 @@ struct Calls {
 }
 
 const POLL: Duration = Duration::from_millis(5);
+/// Until the client's driver is ready (a Linux boot takes about 30 s here).
+const READY: Duration = Duration::from_secs(300);
+
+/// The client's kernel: the balloon test guest, or --kernel.
+fn client(a: &Args) -> Result<PathBuf> {
+    Ok(match &a.kernel {
+        Some(k) => k.clone(),
+        None => vmm::guests::resolve("balloon")?,
+    })
+}
 const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The console line that says the guest's balloon driver is ready.
+fn ready_line(a: &Args) -> &'static str {
+    if a.kernel.is_some() {
+        "vmm-init: ready"
+    } else {
+        "balloon: driver ready"
+    }
+}
+
+/// The client's command line: the balloon test guest's, or Linux's (the VMMs append their
+/// virtio-mmio entries).
+fn client_cmdline(a: &Args) -> String {
+    if a.kernel.is_some() {
+        return "console=ttyS0 panic=1".into();
+    }
+    balloon_cmdline(a)
+}
 
 /// The guest's command line for the balloon guest.
 fn balloon_cmdline(a: &Args) -> String {
@@ -355,10 +394,26 @@ fn measure(
     let calls = trace.map(|c| strace_calls(c, &trace_out)).transpose()?;
     let flushes_after = vm.flush_requests()?;
     let want = format!("throughput inflate to {} pages", a.balloon >> 12);
-    let throughput = if a.vcpus > 1 && vm.wait_for(&want, Duration::from_secs(10)).is_ok() {
-        throughputs(&vm.console()).first().copied()
-    } else {
-        None
+    let throughput =
+        if a.kernel.is_none() && a.vcpus > 1 && vm.wait_for(&want, Duration::from_secs(10)).is_ok()
+        {
+            throughputs(&vm.console()).first().copied()
+        } else {
+            None
+        };
+    let deflate_s = match a.kernel {
+        Some(_) => {
+            let t = Instant::now();
+            vm.set_target(0)?;
+            while !vm.reached(0)? {
+                if t.elapsed() > TIMEOUT {
+                    bail!("the deflate did not end in {TIMEOUT:?}");
+                }
+                std::thread::sleep(POLL);
+            }
+            Some(t.elapsed().as_secs_f64())
+        }
+        None => None,
     };
     Ok((
         Run {
@@ -370,6 +425,7 @@ fn measure(
                 .zip(flushes_after)
                 .map(|(b, a)| a.saturating_sub(b)),
             throughput,
+            deflate_s,
         },
         calls,
     ))
@@ -405,15 +461,19 @@ fn run_ours(a: &Args, strategy: Strategy, dir: &Path, count: bool) -> Result<(Ru
     let sock = dir.join(format!("vmm-{strategy}.sock"));
     let _ = std::fs::remove_file(&sock);
     let t0 = Instant::now();
-    let mut vm = VmmRun::guest(&a.vmm, "balloon")
+    let run = match (&a.kernel, &a.initrd) {
+        (Some(k), initrd) => VmmRun::kernel(&a.vmm, k, initrd.as_deref()),
+        _ => VmmRun::guest(&a.vmm, "balloon"),
+    };
+    let mut vm = run
         .vcpus(a.vcpus)
         .memory(a.memory.to_string())
-        .cmdline(balloon_cmdline(a))
+        .cmdline(client_cmdline(a))
         .reclaim(ReclaimConfig::with_strategy(strategy))
         .backing(backing(a)?)
         .api_sock(&sock)
         .spawn();
-    vm.wait_for("balloon: driver ready", Duration::from_secs(120))
+    vm.wait_for(ready_line(a), READY)
         .map_err(anyhow::Error::msg)?;
     let launch_s = t0.elapsed().as_secs_f64();
     let api = vm.api();
@@ -428,7 +488,7 @@ fn run_qemu(a: &Args, dir: &Path, count: bool) -> Result<(Run, Option<Calls>)> {
     let qmp_path = dir.join("qemu.qmp");
     let _ = std::fs::remove_file(&qmp_path);
     let mem = format!("{}M", a.memory >> 20);
-    let guest = vmm::guests::resolve("balloon")?;
+    let guest = client(a)?;
     let ram = match backing(a)? {
         Backing::Memfd => format!("memory-backend-memfd,id=ram,size={mem},share=on"),
         Backing::Hugetlb => {
@@ -442,17 +502,29 @@ fn run_qemu(a: &Args, dir: &Path, count: bool) -> Result<(Run, Option<Calls>)> {
     let mut cmd = Command::new(&a.qemu);
     cmd.args(qemu::microvm_args(&mem, a.vcpus))
         .args(["-machine", "memory-backend=ram", "-object", &ram])
-        .args(["-device", "virtio-balloon-device"])
+        // The features this VMM offers too.
+        .args([
+            "-device",
+            "virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on",
+        ])
         .args([
             "-qmp",
             &format!("unix:{},server=on,wait=off", qmp_path.display()),
         ])
-        .args(["-kernel", guest.to_str().context("guest path")?])
-        .args(["-append", &guest_cmdline(&balloon_cmdline(a), a.vcpus)]);
+        .arg("-kernel")
+        .arg(&guest)
+        .args(["-append", &guest_cmdline(&client_cmdline(a), a.vcpus)]);
+    if let Some(initrd) = &a.initrd {
+        // The test kernel has no ACPI: without it microvm announces its virtio-mmio devices
+        // on the kernel's command line.
+        cmd.arg("-initrd")
+            .arg(initrd)
+            .args(["-machine", "acpi=off"]);
+    }
     let t0 = Instant::now();
     let mut vm = QemuProcess::spawn(cmd)?;
     let qmp = vm.connect_qmp(&qmp_path, Duration::from_secs(30))?;
-    vm.wait_for_stdout("balloon: driver ready", Duration::from_secs(120))?;
+    vm.wait_for_stdout(ready_line(a), READY)?;
     let launch_s = t0.elapsed().as_secs_f64();
     measure(a, &mut Qemu(vm, qmp, a.memory), launch_s, dir, count)
 }
@@ -463,13 +535,14 @@ fn run_firecracker(a: &Args, bin: &Path, dir: &Path, count: bool) -> Result<(Run
         Backing::Hugetlb => true,
         Backing::ShmemThp { .. } => bail!("Firecracker has no shmem-thp guest memory"),
     };
-    let guest = vmm::guests::resolve("balloon")?;
-    let cmdline = balloon_cmdline(a);
+    let guest = client(a)?;
+    let cmdline = client_cmdline(a);
     let t0 = Instant::now();
     let mut vm = FirecrackerVm::spawn(
         bin,
         &FirecrackerConfig {
             guest: &guest,
+            initrd: a.initrd.as_deref(),
             cmdline: &cmdline,
             vcpus: a.vcpus,
             memory_mib: a.memory >> 20,
@@ -478,7 +551,7 @@ fn run_firecracker(a: &Args, bin: &Path, dir: &Path, count: bool) -> Result<(Run
         },
         dir,
     )?;
-    vm.wait_for("balloon: driver ready", Duration::from_secs(120))?;
+    vm.wait_for(ready_line(a), READY)?;
     let launch_s = t0.elapsed().as_secs_f64();
     let api = vm.api()?;
     let mut peer = ApiPeer {
@@ -524,6 +597,7 @@ fn run_floor(a: &Args, dir: &Path) -> Result<(Run, Option<Calls>)> {
                 .saturating_sub(probe.host_bytes_after),
             flushes: batch.kvm_flush_requests,
             throughput: None,
+            deflate_s: None,
         },
         Some(Calls {
             madvise: batch.spans,
@@ -628,6 +702,7 @@ fn command_line(a: &Args) -> String {
 
 fn print_table(a: &Args, rows: &[Row], notes: &[String]) {
     let gib = a.balloon as f64 / (1u64 << 30) as f64;
+    let mib = a.balloon as f64 / (1u64 << 20) as f64;
     let med = |r: &Row, f: &dyn Fn(&Run) -> f64| median(r.runs.iter().map(f).collect());
     let range = |r: &Row, f: &dyn Fn(&Run) -> f64| {
         let v: Vec<f64> = r.runs.iter().map(f).collect();
@@ -648,12 +723,16 @@ fn print_table(a: &Args, rows: &[Row], notes: &[String]) {
     println!(
         "{} vCPU(s), {} guest, {} backing; medians of {} interleaved runs (min–max)\n",
         a.vcpus,
-        if a.fragment { "fragmented" } else { "fresh" },
+        match (&a.kernel, a.fragment) {
+            (Some(_), _) => "Linux (test kernel)",
+            (None, true) => "fragmented balloon test",
+            (None, false) => "fresh balloon test",
+        },
         a.backing.memory_backend,
         a.reps
     );
-    println!("| VMM | time to target s | host memory back s | host MiB returned | KVM flush requests per GiB | host calls (madvise / fallocate) | guest throughput kept | target time vs Firecracker | vs floor |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| VMM | time to target s | inflate MiB/s | host memory back s | host MiB returned | KVM flush requests per GiB | host calls (madvise / fallocate) | guest throughput kept | deflate s | deflate MiB/s | target time vs Firecracker | vs floor |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let target = med(r, &|x| x.target_s);
         let flushes: Vec<f64> = r
@@ -680,15 +759,25 @@ fn print_table(a: &Args, rows: &[Row], notes: &[String]) {
             .calls
             .map_or("n/a".into(), |c| format!("{} / {}", c.madvise, c.fallocate));
         let vs = |base: Option<f64>| base.map_or("n/a".into(), |b| format!("{:.2}x", target / b));
+        let deflates: Vec<f64> = r.runs.iter().filter_map(|x| x.deflate_s).collect();
+        let (deflate, deflate_rate) = if deflates.is_empty() {
+            ("n/a".to_string(), "n/a".to_string())
+        } else {
+            let d = median(deflates);
+            (format!("{d:.2}"), format!("{:.1}", mib / d))
+        };
         println!(
-            "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.1} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
             r.name,
             range(r, &|x| x.target_s),
+            mib / target,
             range(r, &|x| x.returned_s),
             med(r, &|x| x.returned_bytes as f64) / (1u64 << 20) as f64,
             per_gib,
             calls,
             kept,
+            deflate,
+            deflate_rate,
             vs(fc),
             vs(floor),
         );
