@@ -6,9 +6,12 @@ mod common;
 
 use common::{scratch, vmm_guest, Need, RUN_LIMIT};
 
-/// KVM may add flushes of its own beyond one per zap call (e.g. when it breaks a long
-/// mmu_lock hold); allow this many.
-const FLUSH_SLACK: u64 = 8;
+/// KVM adds flush requests of its own to a zap's window beyond the one per zap call, and
+/// more when the host is busy: 51 in one 64 MiB zap (3.3 ms) once while the machine compiled,
+/// where the vCPUs themselves flushed only twice. Allow one per 1,024 reclaimed pages: still
+/// far below one flush per 256-PFN buffer (768 here) or per page (196,608), which is what
+/// this bound must catch.
+const PAGES_PER_EXTRA_FLUSH: u64 = 1024;
 
 #[test]
 fn inflate_768m_of_a_1g_guest_then_deflate_to_zero() {
@@ -54,13 +57,13 @@ fn inflate_768m_of_a_1g_guest_then_deflate_to_zero() {
         (196608, 196608, 0, 0),
         "{rep:#?}"
     );
-    // Coalescing: far fewer ranges than pages, and KVM flushes at most one per zap call plus
-    // slack.
+    // Coalescing: far fewer ranges than pages, and KVM flushes about once per zap call, not
+    // once per buffer or page.
     let g = &rep.gather;
     assert!(g.ranges < 1000, "{g:#?}");
     assert!(g.spans <= g.ranges, "{g:#?}");
     assert!(
-        g.kvm_flush_requests <= g.spans + FLUSH_SLACK,
+        g.kvm_flush_requests <= g.spans + g.pages_reclaimed / PAGES_PER_EXTRA_FLUSH,
         "{} KVM flush requests for {} zap calls: {g:#?}",
         g.kvm_flush_requests,
         g.spans
