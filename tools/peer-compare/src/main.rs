@@ -28,9 +28,11 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use guest_mm::backing::HUGE_PAGE;
 use guest_mm::reclaim::config::{MAX_BATCH_PAGES, MAX_BATCH_WINDOW_MS};
 use guest_mm::reclaim::{ReclaimConfig, Strategy};
 use guest_mm::Backing;
+use guest_mm::Granule;
 use serde::Serialize;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -565,17 +567,23 @@ fn run_firecracker(a: &Args, bin: &Path, dir: &Path, count: bool) -> Result<(Run
 /// in one batch (the batch bound and window at their largest), same vCPUs and backing.
 fn run_floor(a: &Args, dir: &Path) -> Result<(Run, Option<Calls>)> {
     let report = dir.join("floor.json");
+    let backing = backing(a)?;
+    // On 2 MiB pages the range starts on a block, so that every block of it is released.
+    let align = match backing.granule() {
+        Granule::Page => String::new(),
+        Granule::Block { .. } => format!(" align={HUGE_PAGE}"),
+    };
     let t0 = Instant::now();
     let done = VmmRun::guest(&a.vmm, "reclaimcheck")
         .vcpus(a.vcpus)
         .memory(a.memory.to_string())
-        .cmdline(format!("bytes={} pattern=contiguous", a.balloon))
+        .cmdline(format!("bytes={} pattern=contiguous{align}", a.balloon))
         .reclaim(ReclaimConfig {
             batch_pages: MAX_BATCH_PAGES,
             batch_window_ms: MAX_BATCH_WINDOW_MS,
             ..ReclaimConfig::default()
         })
-        .backing(backing(a)?)
+        .backing(backing)
         .reclaim_probe()
         .report_json(&report)
         .run(TIMEOUT);

@@ -16,7 +16,9 @@
 //!
 //! Command line: `bytes=SIZE` (region size, default 32M), `others=SIZE` (per other vCPU,
 //! default 4M), `above4g=1` (place the region above 4 GiB), `pattern=contiguous` (ask the
-//! VMM to reclaim the whole region instead of a scattered subset), `writers=1`.
+//! VMM to reclaim the whole region instead of a scattered subset), `writers=1`,
+//! `align=SIZE` (start the region on a multiple of SIZE: 2M on a 2 MiB backing, where the VMM
+//! holds a partly covered block and its frames keep their contents).
 #![no_std]
 #![no_main]
 
@@ -100,6 +102,13 @@ fn take_run(pages: u64) -> Option<u64> {
     }
 }
 
+/// A run of `pages` frames whose first frame is a multiple of `align` (the frames before it
+/// are taken and left unused).
+fn take_aligned_run(pages: u64, align: u64) -> Option<u64> {
+    let gfn = take_run(pages.checked_add(align - 1)?)?;
+    Some(gfn.div_ceil(align) * align)
+}
+
 /// Takes runs (and leaves them unused) until one of `pages` frames starts above 4 GiB.
 fn take_run_above_4g(pages: u64) -> Option<u64> {
     const GFN_4G: u64 = (1 << 32) / frames::PAGE_SIZE;
@@ -146,10 +155,11 @@ fn main(cpu: &Cpu) -> Verdict {
     }
     let pages = cmdline::get_size(line, "bytes").unwrap_or(32 << 20) / frames::PAGE_SIZE;
     let list_pages = (pages * 8).div_ceil(frames::PAGE_SIZE);
+    let align = (cmdline::get_size(line, "align").unwrap_or(0) / frames::PAGE_SIZE).max(1);
     let region = if cmdline::get_u64(line, "above4g") == Some(1) {
         take_run_above_4g(pages)
     } else {
-        take_run(pages)
+        take_aligned_run(pages, align)
     };
     let (Some(region), Some(list)) = (region, take_run(list_pages)) else {
         println!("reclaimcheck: cannot allocate the region");
