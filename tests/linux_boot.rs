@@ -335,14 +335,7 @@ fn the_test_initramfs_follows_linux_balloon_driver_on_qemu_tcg() {
     // Linux then hangs before it reaches the initramfs; a given TSC rate skips it.
     .args(["-append", "console=ttyS0 panic=1 tsc_early_khz=2000000"])
     .args(["-global", "virtio-mmio.force-legacy=false"])
-    .args([
-        "-device",
-        "virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on",
-    ])
-    .args([
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", qmp_path.display()),
-    ]);
+    .args(vmm_harness::qemu::balloon_and_qmp_args(&qmp_path));
     let mut q = vmm_harness::qemu::QemuProcess::spawn(cmd).unwrap();
     let limit = Duration::from_secs(180);
     q.wait_for_stdout("vmm-init: ready", limit)

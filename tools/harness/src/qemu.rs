@@ -36,6 +36,17 @@ const QMP_ERROR_EXIT_WAIT: Duration = Duration::from_secs(2);
 /// harmless on hosts where plain `-cpu host` works, so one command line serves both.
 const CPU_MODEL: &str = "host,-arch-capabilities";
 
+/// A virtio-balloon device with the features this VMM offers too (deflate-on-OOM, free page
+/// reporting), and a QMP socket at `qmp` to drive it.
+pub fn balloon_and_qmp_args(qmp: &Path) -> Vec<String> {
+    vec![
+        "-device".into(),
+        "virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+    ]
+}
+
 /// QEMU arguments for booting the project's guests: microvm with KVM, `vcpus` vCPUs,
 /// serial on stdio, the exit port as isa-debug-exit, and modern virtio-mmio. Add devices,
 /// then `-kernel` and `-append` with [`guest_cmdline`].

@@ -504,15 +504,7 @@ fn run_qemu(a: &Args, dir: &Path, count: bool) -> Result<(Run, Option<Calls>)> {
     let mut cmd = Command::new(&a.qemu);
     cmd.args(qemu::microvm_args(&mem, a.vcpus))
         .args(["-machine", "memory-backend=ram", "-object", &ram])
-        // The features this VMM offers too.
-        .args([
-            "-device",
-            "virtio-balloon-device,deflate-on-oom=on,free-page-reporting=on",
-        ])
-        .args([
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", qmp_path.display()),
-        ])
+        .args(qemu::balloon_and_qmp_args(&qmp_path))
         .arg("-kernel")
         .arg(&guest)
         .args(["-append", &guest_cmdline(&client_cmdline(a), a.vcpus)]);
