@@ -135,7 +135,9 @@ fn every_endpoint_answers_through_curl_and_vmm_balloon() {
         BalloonConfig {
             amount_mib: 0,
             deflate_on_oom: true,
-            stats_polling_interval_s: 1
+            stats_polling_interval_s: 1,
+            free_page_reporting: true,
+            free_page_hinting: false,
         }
     );
 
@@ -239,12 +241,39 @@ fn bad_requests_get_their_status_and_a_fault_message_and_the_vm_keeps_serving() 
     // Method or resource refused: method, resource, status, fault message.
     let refused: &[(&str, &str, u16, &str)] = &[
         ("GET", "/nowhere", 404, "no resource /nowhere"),
-        ("DELETE", "/balloon", 405, "use GET, PATCH"),
+        ("DELETE", "/balloon", 405, "use GET, PUT, PATCH"),
         ("PUT", "/vm/reclaim", 405, "use GET"),
+        ("PUT", "/balloon", 400, "configured on the command line"),
+        // Hinting endpoints on a VM started without --balloon-free-page-hinting.
+        (
+            "PATCH",
+            "/balloon/hinting/start",
+            400,
+            "--balloon-free-page-hinting",
+        ),
+        ("GET", "/balloon/hinting/status", 400, "not enabled"),
+        ("PATCH", "/balloon/hinting/stop", 400, "not enabled"),
     ];
     // PATCH bodies refused as 400 Bad Request: resource, body, fault message.
     let bad_bodies: &[(&str, &str, &str)] = &[
         ("/balloon", "not json", "bad request body"),
+        // JSON that is not an object is never read as the object's fields in order.
+        ("/balloon", "[512]", "expected a JSON object, got an array"),
+        (
+            "/balloon/statistics",
+            "5",
+            "expected a JSON object, got a number",
+        ),
+        (
+            "/vm/reclaim/config",
+            "[1]",
+            "expected a JSON object, got an array",
+        ),
+        (
+            "/vm/reclaim/config",
+            "null",
+            "expected a JSON object, got null",
+        ),
         ("/balloon", r#"{"amount_mib": -5}"#, "bad request body"),
         ("/balloon", r#"{"amount_mib": 1, "x": 1}"#, "unknown field"),
         (
@@ -291,6 +320,20 @@ fn bad_requests_get_their_status_and_a_fault_message_and_the_vm_keeps_serving() 
         assert_eq!(code, status, "{method} {resource} {body:?}: {f}");
         assert!(f.contains(needle), "{method} {resource} {body:?}: {f}");
     }
+    // None of the refused arrays changed anything.
+    assert_eq!(curl_get::<BalloonConfig>(s, "/balloon").amount_mib, 0);
+    // A 405 names the allowed methods in `Allow` (RFC 9110 §15.5.6).
+    let answer = raw(
+        s,
+        b"DELETE /balloon HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer:?}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nallow: get, put, patch\r\n"),
+        "{answer:?}"
+    );
     // A body over the limit.
     let big = format!(r#"{{"amount_mib": 1, "pad": "{}"}}"#, "x".repeat(10_000));
     let (code, f) = fault(curl(s, "PATCH", "/balloon", Some(&big)));
@@ -362,7 +405,7 @@ fn idle_clients_delay_neither_the_api_nor_the_gather() {
         after > before,
         "the gather closed no batch while 200 clients sat idle ({before} -> {after})"
     );
-    // Past the bound: answered 503 at once, without a request being read.
+    // Past the bound: answered 503 (a client that sends nothing gets it after 1 s).
     let extra: Vec<UnixStream> = (0..vmm::api::MAX_CONNECTIONS)
         .filter_map(|_| UnixStream::connect(&s).ok())
         .collect();
@@ -403,4 +446,190 @@ fn a_file_at_the_socket_path_is_never_replaced() {
     assert_eq!(r.status, Some(2), "{}", r.all());
     r.assert_stderr_has(&["exists and is not a socket; refusing to replace it"]);
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+}
+
+/// A second VMM given a live socket's path refuses to start and leaves it alone; a VMM whose
+/// socket was replaced at its path does not remove the replacement when it exits.
+#[test]
+fn a_live_socket_is_never_taken_and_an_exiting_vmm_removes_only_its_own() {
+    require!(
+        "a_live_socket_is_never_taken_and_an_exiting_vmm_removes_only_its_own",
+        Need::Kvm
+    );
+    let (vm, s) = start("api-owner", 1);
+    let r = vmm_guest("memtouch")
+        .memory("64M")
+        .api_sock(&s)
+        .run(RUN_LIMIT);
+    assert_eq!(r.status, Some(2), "{}", r.all());
+    r.assert_stderr_has(&["is the live control socket of another process"]);
+    assert_eq!(curl_get::<VmInfo>(&s, "/").state, "Running", "still served");
+
+    // Another process's socket now sits at the path; the VM is reached where it was moved.
+    let moved = scratch("api-owner-moved.sock");
+    std::fs::rename(&s, &moved).unwrap();
+    let other = std::os::unix::net::UnixListener::bind(&s).unwrap();
+    let (code, body) = curl(&moved, "PATCH", "/balloon", Some(r#"{"amount_mib": 16}"#));
+    assert_eq!(code, 204, "{body}");
+    let r = vm.finish(Duration::from_secs(90));
+    assert_eq!(r.status, Some(0), "{}", r.all());
+    assert!(
+        s.exists(),
+        "the exiting VMM removed a socket that was not its own"
+    );
+    r.assert_stderr_has(&["is no longer this VMM's socket; left in place"]);
+    drop(other);
+    let _ = std::fs::remove_file(&s);
+    let _ = std::fs::remove_file(&moved);
+}
+
+/// A client that pipelines requests and never reads the answers loses its connection (and
+/// so its slot) within the idle limit; the API keeps serving others meanwhile.
+#[test]
+fn a_client_that_never_reads_loses_its_connection_within_the_idle_limit() {
+    require!(
+        "a_client_that_never_reads_loses_its_connection_within_the_idle_limit",
+        Need::Kvm
+    );
+    let (vm, s) = start("api-pipeline", 1);
+    let mut c = UnixStream::connect(&s).unwrap();
+    c.set_nonblocking(true).unwrap();
+    // About 10 MB of answers asked for: far more than the socket buffers hold.
+    let requests = b"GET /vm/reclaim HTTP/1.1\r\nhost: x\r\n\r\n".repeat(4000);
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < requests.len() && started.elapsed() < Duration::from_secs(2) {
+        match c.write(&requests[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(_) => break,
+        }
+    }
+    let limit = vmm::api::REQUEST_TIMEOUT + Duration::from_secs(5);
+    let closed = loop {
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&c),
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; events 0 still reports hang-up and error.
+        unsafe { libc::poll(&mut p, 1, 100) };
+        if p.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "the server still holds a connection whose client has read nothing for {:?}",
+            started.elapsed()
+        );
+        if started.elapsed() > Duration::from_secs(3) {
+            assert_eq!(curl(&s, "GET", "/", None).0, 200, "others are served");
+        }
+    };
+    assert!(
+        closed >= vmm::api::REQUEST_TIMEOUT / 2,
+        "closed after {closed:?}"
+    );
+    assert_eq!(
+        curl(&s, "PATCH", "/balloon", Some(r#"{"amount_mib": 16}"#)).0,
+        204
+    );
+    finish(vm, &s);
+}
+
+/// Over the connection bound, every client reads its 503 and the reason (the refused
+/// connection's request is read before the answer, so the client never sees a reset).
+#[test]
+fn over_the_connection_bound_every_client_reads_its_503() {
+    require!(
+        "over_the_connection_bound_every_client_reads_its_503",
+        Need::Kvm
+    );
+    let (vm, s) = start("api-503", 1);
+    let held: Vec<UnixStream> = (0..vmm::api::MAX_CONNECTIONS)
+        .map(|_| UnixStream::connect(&s).unwrap())
+        .collect();
+    // Each of these either gets its 503 or fails the test (curl's "Couldn't connect").
+    for _ in 0..10 {
+        let (code, body) = curl(&s, "GET", "/", None);
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("too many connections"), "{body}");
+    }
+    for _ in 0..3 {
+        let r = cli(&s, &["config"]);
+        assert_eq!(r.status, Some(2), "{}", r.all());
+        r.assert_stderr_has(&["answered 503: too many connections"]);
+    }
+    drop(held);
+    let api = vmm::api::ApiClient::new(&s).unwrap();
+    wait_for("the API to serve again", Duration::from_secs(10), || {
+        api.get("/").is_ok()
+    });
+    api.set_balloon_mib(16).unwrap();
+    finish(vm, &s);
+}
+
+/// A request head that does not arrive within the deadline gets 408, then the connection
+/// closes.
+#[test]
+fn a_late_request_head_gets_408() {
+    require!("a_late_request_head_gets_408", Need::Kvm);
+    let (vm, s) = start("api-408", 1);
+    let mut c = UnixStream::connect(&s).unwrap();
+    c.set_read_timeout(Some(vmm::api::REQUEST_TIMEOUT * 2))
+        .unwrap();
+    let started = Instant::now();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").unwrap(); // no blank line: unfinished
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
+    assert!(answer.contains("did not arrive in time"), "{answer:?}");
+    assert!(started.elapsed() >= vmm::api::REQUEST_TIMEOUT - Duration::from_secs(1));
+    assert_eq!(
+        curl(&s, "PATCH", "/balloon", Some(r#"{"amount_mib": 16}"#)).0,
+        204
+    );
+    finish(vm, &s);
+}
+
+/// While `--balloon-steps` has steps left, `PATCH /balloon` is refused with 409 (it would
+/// override the step, which would then wait out its timeout); afterwards it is taken.
+#[test]
+fn a_balloon_patch_during_balloon_steps_is_refused_until_the_last_step() {
+    require!(
+        "a_balloon_patch_during_balloon_steps_is_refused_until_the_last_step",
+        Need::Kvm
+    );
+    let s = scratch("api-steps.sock");
+    let mut vm = vmm_guest("balloon")
+        .vcpus(2)
+        .memory("512M")
+        .api_sock(&s)
+        .balloon_steps(&["64M", "0"])
+        .cmdline("changes=3 touch=8M")
+        .spawn();
+    vm.api();
+    let patch = || curl(&s, "PATCH", "/balloon", Some(r#"{"amount_mib": 32}"#));
+    let (code, body) = patch();
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("--balloon-steps"), "{body}");
+    let started = Instant::now();
+    loop {
+        let (code, body) = patch();
+        if code == 204 {
+            break;
+        }
+        assert_eq!(code, 409, "{body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "still refused after 90 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = finish(vm, &s);
+    r.assert_stderr_has(&["balloon step 1 reached", "balloon step 2 reached"]);
+    r.assert_stdout_has(&["balloon: 3 targets reached"]);
 }

@@ -156,8 +156,13 @@ impl Vm {
             .map_err(err("KVM_IRQFD"))?;
 
         let memory = Arc::new(MemoryManager::for_vm(ram.clone(), &vm_fd, config.reclaim)?);
-        let balloon = BalloonDevice::attach(&vm_fd, memory.clone()).map_err(VmmError::Device)?;
+        let balloon = BalloonDevice::attach(&vm_fd, memory.clone(), config.free_page_hinting)
+            .map_err(VmmError::Device)?;
         let steps = BalloonSteps::new(config.balloon_steps.clone(), config.balloon_step_timeout);
+        balloon.steps_pending.store(
+            !config.balloon_steps.is_empty(),
+            std::sync::atomic::Ordering::Release,
+        );
 
         let cmdline = format!("{} {}", config.cmdline, BalloonDevice::cmdline_entry());
         let (plan, boot) = Self::load(&ram, config, cmdline.trim())?;
@@ -354,6 +359,9 @@ impl Vm {
             // Housekeeping: the balloon script, and a periodic request for fresh guest
             // statistics.
             steps.tick(&self.balloon);
+            if steps.done() {
+                self.balloon.steps_pending.store(false, Ordering::Release);
+            }
             let every = self.balloon.stats_interval_s();
             if every > 0 && last_stats.elapsed() >= Duration::from_secs(every) {
                 self.balloon.request_stats();

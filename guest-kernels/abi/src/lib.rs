@@ -209,15 +209,26 @@ pub mod virtio {
         pub const DEVICE_ID: u32 = 5;
         pub const F_STATS_VQ: u64 = 1 << 1;
         pub const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+        pub const F_FREE_PAGE_HINT: u64 = 1 << 3;
         pub const F_FREE_PAGE_REPORTING: u64 = 1 << 5;
-        /// Queue indices, compact as Linux and QEMU number them when every feature is on.
+        /// Queue indices, compact as Linux and QEMU number them: a queue exists only when
+        /// its feature is negotiated, in this order. With STATS_VQ and FREE_PAGE_REPORTING:
         pub const INFLATE_Q: usize = 0;
         pub const DEFLATE_Q: usize = 1;
         pub const STATS_Q: usize = 2;
         pub const REPORTING_Q: usize = 3;
-        /// Configuration layout: `num_pages` (the device's target) and `actual` (the driver's).
+        /// With FREE_PAGE_HINT negotiated too, hinting takes index 3 and reporting moves to 4.
+        pub const HINTING_Q: usize = 3;
+        pub const REPORTING_Q_AFTER_HINTING: usize = 4;
+        /// Configuration layout: `num_pages` (the device's target), `actual` (the driver's)
+        /// and `free_page_hint_cmd_id` (the host's hinting command).
         pub const CONFIG_NUM_PAGES: u64 = 0;
         pub const CONFIG_ACTUAL: u64 = 4;
+        pub const CONFIG_FREE_PAGE_HINT_CMD_ID: u64 = 8;
+        /// Hinting command ids: STOP (no run; also what the driver sends at a run's end),
+        /// DONE (the host is done: the driver may reuse the hinted pages); runs use 2 and up.
+        pub const HINT_CMD_ID_STOP: u32 = 0;
+        pub const HINT_CMD_ID_DONE: u32 = 1;
         /// Linux's VIRTIO_BALLOON_ARRAY_PFNS_MAX: PFNs per inflate or deflate buffer.
         pub const PFNS_PER_BUFFER: usize = 256;
     }

@@ -51,6 +51,7 @@ pub struct VmmRun {
     api_sock: Option<PathBuf>,
     reclaim_probe: bool,
     keep_host_fault_around: bool,
+    free_page_hinting: bool,
     backing: Option<Backing>,
     extra: Vec<OsString>,
 }
@@ -91,6 +92,7 @@ impl VmmRun {
             api_sock: None,
             reclaim_probe: false,
             keep_host_fault_around: false,
+            free_page_hinting: false,
             backing: None,
             extra: Vec::new(),
         }
@@ -184,6 +186,12 @@ impl VmmRun {
         self
     }
 
+    /// Offer free page hinting (`--balloon-free-page-hinting`).
+    pub fn free_page_hinting(mut self) -> Self {
+        self.free_page_hinting = true;
+        self
+    }
+
     /// What backs guest RAM (`--memory-backend`, `--memory-path`).
     pub fn backing(mut self, b: Backing) -> Self {
         self.backing = Some(b);
@@ -259,6 +267,9 @@ impl VmmRun {
         }
         if self.keep_host_fault_around {
             c.arg("--keep-host-fault-around");
+        }
+        if self.free_page_hinting {
+            c.arg("--balloon-free-page-hinting");
         }
         match &self.backing {
             None | Some(Backing::Memfd) => {}

@@ -148,9 +148,13 @@ impl RunningVm {
         }
         if let Some(p) = run.api_sock_path() {
             // Nor may a socket a killed run left behind pass for this run's (`api` waits
-            // for the socket to appear). Anything else there is the VMM's to refuse.
+            // for the socket to appear): a stale one (refusing connections) is removed.
+            // A live one, or anything else there, is the VMM's to refuse.
             use std::os::unix::fs::FileTypeExt;
-            if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
+            let stale = std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+                && std::os::unix::net::UnixStream::connect(p)
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+            if stale {
                 let _ = std::fs::remove_file(p);
             }
         }

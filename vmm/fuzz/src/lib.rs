@@ -40,7 +40,7 @@ impl Target {
         );
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let t = MmioTransport::new(
-            Balloon::new(mm.clone(), irq.clone()),
+            Balloon::new(mm.clone(), irq.clone(), true),
             ram.memory().clone(),
             irq,
         );
@@ -59,9 +59,7 @@ impl Target {
     /// once, free page reports as the event loop serves them.
     pub fn write(&mut self, off: u64, data: &[u8]) {
         let effect = self.t.write(off, data);
-        if balloon::serve_inline(&mut self.t, effect) {
-            balloon::serve_reports_exclusive(&mut self.t);
-        }
+        balloon::serve_exclusive(&mut self.t, effect);
     }
 
     /// Processes queue `q` as a notification of it would.
@@ -76,14 +74,15 @@ impl Target {
         let features = vmm::devices::virtio::VIRTIO_F_VERSION_1
             | balloon::F_STATS_VQ
             | balloon::F_DEFLATE_ON_OOM
-            | balloon::F_FREE_PAGE_REPORTING;
+            | balloon::F_FREE_PAGE_REPORTING
+            | balloon::F_FREE_PAGE_HINT;
         self.reg(reg::STATUS, ACKNOWLEDGE | DRIVER);
         self.reg(reg::DRIVER_FEATURES_SEL, 0);
         self.reg(reg::DRIVER_FEATURES, features as u32);
         self.reg(reg::DRIVER_FEATURES_SEL, 1);
         self.reg(reg::DRIVER_FEATURES, (features >> 32) as u32);
         self.reg(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-        for q in 0..4u64 {
+        for q in 0..self.t.num_queues() as u64 {
             let base = RINGS + q * 0x3000;
             self.reg(reg::QUEUE_SEL, q as u32);
             self.reg(reg::QUEUE_NUM, QSIZE);
@@ -99,6 +98,8 @@ impl Target {
         }
         self.reg(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
         assert!(self.t.is_active());
+        // A hinting run in progress, so that hinted ranges under its id are reclaimed.
+        self.t.device_mut().hinting.start(true);
     }
 
     /// Runs the reclaim probe on the mailbox at `gpa` and accounts for what it did.

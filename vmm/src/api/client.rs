@@ -169,6 +169,19 @@ impl ApiClient {
         self.get_as("/balloon/statistics")
     }
 
+    /// Starts a free page hinting run (`PATCH /balloon/hinting/start`).
+    pub fn start_hinting(&self, acknowledge_on_stop: bool) -> Result<(), ApiError> {
+        let body = serde_json::json!({ "acknowledge_on_stop": acknowledge_on_stop });
+        self.patch("/balloon/hinting/start", &body).map(drop)
+    }
+
+    /// The hinting run's commands (`GET /balloon/hinting/status`).
+    pub fn hinting_status(
+        &self,
+    ) -> Result<crate::devices::balloon::hinting::HintingStatus, ApiError> {
+        self.get_as("/balloon/hinting/status")
+    }
+
     /// The reclaim settings (`GET /vm/reclaim/config`).
     pub fn reclaim_config(&self) -> Result<guest_mm::ReclaimConfig, ApiError> {
         self.get_as("/vm/reclaim/config")

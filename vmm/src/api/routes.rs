@@ -1,6 +1,8 @@
 //! The endpoints: a plain function from (method, path, body) to (status, JSON), run off the
 //! async runtime because it takes the device and gather locks. Every value from the client is
 //! validated and every refusal says why in `{"fault_message": "..."}`, as Firecracker does.
+//! A body must be a JSON object (an array or a number is refused with 400, never read as
+//! the object's fields in order); a 405 names the allowed methods in `Allow`.
 
 use crate::devices::balloon::{BalloonDevice, BalloonStatistics};
 use crate::memory::MemoryManager;
@@ -22,10 +24,12 @@ pub struct ApiState {
     pub memory: Arc<MemoryManager>,
 }
 
-/// An endpoint's answer: a status and, except for 204, a JSON body.
+/// An endpoint's answer: a status and, except for 204, a JSON body; for 405, the methods
+/// the resource allows (the `Allow` header).
 pub struct Reply {
     pub status: u16,
     pub body: Option<Value>,
+    pub allow: Option<&'static str>,
 }
 
 /// `GET /`: what the VM says of itself (Firecracker's shape).
@@ -44,6 +48,10 @@ pub struct BalloonConfig {
     pub amount_mib: u64,
     pub deflate_on_oom: bool,
     pub stats_polling_interval_s: u64,
+    /// Always offered by this device.
+    pub free_page_reporting: bool,
+    /// Offered when the VM was started with `--balloon-free-page-hinting`.
+    pub free_page_hinting: bool,
 }
 
 impl Reply {
@@ -55,6 +63,7 @@ impl Reply {
         Self {
             status: 200,
             body: Some(body),
+            allow: None,
         }
     }
 
@@ -62,6 +71,7 @@ impl Reply {
         Self {
             status: 204,
             body: None,
+            allow: None,
         }
     }
 
@@ -69,15 +79,23 @@ impl Reply {
         Self {
             status,
             body: Some(json!({ "fault_message": msg.into() })),
+            allow: None,
         }
+    }
+
+    fn from_result(r: Result<(), &str>) -> Self {
+        r.map_or_else(|e| Self::fault(400, e), |()| Self::no_content())
     }
 }
 
 /// The resources and the methods each allows (for 405 answers).
 const RESOURCES: &[(&str, &str)] = &[
     ("/", "GET"),
-    ("/balloon", "GET, PATCH"),
+    ("/balloon", "GET, PUT, PATCH"),
     ("/balloon/statistics", "GET, PATCH"),
+    ("/balloon/hinting/start", "PATCH"),
+    ("/balloon/hinting/status", "GET"),
+    ("/balloon/hinting/stop", "PATCH"),
     ("/vm/reclaim", "GET"),
     ("/vm/reclaim/config", "GET, PATCH"),
 ];
@@ -91,7 +109,25 @@ pub fn route(s: &ApiState, method: &Method, path: &str, body: &[u8]) -> Reply {
             app_name: "stage2-vmm".into(),
         }),
         (&Method::GET, "/balloon") => Reply::typed(&s.balloon_config()),
+        (&Method::PUT, "/balloon") => Reply::fault(
+            400,
+            "the balloon is configured on the command line when the VM starts (PUT /balloon is \
+             only for a VM not yet booted, and this VMM boots at start); change its size with \
+             PATCH /balloon",
+        ),
         (&Method::PATCH, "/balloon") => parse(body).map_or_else(|r| r, |b| s.set_amount(b)),
+        (&Method::PATCH, "/balloon/hinting/start") => {
+            parse_optional(body).map_or_else(|r| r, |b: HintingStart| s.start_hinting(b))
+        }
+        (&Method::GET, "/balloon/hinting/status") => s
+            .balloon
+            .hinting_status()
+            .map_or_else(|e| Reply::fault(400, e), |st| Reply::typed(&st)),
+        (&Method::PATCH, "/balloon/hinting/stop") => {
+            Reply::from_result(s.balloon.stop_hinting().map(|()| {
+                tracing::info!("api: free page hinting stopped");
+            }))
+        }
         (&Method::GET, "/balloon/statistics") => s.statistics(),
         (&Method::PATCH, "/balloon/statistics") => {
             parse(body).map_or_else(|r| r, |b| s.set_polling(b))
@@ -107,10 +143,13 @@ pub fn route(s: &ApiState, method: &Method, path: &str, body: &[u8]) -> Reply {
             parse(body).map_or_else(|r| r, |b| s.patch_reclaim_config(b))
         }
         _ => match RESOURCES.iter().find(|(p, _)| *p == path) {
-            Some((_, allowed)) => Reply::fault(
-                405,
-                format!("{method} is not allowed on {path}; use {allowed}"),
-            ),
+            Some((_, allowed)) => Reply {
+                allow: Some(allowed),
+                ..Reply::fault(
+                    405,
+                    format!("{method} is not allowed on {path}; use {allowed}"),
+                )
+            },
             None => Reply::fault(
                 404,
                 format!(
@@ -126,9 +165,56 @@ pub fn route(s: &ApiState, method: &Method, path: &str, body: &[u8]) -> Reply {
     }
 }
 
-/// Parses a JSON body into `T` (unknown fields refused), or the 400 that says why not.
+/// Parses a JSON object body into `T` (unknown fields refused), or the 400 that says why
+/// not. Only an object is taken: serde would read an array such as `[512]` as the struct's
+/// fields in order.
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
-    serde_json::from_slice(body).map_err(|e| Reply::fault(400, format!("bad request body: {e}")))
+    let bad = |e: String| Reply::fault(400, format!("bad request body: {e}"));
+    let value: Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+    if !value.is_object() {
+        return Err(bad(format!(
+            "expected a JSON object, got {}",
+            match value {
+                Value::Array(_) => "an array",
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::String(_) => "a string",
+                Value::Object(_) => unreachable!(),
+            }
+        )));
+    }
+    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
+}
+
+/// `parse`, where an empty body means the defaults (Firecracker's optional bodies).
+fn parse_optional<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Reply> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    parse(body)
+}
+
+/// `PATCH /balloon/hinting/start`'s optional body (Firecracker's `BalloonStartCmd`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HintingStart {
+    /// Write DONE as soon as the driver sends STOP (default), rather than on
+    /// `PATCH /balloon/hinting/stop`.
+    #[serde(default = "yes")]
+    acknowledge_on_stop: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for HintingStart {
+    fn default() -> Self {
+        Self {
+            acknowledge_on_stop: true,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -155,10 +241,36 @@ impl ApiState {
             // The device offers VIRTIO_BALLOON_F_DEFLATE_ON_OOM to every driver.
             deflate_on_oom: true,
             stats_polling_interval_s: self.balloon.stats_interval_s(),
+            free_page_reporting: true,
+            free_page_hinting: t.device().hinting_offered(),
+        }
+    }
+
+    fn start_hinting(&self, b: HintingStart) -> Reply {
+        match self.balloon.start_hinting(b.acknowledge_on_stop) {
+            Ok(id) => {
+                tracing::info!(
+                    "api: free page hinting run {id} started (acknowledge_on_stop: {})",
+                    b.acknowledge_on_stop
+                );
+                Reply::no_content()
+            }
+            Err(e) => Reply::fault(400, e),
         }
     }
 
     fn set_amount(&self, b: BalloonUpdate) -> Reply {
+        if self
+            .balloon
+            .steps_pending
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Reply::fault(
+                409,
+                "the balloon target follows --balloon-steps until its last step is reached or \
+                 times out; PATCH /balloon is refused until then",
+            );
+        }
         let ram_mib = self.ram_bytes() / MIB;
         if b.amount_mib > ram_mib {
             return Reply::fault(

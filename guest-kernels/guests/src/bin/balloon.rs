@@ -8,6 +8,11 @@
 //! are written and verified before going back to the allocator (re-use). Every other vCPU
 //! rewrites and verifies its own share the whole time.
 //!
+//! With `hint=1` it also negotiates FREE_PAGE_HINT and, before following targets, waits for
+//! the host to start a hinting run: it sends the run's command id, hints all its free memory
+//! in 2 MiB blocks (63 to a buffer, one notification each), sends STOP, waits for DONE, then
+//! writes and verifies the first frame of every hinted block (reuse) before freeing them.
+//!
 //! Command line: `changes=N` (finish after the balloon reached N new targets; default 2),
 //! `touch=SIZE` (per verifier vCPU, default 16M), `report=1` (report free memory once, at
 //! start), `report=each` (also after every target reached, as Linux reports periodically),
@@ -33,11 +38,14 @@ use rt::virtio::{self, Desc, Device, Queue, DESC_F_WRITE};
 use rt::{bootinfo, cmdline, frames, pattern, println, Cpu, Verdict};
 
 use abi::virtio::balloon::{
-    CONFIG_ACTUAL, CONFIG_NUM_PAGES, DEVICE_ID as VIRTIO_ID_BALLOON, F_DEFLATE_ON_OOM,
-    F_FREE_PAGE_REPORTING as F_REPORTING, F_STATS_VQ, PFNS_PER_BUFFER,
+    CONFIG_ACTUAL, CONFIG_FREE_PAGE_HINT_CMD_ID, CONFIG_NUM_PAGES, DEVICE_ID as VIRTIO_ID_BALLOON,
+    F_DEFLATE_ON_OOM, F_FREE_PAGE_HINT, F_FREE_PAGE_REPORTING as F_REPORTING, F_STATS_VQ,
+    HINT_CMD_ID_DONE, HINT_CMD_ID_STOP, PFNS_PER_BUFFER,
 };
 const REPORT_BLOCK_PAGES: u64 = 512;
 const REPORT_BLOCKS_PER_BUFFER: usize = 16;
+/// Hinted 2 MiB blocks per buffer (the hint queue has 64 entries).
+const HINT_BLOCKS_PER_BUFFER: usize = 63;
 
 static STARTED: Barrier = Barrier::new();
 static DONE: AtomicBool = AtomicBool::new(false);
@@ -187,6 +195,7 @@ struct Driver {
     inflate: Queue,
     deflate: Queue,
     stats: Option<Queue>,
+    hinting: Option<Queue>,
     reporting: Option<Queue>,
     buffer: *mut u32,
     stats_buf: *mut u8,
@@ -208,6 +217,12 @@ impl Driver {
         let stats = if features & F_STATS_VQ != 0 {
             next += 1;
             Some(Queue::new(dev, 2, 8)?)
+        } else {
+            None
+        };
+        let hinting = if features & F_FREE_PAGE_HINT != 0 {
+            next += 1;
+            Some(Queue::new(dev, next - 1, 64)?)
         } else {
             None
         };
@@ -235,6 +250,7 @@ impl Driver {
             inflate,
             deflate,
             stats,
+            hinting,
             reporting,
             buffer,
             stats_buf,
@@ -387,6 +403,84 @@ impl Driver {
     }
 }
 
+impl Driver {
+    /// One free page hinting run under command `id`: all free memory hinted in 2 MiB
+    /// blocks, STOP, then DONE awaited; the hinted blocks are reused (their first frame
+    /// written and verified) and freed. Returns (pages hinted, reuse errors).
+    fn hint_free(&mut self, id: u32) -> Result<(u64, u64), virtio::VirtioError> {
+        let (dev, cmd) = (self.dev, self.buffer);
+        let Some(q) = self.hinting.as_mut() else {
+            return Ok((0, 0));
+        };
+        let cmd_desc = Desc {
+            addr: cmd as u64,
+            len: 4,
+            flags: 0,
+            next: 0,
+        };
+        let send_cmd = |q: &mut Queue, v: u32| {
+            // SAFETY: our buffer page; the device reads the id from it.
+            unsafe { cmd.write_volatile(v.to_le()) };
+            q.call(&[cmd_desc])
+        };
+        send_cmd(q, id)?;
+        let (mut hinted, mut errors) = (0u64, 0u64);
+        let mut result = Ok(());
+        with_all_free_runs(REPORT_BLOCK_PAGES, |runs| {
+            let blocks: &[(u64, u64)] = runs;
+            let mut chain = [Desc {
+                addr: 0,
+                len: 0,
+                flags: 0,
+                next: 0,
+            }; HINT_BLOCKS_PER_BUFFER];
+            let full = blocks.iter().filter(|r| r.1 == REPORT_BLOCK_PAGES);
+            let mut n = 0;
+            let mut send = |q: &mut Queue, chain: &[Desc]| -> Result<(), virtio::VirtioError> {
+                q.call(chain)?;
+                hinted += chain.len() as u64 * REPORT_BLOCK_PAGES;
+                Ok(())
+            };
+            for &(gfn, count) in full {
+                chain[n] = Desc {
+                    addr: gfn * frames::PAGE_SIZE,
+                    len: (count * frames::PAGE_SIZE) as u32,
+                    flags: DESC_F_WRITE,
+                    next: 0,
+                };
+                n += 1;
+                if n == HINT_BLOCKS_PER_BUFFER {
+                    if let Err(e) = send(q, &chain[..n]) {
+                        result = Err(e);
+                        return;
+                    }
+                    n = 0;
+                }
+            }
+            if n > 0 {
+                if let Err(e) = send(q, &chain[..n]) {
+                    result = Err(e);
+                    return;
+                }
+            }
+            if let Err(e) = send_cmd(q, HINT_CMD_ID_STOP) {
+                result = Err(e);
+                return;
+            }
+            // The blocks stay ours until the host says DONE.
+            while dev.config_read(CONFIG_FREE_PAGE_HINT_CMD_ID) != HINT_CMD_ID_DONE {
+                core::hint::spin_loop();
+            }
+            for &(gfn, count) in blocks.iter().filter(|r| r.1 == REPORT_BLOCK_PAGES) {
+                let _ = count;
+                pattern::fill(gfn, 0x5a);
+                errors += pattern::check(gfn, 0x5a, false);
+            }
+        });
+        result.map(|()| (hinted, errors))
+    }
+}
+
 /// The verifiers' throughput around one inflate: samples of (TSC, pages verified).
 struct Throughput {
     target: u64,
@@ -467,6 +561,12 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
         } else {
             0
         };
+    let wanted = wanted
+        | if cmdline::get_u64(line, "hint") == Some(1) {
+            F_FREE_PAGE_HINT
+        } else {
+            0
+        };
     let features = dev.negotiate(wanted)?;
     let mut d = Driver::new(dev, features)?;
     // Fragment only now: the driver's own structures need contiguous frames.
@@ -508,6 +608,26 @@ fn drive(cpu: &Cpu) -> Result<Verdict, virtio::VirtioError> {
             "balloon: reported {} free pages ({} MiB) in 2 MiB blocks",
             pages,
             pages >> 8
+        );
+    }
+    if features & F_FREE_PAGE_HINT != 0 {
+        println!("balloon: waiting for a free page hinting run");
+        let id = loop {
+            let id = dev.config_read(CONFIG_FREE_PAGE_HINT_CMD_ID);
+            if id > HINT_CMD_ID_DONE {
+                break id;
+            }
+            d.send_stats();
+            core::hint::spin_loop();
+        };
+        let (pages, errors) = d.hint_free(id)?;
+        d.reuse_errors += errors;
+        println!(
+            "balloon: hinted {} free pages ({} MiB) in run {}; DONE received; reuse errors {}",
+            pages,
+            pages >> 8,
+            id,
+            errors
         );
     }
     let mut reached = 0u64;

@@ -8,15 +8,18 @@
 //! delay per buffer with 4 vCPUs on 2 cores (docs/BENCHMARKS.md, "Where the time went").
 //! Free page reports wait for their release before they are returned, so their queue's
 //! notifications are an ioeventfd that the event loop serves (`BalloonHandler`), with the
-//! device lock dropped while the report is reclaimed.
+//! device lock dropped while the report is reclaimed. Free page hints are released on the
+//! notifying vCPU thread, with the device lock dropped, before the vCPU re-enters the guest
+//! (`hinting` says why).
 
-use super::{Balloon, REPORTING_Q, STATS_Q};
+use super::hinting::HintingStatus;
+use super::{Balloon, QueueRole, Report, REPORTING_Q, REPORTING_Q_AFTER_HINTING, STATS_Q};
 use crate::devices::virtio::{reg, Effect, Interrupt, MmioTransport, MMIO_SIZE};
 use crate::memory::MemoryManager;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -30,18 +33,30 @@ pub struct BalloonDevice {
     pub transport: Mutex<MmioTransport<Balloon>>,
     memory: Arc<MemoryManager>,
     /// The free page reporting queue's notifications (KVM_IOEVENTFD on QueueNotify with
-    /// datamatch REPORTING_Q).
+    /// datamatch the index reporting has when the driver negotiates every offered feature;
+    /// a driver that numbers it otherwise notifies through MMIO exits, passed on here).
     reports_evt: EventFd,
     /// How often the event loop asks the driver for fresh statistics (0: never).
     stats_interval_s: AtomicU64,
+    /// `--balloon-steps` has steps left: the target belongs to the schedule, and
+    /// `PATCH /balloon` is refused (409) until it ends.
+    pub steps_pending: AtomicBool,
 }
+
+/// The hinting endpoints' refusal when the VM was started without hinting.
+pub const HINTING_OFF: &str =
+    "free page hinting is not enabled: start the VM with --balloon-free-page-hinting";
 
 /// The statistics polling interval a VM starts with.
 pub const DEFAULT_STATS_INTERVAL_S: u64 = 1;
 
 impl BalloonDevice {
     /// Creates the device and wires its notifications and interrupt into KVM.
-    pub fn attach(vm_fd: &VmFd, memory: Arc<MemoryManager>) -> Result<Arc<Self>, String> {
+    pub fn attach(
+        vm_fd: &VmFd,
+        memory: Arc<MemoryManager>,
+        hinting: bool,
+    ) -> Result<Arc<Self>, String> {
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
         vm_fd
             .register_irqfd(&irqfd, BALLOON_GSI)
@@ -49,7 +64,7 @@ impl BalloonDevice {
         let interrupt = Arc::new(Interrupt::new(irqfd));
         let mem = memory.ram.memory().clone();
         let transport = MmioTransport::new(
-            Balloon::new(memory.clone(), interrupt.clone()),
+            Balloon::new(memory.clone(), interrupt.clone(), hinting),
             mem,
             interrupt,
         );
@@ -58,7 +73,11 @@ impl BalloonDevice {
             .register_ioevent(
                 &reports_evt,
                 &IoEventAddress::Mmio(BALLOON_MMIO_BASE + reg::QUEUE_NOTIFY),
-                REPORTING_Q as u32,
+                if hinting {
+                    REPORTING_Q_AFTER_HINTING
+                } else {
+                    REPORTING_Q
+                } as u32,
             )
             .map_err(|e| format!("KVM_IOEVENTFD: {e}"))?;
         Ok(Arc::new(Self {
@@ -66,6 +85,7 @@ impl BalloonDevice {
             memory,
             reports_evt,
             stats_interval_s: AtomicU64::new(DEFAULT_STATS_INTERVAL_S),
+            steps_pending: AtomicBool::new(false),
         }))
     }
 
@@ -103,19 +123,71 @@ impl BalloonDevice {
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
         let mut t = self.transport.lock().unwrap();
         let effect = t.write(addr - BALLOON_MMIO_BASE, data);
-        if serve_inline(&mut t, effect) {
+        let deferred = serve_inline(&mut t, effect);
+        drop(t);
+        if deferred.hints {
+            self.serve_hints();
+        }
+        if deferred.reports {
             let _ = self.reports_evt.write(1);
         }
+    }
+
+    /// Releases the hint buffers taken on this thread's notification (device lock dropped
+    /// meanwhile), then returns them; DONE follows once none is left in flight.
+    fn serve_hints(&self) {
+        let (hints, generation) = self.transport.lock().unwrap().device_mut().drain_hints();
+        if hints.is_empty() {
+            return;
+        }
+        let reclaimed = Report::reclaim_all(hints, &self.memory);
+        finish_hints(&mut self.transport.lock().unwrap(), reclaimed, generation);
+    }
+
+    /// `PATCH /balloon/hinting/start`: a new run (its id in the configuration).
+    pub fn start_hinting(&self, acknowledge_on_stop: bool) -> Result<u32, &'static str> {
+        let mut t = self.transport.lock().unwrap();
+        if !t.device().hinting_offered() {
+            return Err(HINTING_OFF);
+        }
+        let id = t.device_mut().hinting.start(acknowledge_on_stop);
+        t.config_changed();
+        Ok(id)
+    }
+
+    /// `PATCH /balloon/hinting/stop`: DONE, once no hinted buffer is being released.
+    pub fn stop_hinting(&self) -> Result<(), &'static str> {
+        let mut t = self.transport.lock().unwrap();
+        if !t.device().hinting_offered() {
+            return Err(HINTING_OFF);
+        }
+        if t.device_mut().hinting.stop() {
+            t.config_changed();
+        }
+        Ok(())
+    }
+
+    /// `GET /balloon/hinting/status`.
+    pub fn hinting_status(&self) -> Result<HintingStatus, &'static str> {
+        let t = self.transport.lock().unwrap();
+        if !t.device().hinting_offered() {
+            return Err(HINTING_OFF);
+        }
+        Ok(t.device().hinting.status())
     }
 
     /// Serves the free page reports the driver has made available: parsed with the device
     /// lock held, reclaimed without it (the vCPUs' register accesses never wait for a batch),
     /// then returned to the driver.
     pub fn serve_reports(&self) {
-        let (mut reports, generation) = {
+        let (mut reports, generation, index) = {
             let mut t = self.transport.lock().unwrap();
-            t.process_queue(REPORTING_Q);
-            t.device_mut().drain_reports()
+            let Some(index) = t.device().index_of(QueueRole::Reporting) else {
+                return;
+            };
+            t.process_queue(index);
+            let (reports, generation) = t.device_mut().drain_reports();
+            (reports, generation, index)
         };
         if reports.is_empty() {
             return;
@@ -124,7 +196,7 @@ impl BalloonDevice {
             r.reclaim(&self.memory);
         }
         let mut t = self.transport.lock().unwrap();
-        t.with_device_and_queue(REPORTING_Q, |dev, q, mem| {
+        t.with_device_and_queue(index, |dev, q, mem| {
             dev.complete_reports(reports, generation, q, mem)
         });
     }
@@ -146,28 +218,54 @@ impl BalloonDevice {
     }
 }
 
+/// What `serve_inline` left to do: hint buffers taken, to release with the device lock
+/// dropped (`serve_hints`, or `serve_hints_exclusive`), and reports for the event loop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Deferred {
+    pub hints: bool,
+    pub reports: bool,
+}
+
 /// What a register write's effect asks of the writing vCPU thread: inflate, deflate and stats
-/// notifications are served here and now; a reporting notification is left for the event
-/// loop (returns true). DRIVER_OK serves every queue once, since a driver may make buffers
-/// available and notify before it. (Shared by the VMM and the fuzz targets.)
-pub fn serve_inline(t: &mut MmioTransport<Balloon>, effect: Option<Effect>) -> bool {
-    match effect {
-        None => false,
-        Some(Effect::Notify(REPORTING_Q)) => true,
-        Some(Effect::Notify(q)) if q < t.num_queues() => {
-            t.process_queue(q);
-            false
-        }
+/// notifications are served here and now, hint buffers taken here and released by the
+/// caller on this thread; a reporting notification is left for the event loop. DRIVER_OK
+/// serves every queue once, since a driver may make buffers available and notify before it.
+/// (Shared by the VMM and the fuzz targets.)
+pub fn serve_inline(t: &mut MmioTransport<Balloon>, effect: Option<Effect>) -> Deferred {
+    let mut deferred = Deferred::default();
+    let queues: Vec<usize> = match effect {
+        None => Vec::new(),
+        Some(Effect::Notify(q)) if q < t.num_queues() => vec![q],
         Some(Effect::Notify(q)) => {
             tracing::warn!("balloon: notify for nonexistent queue {q} ignored");
-            false
+            Vec::new()
         }
-        Some(Effect::Activated) => {
-            for q in (0..t.num_queues()).filter(|&q| q != REPORTING_Q) {
+        Some(Effect::Activated) => (0..t.num_queues()).collect(),
+    };
+    for q in queues {
+        match t.device().role(q) {
+            Some(QueueRole::Reporting) => deferred.reports = true,
+            Some(QueueRole::Hinting) => {
                 t.process_queue(q);
+                deferred.hints = true;
             }
-            true
+            _ => t.process_queue(q),
         }
+    }
+    deferred
+}
+
+/// Returns released hint buffers to the driver and writes DONE if it is now owed.
+pub fn finish_hints(t: &mut MmioTransport<Balloon>, reclaimed: Vec<Report>, generation: u64) {
+    let Some(index) = t.device().index_of(QueueRole::Hinting) else {
+        return;
+    };
+    let mut changed = false;
+    t.with_device_and_queue(index, |dev, q, mem| {
+        changed = dev.complete_hints(reclaimed, generation, q, mem)
+    });
+    if changed {
+        t.config_changed();
     }
 }
 

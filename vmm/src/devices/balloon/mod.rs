@@ -1,9 +1,11 @@
 //! virtio-balloon (virtio 1.2 §5.5) whose inflate and free-page-reporting queues feed the
 //! Stage2Gather.
 //!
-//! Queues (indices compact, as Linux and QEMU number them): 0 inflate, 1 deflate, 2 stats,
-//! 3 free page reporting. Features offered: VERSION_1, STATS_VQ, DEFLATE_ON_OOM,
-//! FREE_PAGE_REPORTING.
+//! Queues (indices compact, as Linux and QEMU number them: only negotiated features have a
+//! queue): 0 inflate, 1 deflate, 2 stats, then free page hinting (if negotiated), then free
+//! page reporting (`QueueRole`). Features offered: VERSION_1, STATS_VQ, DEFLATE_ON_OOM,
+//! FREE_PAGE_REPORTING, and FREE_PAGE_HINT when the VM was started with hinting on
+//! (`hinting`).
 //!
 //! Where buffers are processed: inflate, deflate and stats buffers on the vCPU thread that
 //! notified, inside its MMIO exit (no ioeventfd): handing them to another thread cost the
@@ -41,6 +43,7 @@
 //! Neither stops the device or the VMM.
 
 mod attach;
+pub mod hinting;
 pub mod ownership;
 mod queues;
 pub mod steps;
@@ -57,20 +60,27 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-pub use attach::{serve_inline, BalloonDevice, BalloonHandler, BALLOON_GSI, BALLOON_MMIO_BASE};
+pub use attach::{
+    serve_inline, BalloonDevice, BalloonHandler, Deferred, BALLOON_GSI, BALLOON_MMIO_BASE,
+    HINTING_OFF,
+};
 pub use queues::BufferError;
 
-use abi::virtio::balloon::{CONFIG_ACTUAL, CONFIG_NUM_PAGES};
+use abi::virtio::balloon::{CONFIG_ACTUAL, CONFIG_FREE_PAGE_HINT_CMD_ID, CONFIG_NUM_PAGES};
 pub use abi::virtio::balloon::{
-    DEFLATE_Q, F_DEFLATE_ON_OOM, F_FREE_PAGE_REPORTING, F_STATS_VQ, INFLATE_Q, REPORTING_Q, STATS_Q,
+    DEFLATE_Q, F_DEFLATE_ON_OOM, F_FREE_PAGE_HINT, F_FREE_PAGE_REPORTING, F_STATS_VQ, HINTING_Q,
+    INFLATE_Q, REPORTING_Q, REPORTING_Q_AFTER_HINTING, STATS_Q,
 };
+use hinting::Hinting;
 pub const VIRTIO_ID_BALLOON: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 const QUEUE_SIZE: u16 = 256;
 /// Largest inflate/deflate buffer accepted, in frames (Linux sends at most 256).
 pub const MAX_BUFFER_PFNS: usize = 16 * 1024;
 
 /// The driver's statistics, by virtio tag (virtio 1.2 §5.5.6.3; VIRTIO_BALLOON_S_*), named
-/// as Firecracker's API names them. Memory amounts are bytes, the others counts; a tag the
+/// exactly as Firecracker's API names them (tags 10-15 are singular there: `oom_kill`, not
+/// `oom_kills`). The plural names this VMM used before are accepted when reading (serde
+/// aliases, e.g. an old `--report-json` file) but never written. Memory amounts are bytes, the others counts; a tag the
 /// driver never sent stays `None` and is left out of the JSON.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -106,23 +116,23 @@ pub struct StatValues {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hugetlb_failures: Option<u64>,
     /// 10: processes the guest's OOM killer killed (Linux 6.12+ sends 10-15).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub oom_kills: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", alias = "oom_kills")]
+    pub oom_kill: Option<u64>,
     /// 11: allocations that stalled for reclaim.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub alloc_stalls: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", alias = "alloc_stalls")]
+    pub alloc_stall: Option<u64>,
     /// 12: pages scanned by background reclaim (kswapd).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub async_scans: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", alias = "async_scans")]
+    pub async_scan: Option<u64>,
     /// 13: pages scanned by direct reclaim.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub direct_scans: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", alias = "direct_scans")]
+    pub direct_scan: Option<u64>,
     /// 14: pages reclaimed by background reclaim.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub async_reclaims: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", alias = "async_reclaims")]
+    pub async_reclaim: Option<u64>,
     /// 15: pages reclaimed by direct reclaim.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub direct_reclaims: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", alias = "direct_reclaims")]
+    pub direct_reclaim: Option<u64>,
 }
 
 /// What the driver sent: its statistics and how many buffers it sent them in.
@@ -152,12 +162,12 @@ impl GuestStats {
             7 => &mut v.disk_caches,
             8 => &mut v.hugetlb_allocations,
             9 => &mut v.hugetlb_failures,
-            10 => &mut v.oom_kills,
-            11 => &mut v.alloc_stalls,
-            12 => &mut v.async_scans,
-            13 => &mut v.direct_scans,
-            14 => &mut v.async_reclaims,
-            15 => &mut v.direct_reclaims,
+            10 => &mut v.oom_kill,
+            11 => &mut v.alloc_stall,
+            12 => &mut v.async_scan,
+            13 => &mut v.direct_scan,
+            14 => &mut v.async_reclaim,
+            15 => &mut v.direct_reclaim,
             _ => {
                 self.unknown_tags += 1;
                 return;
@@ -192,24 +202,82 @@ pub struct BalloonCounters {
     pub pages_returned_by_reset: u64,
     pub invalid_frames: u64,
     pub malformed_buffers: u64,
+    /// Free page hint buffers taken, frames hinted and released, and hinted frames ignored
+    /// (sent under a stale command id or after the run ended).
+    pub hint_buffers: u64,
+    pub pages_hinted: u64,
+    pub hinted_pages_ignored: u64,
     /// Interrupts signalled through the irqfd: used-ring updates and configuration changes
     /// (filled in from the transport's interrupt when a report is made).
     pub used_ring_interrupts: u64,
     pub config_interrupts: u64,
 }
 
+/// What a queue index is for, given the negotiated features (compact numbering).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueRole {
+    Inflate,
+    Deflate,
+    Stats,
+    Hinting,
+    Reporting,
+}
+
+/// The queues a driver with `features` has, in index order.
+pub fn queue_roles(features: u64) -> Vec<QueueRole> {
+    let mut roles = vec![QueueRole::Inflate, QueueRole::Deflate];
+    for (bit, role) in [
+        (F_STATS_VQ, QueueRole::Stats),
+        (F_FREE_PAGE_HINT, QueueRole::Hinting),
+        (F_FREE_PAGE_REPORTING, QueueRole::Reporting),
+    ] {
+        if features & bit != 0 {
+            roles.push(role);
+        }
+    }
+    roles
+}
+
 /// Serves the reports the device has parsed with exclusive access to its transport (tests,
 /// fuzzing): the steps of `BalloonDevice::serve_reports` without a lock to drop between them.
 pub fn serve_reports_exclusive(t: &mut crate::devices::virtio::MmioTransport<Balloon>) {
-    t.process_queue(REPORTING_Q);
+    let Some(index) = t.device().index_of(QueueRole::Reporting) else {
+        return;
+    };
+    t.process_queue(index);
     let (mut reports, generation) = t.device_mut().drain_reports();
     let memory = t.device().memory().clone();
     for r in &mut reports {
         r.reclaim(&memory);
     }
-    t.with_device_and_queue(REPORTING_Q, |dev, q, mem| {
+    t.with_device_and_queue(index, |dev, q, mem| {
         dev.complete_reports(reports, generation, q, mem)
     });
+}
+
+/// A register write's effect served with exclusive access to the transport (tests,
+/// fuzzing), as `BalloonDevice::mmio_write` and the event loop serve it: inline queues,
+/// then the hint buffers taken, then free page reports.
+pub fn serve_exclusive(
+    t: &mut crate::devices::virtio::MmioTransport<Balloon>,
+    effect: Option<crate::devices::virtio::Effect>,
+) {
+    let deferred = serve_inline(t, effect);
+    if deferred.hints {
+        serve_hints_exclusive(t);
+    }
+    if deferred.reports {
+        serve_reports_exclusive(t);
+    }
+}
+
+/// Serves the hint buffers the device has taken, with exclusive access to its transport
+/// (tests, fuzzing): `BalloonDevice::serve_hints` without a lock to drop.
+pub fn serve_hints_exclusive(t: &mut crate::devices::virtio::MmioTransport<Balloon>) {
+    let (hints, generation) = t.device_mut().drain_hints();
+    let memory = t.device().memory().clone();
+    let reclaimed = Report::reclaim_all(hints, &memory);
+    attach::finish_hints(t, reclaimed, generation);
 }
 
 /// One free page report buffer: parsed under the device lock, reclaimed without it.
@@ -228,6 +296,33 @@ impl Report {
             self.reclaimed = Some(memory.gather.reclaim_and_give_back([frames.as_slice()]));
         }
     }
+
+    /// Reclaims several buffers' frames in one pass (one flush for all of them: hint
+    /// buffers taken at one notification) and records each buffer's share of the outcome.
+    pub fn reclaim_all(mut buffers: Vec<Report>, memory: &MemoryManager) -> Vec<Report> {
+        let out = memory.gather.reclaim_and_give_back(
+            buffers
+                .iter()
+                .filter_map(|b| b.frames.as_ref().ok())
+                .map(|f| f.as_slice()),
+        );
+        let accepted: std::collections::HashSet<u64> = out.accepted.into_iter().collect();
+        let mut invalid = out.invalid;
+        for b in &mut buffers {
+            if let Ok(frames) = &b.frames {
+                b.reclaimed = Some(guest_mm::reclaim::BufferOutcome {
+                    accepted: frames
+                        .iter()
+                        .copied()
+                        .filter(|g| accepted.contains(g))
+                        .collect(),
+                    invalid: std::mem::take(&mut invalid),
+                    flushed: Vec::new(),
+                });
+            }
+        }
+        buffers
+    }
 }
 
 pub struct Balloon {
@@ -244,6 +339,11 @@ pub struct Balloon {
     ring_frames: Vec<u64>,
     /// Free page reports parsed and not yet completed.
     reports: Vec<Report>,
+    /// Whether FREE_PAGE_HINT is offered (`--balloon-free-page-hinting`).
+    hinting_offered: bool,
+    pub hinting: Hinting,
+    /// Hint buffers taken and not yet completed.
+    hints: Vec<Report>,
     /// Bumped by every reset: a report taken before a reset is not completed after it.
     generation: u64,
     pub guest_stats: GuestStats,
@@ -251,7 +351,7 @@ pub struct Balloon {
 }
 
 impl Balloon {
-    pub fn new(memory: Arc<MemoryManager>, interrupt: Arc<Interrupt>) -> Self {
+    pub fn new(memory: Arc<MemoryManager>, interrupt: Arc<Interrupt>, hinting: bool) -> Self {
         let reader = memory.readers.register("balloon", None);
         Self {
             memory,
@@ -263,6 +363,9 @@ impl Balloon {
             stats_head: None,
             ring_frames: Vec::new(),
             reports: Vec::new(),
+            hinting_offered: hinting,
+            hinting: Hinting::default(),
+            hints: Vec::new(),
             generation: 0,
             guest_stats: GuestStats::default(),
             counters: BalloonCounters::default(),
@@ -288,6 +391,27 @@ impl Balloon {
 
     pub fn memory(&self) -> &Arc<MemoryManager> {
         &self.memory
+    }
+
+    /// Whether the device offers free page hinting.
+    pub fn hinting_offered(&self) -> bool {
+        self.hinting_offered
+    }
+
+    /// What queue `index` is for: by the negotiated features once the driver acknowledged
+    /// them, by every offered feature before.
+    pub fn role(&self, index: usize) -> Option<QueueRole> {
+        let features = if self.acked != 0 {
+            self.acked
+        } else {
+            self.device_features()
+        };
+        queue_roles(features).get(index).copied()
+    }
+
+    /// The index of the queue with `role`, if the driver has one.
+    pub fn index_of(&self, role: QueueRole) -> Option<usize> {
+        (0..self.queue_max_sizes().len()).find(|&i| self.role(i) == Some(role))
     }
 
     fn complete(&self, queue: &mut Queue, mem: &GuestMemoryMmap, head: u16) {
@@ -411,6 +535,80 @@ impl Balloon {
         self.interrupt.raise(INT_USED_RING);
     }
 
+    /// Free page hint buffers: parsed here, under the device lock; their run's frames are
+    /// reclaimed by the caller with the lock dropped, then completed (`complete_hints`).
+    fn take_hints(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) {
+        loop {
+            self.reader.enter();
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let parsed = queues::hint_buffer(chain, mem, self.memory.ram.layout());
+            self.reader.quiesce();
+            let frames = parsed.map(|entries| {
+                let a = self.hinting.accept(&entries);
+                self.counters.hinted_pages_ignored += a.ignored_pages;
+                a.frames
+            });
+            if frames.is_err() {
+                // Counted in flight all the same: `complete_hints` completes every buffer.
+                self.hinting.accept(&[]);
+            }
+            self.hints.push(Report {
+                head,
+                frames,
+                reclaimed: None,
+            });
+        }
+        self.reader.quiesce();
+    }
+
+    /// The hint buffers taken so far, and the device generation they belong to.
+    pub fn drain_hints(&mut self) -> (Vec<Report>, u64) {
+        (std::mem::take(&mut self.hints), self.generation)
+    }
+
+    /// Returns reclaimed hint buffers to the driver; returns whether the configuration
+    /// changed (DONE written, once nothing hinted is still being released).
+    pub fn complete_hints(
+        &mut self,
+        hints: Vec<Report>,
+        generation: u64,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> bool {
+        if generation != self.generation {
+            return false;
+        }
+        let mut changed = false;
+        let any = !hints.is_empty();
+        for h in hints {
+            match (h.frames, h.reclaimed) {
+                (Err(e), _) => {
+                    self.counters.malformed_buffers += 1;
+                    tracing::error!(
+                        "balloon: malformed hint buffer {}: {e}; returned unprocessed",
+                        h.head
+                    );
+                }
+                (Ok(_), out) => {
+                    self.counters.hint_buffers += 1;
+                    if let Some(out) = out {
+                        self.counters.pages_hinted += out.accepted.len() as u64;
+                        self.note_invalid(HINTING_Q, &out.invalid);
+                    }
+                }
+            }
+            self.complete(queue, mem, h.head);
+            changed |= self.hinting.complete();
+        }
+        if any {
+            self.interrupt.raise(INT_USED_RING);
+        }
+        changed
+    }
+
     /// The driver reports the target reached. On 2 MiB pages with `--partial-blocks split`,
     /// the frames still waiting in partial blocks then go back to the host at 4 KiB: the
     /// target can only be met by splitting them (the pending batch is flushed first, so that
@@ -465,18 +663,25 @@ impl VirtioDevice for Balloon {
     }
 
     fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_FREE_PAGE_REPORTING
+        let hint = if self.hinting_offered {
+            F_FREE_PAGE_HINT
+        } else {
+            0
+        };
+        VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_FREE_PAGE_REPORTING | hint
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE; 4]
+        vec![QUEUE_SIZE; queue_roles(self.device_features()).len()]
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut cfg = [0u8; 16];
         let (target, actual) = (CONFIG_NUM_PAGES as usize, CONFIG_ACTUAL as usize);
+        let hint = CONFIG_FREE_PAGE_HINT_CMD_ID as usize;
         cfg[target..target + 4].copy_from_slice(&self.num_pages.to_le_bytes());
         cfg[actual..actual + 4].copy_from_slice(&self.actual.to_le_bytes());
+        cfg[hint..hint + 4].copy_from_slice(&self.hinting.host_cmd().to_le_bytes());
         let start = offset as usize;
         for (i, b) in data.iter_mut().enumerate() {
             *b = cfg.get(start + i).copied().unwrap_or(0);
@@ -525,6 +730,8 @@ impl VirtioDevice for Balloon {
         self.acked = 0;
         self.stats_head = None;
         self.reports.clear();
+        self.hints.clear();
+        self.hinting.reset();
         self.generation += 1;
     }
 
@@ -557,12 +764,13 @@ impl VirtioDevice for Balloon {
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) {
-        match index {
-            INFLATE_Q | DEFLATE_Q => self.process_frames(index, queue, mem),
-            STATS_Q if self.acked & F_STATS_VQ != 0 => self.process_stats(queue, mem),
-            REPORTING_Q if self.acked & F_FREE_PAGE_REPORTING != 0 => self.take_reports(queue, mem),
-            other => tracing::warn!(
-                "balloon: notify for queue {other}, which was not negotiated; ignored"
+        match self.role(index).filter(|_| self.acked != 0) {
+            Some(QueueRole::Inflate | QueueRole::Deflate) => self.process_frames(index, queue, mem),
+            Some(QueueRole::Stats) => self.process_stats(queue, mem),
+            Some(QueueRole::Hinting) => self.take_hints(queue, mem),
+            Some(QueueRole::Reporting) => self.take_reports(queue, mem),
+            None => tracing::warn!(
+                "balloon: notify for queue {index}, which was not negotiated; ignored"
             ),
         }
     }

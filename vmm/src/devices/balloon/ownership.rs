@@ -5,7 +5,7 @@
 //! - every RAM frame has exactly one owner, and the map's per-state counts agree with a scan;
 //! - frames in the balloon = pages_inflated − pages_deflated − pages_returned_by_reset: a
 //!   frame leaves the balloon only through a deflate (a reset deflates it all), and free page
-//!   reports and the probe give back exactly what they took;
+//!   reports, hints and the probe give back exactly what they took;
 //! - no frame is left between zap and release, and the Gathered frames are the pending batch;
 //! - the device-mapped frames are the active rings' frames, none when inactive;
 //! - the device's counts and the gather's agree (frames gathered, given back, refused).
@@ -88,15 +88,18 @@ pub fn check(
         ));
     }
     let s = gather.stats();
-    let gathered = c.pages_inflated + c.pages_reported + outside.reclaimed;
+    let gathered = c.pages_inflated + c.pages_reported + c.pages_hinted + outside.reclaimed;
     if s.pages_gathered != gathered {
         broken.push(format!(
             "the gather took {} frames, the device and probe gave it {gathered}",
             s.pages_gathered
         ));
     }
-    let returned =
-        c.pages_deflated + c.pages_returned_by_reset + c.pages_reported + outside.reclaimed;
+    let returned = c.pages_deflated
+        + c.pages_returned_by_reset
+        + c.pages_reported
+        + c.pages_hinted
+        + outside.reclaimed;
     if s.pages_returned != returned {
         broken.push(format!(
             "the gather gave back {} frames, the device and probe count {returned}",

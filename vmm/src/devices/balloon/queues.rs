@@ -1,6 +1,7 @@
 //! Parsing balloon buffers out of descriptor chains. Everything here reads guest-controlled
 //! data and returns a typed error instead of trusting it.
 
+use super::hinting::HintEntry;
 use guest_mm::layout::{Layout, PAGE_SIZE};
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
@@ -87,6 +88,33 @@ pub fn pfn_buffer(
         .collect())
 }
 
+/// Validates one device-writable descriptor naming a free, page-aligned range inside RAM;
+/// returns its first frame and frame count.
+fn free_range(
+    index: usize,
+    addr: u64,
+    len: u32,
+    layout: &Layout,
+) -> Result<(u64, u64), BufferError> {
+    if len == 0 {
+        return Err(BufferError::ZeroLength { index, addr });
+    }
+    if !addr.is_multiple_of(PAGE_SIZE) || !(len as u64).is_multiple_of(PAGE_SIZE) {
+        return Err(BufferError::Unaligned { addr, len });
+    }
+    let pages = len as u64 / PAGE_SIZE;
+    if layout.range_of_frames(addr / PAGE_SIZE, pages).is_none() {
+        return Err(BufferError::OutsideRam { index, addr, len });
+    }
+    Ok((addr / PAGE_SIZE, pages))
+}
+
+/// The most frames one buffer may name: all of RAM (a larger sum repeats frames, and would
+/// make the device allocate for the guest's sake).
+fn max_frames(layout: &Layout) -> usize {
+    (layout.total_bytes() / PAGE_SIZE) as usize
+}
+
 /// Reads a free-page-report buffer: device-writable descriptors, each naming a free,
 /// page-aligned guest range (the memory itself is not read).
 pub fn reported_frames(chain: Chain, layout: &Layout) -> Result<Vec<u64>, BufferError> {
@@ -94,26 +122,62 @@ pub fn reported_frames(chain: Chain, layout: &Layout) -> Result<Vec<u64>, Buffer
     let mut any = false;
     for (index, d) in chain.enumerate() {
         any = true;
-        let (addr, len) = (d.addr().0, d.len());
-        if len == 0 {
-            return Err(BufferError::ZeroLength { index, addr });
-        }
         if !d.is_write_only() {
             return Err(BufferError::ExpectedWritable { index });
         }
-        if !addr.is_multiple_of(PAGE_SIZE) || !(len as u64).is_multiple_of(PAGE_SIZE) {
-            return Err(BufferError::Unaligned { addr, len });
+        let (first, pages) = free_range(index, d.addr().0, d.len(), layout)?;
+        if frames.len() as u64 + pages > max_frames(layout) as u64 {
+            return Err(BufferError::TooLarge {
+                max: max_frames(layout),
+            });
         }
-        let pages = len as u64 / PAGE_SIZE;
-        if layout.range_of_frames(addr / PAGE_SIZE, pages).is_none() {
-            return Err(BufferError::OutsideRam { index, addr, len });
-        }
-        frames.extend((addr / PAGE_SIZE)..((addr + len as u64) / PAGE_SIZE));
+        frames.extend(first..first + pages);
     }
     if !any {
         return Err(BufferError::Empty);
     }
     Ok(frames)
+}
+
+/// Reads a free page hint buffer: 4-byte device-readable command ids and device-writable
+/// free ranges, in the order the driver chained them (Linux sends each alone; a chain may
+/// mix them).
+pub fn hint_buffer(
+    chain: Chain,
+    mem: &GuestMemoryMmap,
+    layout: &Layout,
+) -> Result<Vec<HintEntry>, BufferError> {
+    let mut entries = Vec::new();
+    let mut pages_in_all = 0u64;
+    for (index, d) in chain.enumerate() {
+        let (addr, len) = (d.addr().0, d.len());
+        if !d.is_write_only() {
+            if len != 4 {
+                return Err(BufferError::BadLength {
+                    index,
+                    len,
+                    unit: 4,
+                });
+            }
+            let cmd: u32 = mem
+                .read_obj(d.addr())
+                .map_err(|_| BufferError::OutsideRam { index, addr, len })?;
+            entries.push(HintEntry::Cmd(u32::from_le(cmd)));
+            continue;
+        }
+        let (first, pages) = free_range(index, addr, len, layout)?;
+        pages_in_all += pages;
+        if pages_in_all > max_frames(layout) as u64 {
+            return Err(BufferError::TooLarge {
+                max: max_frames(layout),
+            });
+        }
+        entries.push(HintEntry::Range { first, pages });
+    }
+    if entries.is_empty() {
+        return Err(BufferError::Empty);
+    }
+    Ok(entries)
 }
 
 /// Reads a stats buffer: device-readable, 10-byte entries of (le16 tag, le64 value).

@@ -4,6 +4,7 @@
 //! memfd); no KVM is needed below the device. Canary pages check that nothing outside the
 //! named frames is touched.
 
+mod hinting;
 mod sequences;
 
 use super::*;
@@ -48,7 +49,7 @@ impl guest_mm::Stage2Backend for AsBlocks {
 struct Harness {
     t: MmioTransport<Balloon>,
     mm: Arc<MemoryManager>,
-    avail_idx: [u16; 4],
+    avail_idx: [u16; 5],
     /// What the reclaim probe did, for the ownership invariants.
     outside: ownership::Outside,
 }
@@ -57,9 +58,7 @@ struct Harness {
 /// and DRIVER_OK served at once, free page reports as the event loop serves them.
 fn reg(t: &mut MmioTransport<Balloon>, off: u64, v: u32) {
     let effect = t.write(off, &v.to_le_bytes());
-    if serve_inline(t, effect) {
-        serve_reports_exclusive(t);
-    }
+    serve_exclusive(t, effect);
 }
 
 fn read_reg(t: &MmioTransport<Balloon>, off: u64) -> u32 {
@@ -108,23 +107,28 @@ impl Harness {
 
     /// The device on `mm`'s RAM and gather.
     fn on(mm: Arc<MemoryManager>) -> Self {
+        Self::on_with(mm, false)
+    }
+
+    /// The device on `mm`'s RAM and gather, offering free page hinting or not.
+    fn on_with(mm: Arc<MemoryManager>, hinting: bool) -> Self {
         let ram = mm.ram.clone();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let t = MmioTransport::new(
-            Balloon::new(mm.clone(), interrupt.clone()),
+            Balloon::new(mm.clone(), interrupt.clone(), hinting),
             ram.memory().clone(),
             interrupt,
         );
         let h = Self {
             t,
             mm,
-            avail_idx: [0; 4],
+            avail_idx: [0; 5],
             outside: ownership::Outside::default(),
         };
         h.fill_frames(CANARY, 0xcc);
         // Populate the rings and the buffer page now, so that later host-byte counts only
         // move with reclaim.
-        h.fill_frames((RING_BASE / 4096)..(RING_BASE / 4096 + 12), 0);
+        h.fill_frames((RING_BASE / 4096)..(RING_BASE / 4096 + 15), 0);
         h.fill(BUF / 4096, 0);
         h
     }
@@ -167,7 +171,7 @@ impl Harness {
         );
     }
 
-    /// Initialisation up to DRIVER_OK: features and the four queues.
+    /// Initialisation up to DRIVER_OK: features and the device's queues.
     fn init_queues(&mut self, features: u64) {
         self.init_queues_at(features, None);
     }
@@ -184,7 +188,7 @@ impl Harness {
             r::STATUS,
             status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
         );
-        for q in 0..4u64 {
+        for q in 0..t.num_queues() as u64 {
             let base = if q == 0 {
                 ring0.unwrap_or(RING_BASE)
             } else {
@@ -275,8 +279,8 @@ impl Harness {
     /// that DRIVER_OK finds nothing left from before.
     fn reset(&mut self) {
         reg(&mut self.t, r::STATUS, 0);
-        self.avail_idx = [0; 4];
-        for q in 0..4u64 {
+        self.avail_idx = [0; 5];
+        for q in 0..self.t.num_queues() as u64 {
             let base = RING_BASE + q * 0x3000;
             for idx in [base + 0x1002, base + 0x2002] {
                 self.mem().write_obj(0u16, GuestAddress(idx)).unwrap();
@@ -691,14 +695,39 @@ fn stats_are_parsed_and_refreshed_on_request() {
     );
     assert_eq!(
         [
-            s.oom_kills,
-            s.alloc_stalls,
-            s.async_scans,
-            s.direct_scans,
-            s.async_reclaims,
-            s.direct_reclaims
+            s.oom_kill,
+            s.alloc_stall,
+            s.async_scan,
+            s.direct_scan,
+            s.async_reclaim,
+            s.direct_reclaim
         ],
         [Some(3), Some(4), Some(5), Some(6), Some(7), Some(8)]
+    );
+    // The JSON names are Firecracker's, exactly (its swagger's BalloonStats).
+    let json = serde_json::to_value(s).unwrap();
+    let mut names: Vec<&str> = json
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "alloc_stall",
+            "async_reclaim",
+            "async_scan",
+            "available_memory",
+            "direct_reclaim",
+            "direct_scan",
+            "free_memory",
+            "hugetlb_failures",
+            "major_faults",
+            "oom_kill",
+            "total_memory"
+        ]
     );
     h.t.with_device_and_queue(STATS_Q, |d, q, m| d.request_stats(q, m));
     assert_eq!(

@@ -1,0 +1,156 @@
+//! Free page hinting through the device: the command-id handshake, hinted ranges released
+//! before their buffer is returned (and the guest's again), DONE, and reporting moved to
+//! queue 4 beside it.
+
+use super::*;
+use crate::devices::balloon::hinting::{CMD_ID_DONE, CMD_ID_STOP};
+
+const HINTED: std::ops::Range<u64> = 0x400..0x600;
+
+fn config_u32(h: &Harness, offset: u64) -> u32 {
+    read_reg(&h.t, r::CONFIG + offset)
+}
+
+fn send_cmd(h: &mut Harness, cmd: u32) -> u16 {
+    h.mem().write_obj(cmd.to_le(), GuestAddress(BUF)).unwrap();
+    h.submit(HINTING_Q, &[(BUF, 4, 0)])
+}
+
+#[test]
+fn a_hinting_run_releases_the_hinted_ranges_and_ends_with_done() {
+    let mm = Arc::new(
+        MemoryManager::checked(
+            Arc::new(GuestRam::new(MEM).unwrap()),
+            ReclaimConfig::with_strategy(Strategy::Gather),
+        )
+        .unwrap(),
+    );
+    let mut h = Harness::on_with(mm, true);
+    assert_ne!(h.t.device().device_features() & F_FREE_PAGE_HINT, 0);
+    h.init(ALL | F_FREE_PAGE_HINT, None);
+    assert_eq!(h.t.device().index_of(QueueRole::Hinting), Some(HINTING_Q));
+    assert_eq!(
+        h.t.device().index_of(QueueRole::Reporting),
+        Some(REPORTING_Q_AFTER_HINTING)
+    );
+    h.fill_frames(HINTED, 0xab);
+    h.fill_frames(0x800..0xa00, 0xcd);
+
+    // The host starts a run (what PATCH /balloon/hinting/start does).
+    let id = h.t.device_mut().hinting.start(true);
+    h.t.config_changed();
+    assert_eq!(config_u32(&h, CONFIG_FREE_PAGE_HINT_CMD_ID), id);
+
+    let held = h.mm.ram.host_bytes_held().unwrap();
+    assert_eq!(send_cmd(&mut h, id), 1);
+    assert_eq!(
+        h.submit(HINTING_Q, &[(HINTED.start * 4096, 0x200000, 2)]),
+        2,
+        "the hint buffer is returned"
+    );
+    assert_eq!(
+        held - h.mm.ram.host_bytes_held().unwrap(),
+        0x200000,
+        "released before the buffer came back"
+    );
+    for g in HINTED {
+        assert_eq!(
+            h.state(g),
+            FrameState::Mapped,
+            "frame {g:#x} is the guest's again"
+        );
+    }
+    assert!(h.page_is(HINTED.start, 0), "a hinted frame reads as zeros");
+    assert_eq!(
+        config_u32(&h, CONFIG_FREE_PAGE_HINT_CMD_ID),
+        id,
+        "no DONE before STOP"
+    );
+
+    // STOP: with acknowledge_on_stop, DONE at once, with a configuration interrupt.
+    let _ = read_reg(&h.t, r::INTERRUPT_STATUS);
+    reg(&mut h.t, r::INTERRUPT_ACK, 3);
+    assert_eq!(send_cmd(&mut h, CMD_ID_STOP), 3);
+    assert_eq!(config_u32(&h, CONFIG_FREE_PAGE_HINT_CMD_ID), CMD_ID_DONE);
+    assert_eq!(read_reg(&h.t, r::INTERRUPT_STATUS) & 2, 2);
+
+    // A range after DONE is returned untouched.
+    let held = h.mm.ram.host_bytes_held().unwrap();
+    assert_eq!(h.submit(HINTING_Q, &[(0x800 * 4096, 0x200000, 2)]), 4);
+    assert_eq!(h.mm.ram.host_bytes_held().unwrap(), held);
+    assert!(h.page_is(0x800, 0xcd));
+
+    // The guest reuses a hinted frame: it is simply backed again.
+    h.fill(HINTED.start, 0x11);
+    assert!(h.page_is(HINTED.start, 0x11));
+
+    let c = &h.t.device().counters;
+    assert_eq!(
+        (c.hint_buffers, c.pages_hinted, c.hinted_pages_ignored),
+        (4, 512, 512)
+    );
+    assert_eq!(
+        h.t.device().hinting.status(),
+        crate::devices::balloon::hinting::HintingStatus {
+            host_cmd: CMD_ID_DONE,
+            guest_cmd: Some(CMD_ID_STOP)
+        }
+    );
+
+    // Reporting works on its moved queue.
+    let held = h.mm.ram.host_bytes_held().unwrap();
+    assert_eq!(
+        h.submit(REPORTING_Q_AFTER_HINTING, &[(0x800 * 4096, 0x200000, 2)]),
+        1
+    );
+    assert_eq!(held - h.mm.ram.host_bytes_held().unwrap(), 0x200000);
+    assert!(h.canary_intact());
+}
+
+#[test]
+fn malformed_hint_buffers_are_returned_unprocessed() {
+    let mm = Arc::new(
+        MemoryManager::checked(
+            Arc::new(GuestRam::new(MEM).unwrap()),
+            ReclaimConfig::with_strategy(Strategy::Gather),
+        )
+        .unwrap(),
+    );
+    let mut h = Harness::on_with(mm, true);
+    h.init(ALL | F_FREE_PAGE_HINT, None);
+    let id = h.t.device_mut().hinting.start(true);
+    send_cmd(&mut h, id);
+    let held = h.mm.ram.host_bytes_held().unwrap();
+    // A readable descriptor of 8 bytes, an unaligned range, a range past RAM.
+    assert_eq!(h.submit(HINTING_Q, &[(BUF, 8, 0)]), 2);
+    assert_eq!(h.submit(HINTING_Q, &[(0x400800, 0x1000, 2)]), 3);
+    assert_eq!(h.submit(HINTING_Q, &[(MEM - 0x1000, 0x2000, 2)]), 4);
+    assert_eq!(h.mm.ram.host_bytes_held().unwrap(), held);
+    assert_eq!(h.t.device().counters.malformed_buffers, 3);
+    assert!(h.canary_intact());
+}
+
+#[test]
+fn without_hinting_negotiated_reporting_keeps_queue_3() {
+    let mm = Arc::new(
+        MemoryManager::checked(
+            Arc::new(GuestRam::new(MEM).unwrap()),
+            ReclaimConfig::with_strategy(Strategy::Gather),
+        )
+        .unwrap(),
+    );
+    let mut h = Harness::on_with(mm, true);
+    h.init(ALL, None);
+    assert_eq!(h.t.device().index_of(QueueRole::Hinting), None);
+    assert_eq!(
+        h.t.device().index_of(QueueRole::Reporting),
+        Some(REPORTING_Q)
+    );
+    h.fill_frames(HINTED, 0xab);
+    let held = h.mm.ram.host_bytes_held().unwrap();
+    assert_eq!(
+        h.submit(REPORTING_Q, &[(HINTED.start * 4096, 0x200000, 2)]),
+        1
+    );
+    assert_eq!(held - h.mm.ram.host_bytes_held().unwrap(), 0x200000);
+}
