@@ -6,7 +6,8 @@
 //! the documented `Allow` header), its required headers are there, an answer documented
 //! without content has no body, and a body is `application/json` that validates against the
 //! documented schema (JSON Schema 2020-12, with `boon`) and has no field the document leaves
-//! out. A second VM runs a `--balloon-steps` schedule that never finishes, for the 409.
+//! out. A second VM runs a `--balloon-steps` schedule that never finishes, for the 409, and
+//! offers free page hinting, for the hinting endpoints' answers when it is on.
 //!
 //! Without a VM: every schema's example validates against its schema, and reads back
 //! unchanged through the Rust type that answers with it (so the names, the required fields
@@ -118,8 +119,19 @@ const CASES: &[Case] = &[
     case("GET",    "/",                        503, OverConnectionLimit),
 ];
 
-/// The 409 case, asked of a VM whose `--balloon-steps` schedule is running.
-const WHILE_STEPS_RUN: Case = case("PATCH", "/balloon", 409, Body(r#"{"amount_mib": 16}"#));
+/// Asked of the second VM, whose `--balloon-steps` schedule is running and which offers free
+/// page hinting: the 409, and the hinting endpoints' answers when hinting is on.
+#[rustfmt::skip]
+const SECOND_VM: &[Case] = &[
+    case("PATCH",  "/balloon",                 409, Body(r#"{"amount_mib": 16}"#)),
+    case("GET",    "/balloon",                 200, Nothing),
+    case("GET",    "/balloon/hinting/status",  200, Nothing),
+    case("PATCH",  "/balloon/hinting/start",   204, Nothing),
+    case("PATCH",  "/balloon/hinting/start",   204, Body(r#"{"acknowledge_on_stop": false}"#)),
+    case("GET",    "/balloon/hinting/status",  200, Nothing),
+    case("PATCH",  "/balloon/hinting/stop",    204, Nothing),
+    case("PATCH",  "/balloon/hinting/start",   400, Body("[true]")),
+];
 
 /// An HTTP answer, read off the socket.
 struct Answer {
@@ -513,20 +525,21 @@ fn real_answers_match_the_openapi_document() {
         .api_sock(&sock)
         .balloon_steps(&["128M"])
         .step_timeout_s(600)
+        .free_page_hinting()
         .cmdline("changes=100 touch=1M")
         .spawn();
     vm.api();
     wait_for("the first step", Duration::from_secs(60), || {
         vm.stderr().contains("balloon step 1: target")
     });
-    failures.extend(run_cases(&mut spec, &sock, [&WHILE_STEPS_RUN]));
+    failures.extend(run_cases(&mut spec, &sock, SECOND_VM));
     drop(vm);
 
     assert!(
         failures.is_empty(),
         "{} of {} answers do not match docs/openapi.json:\n{}",
         failures.len(),
-        CASES.len() + 1,
+        CASES.len() + SECOND_VM.len(),
         failures.join("\n")
     );
 }
