@@ -70,7 +70,7 @@ fn balloon_and_serial_interrupts_reach_the_local_apic() {
         reclaim: guest_mm::ReclaimConfig::default(),
         balloon_steps: Vec::new(),
         balloon_step_timeout: std::time::Duration::from_secs(1),
-        free_page_hinting: false,
+        balloon_features: Default::default(),
         api_sock: None,
         reclaim_probe: false,
         keep_host_fault_around: false,

@@ -41,8 +41,8 @@ pub struct VmConfig {
     pub balloon_steps: Vec<u64>,
     /// How long to wait for the driver to reach one step.
     pub balloon_step_timeout: std::time::Duration,
-    /// Whether the balloon offers free page hinting.
-    pub free_page_hinting: bool,
+    /// The balloon's optional features (free page hinting, free page reporting).
+    pub balloon_features: crate::devices::balloon::BalloonFeatures,
     /// Where to serve the control API, if anywhere.
     pub api_sock: Option<PathBuf>,
     /// Whether the reclaim probe (a test device on port 0xf6) answers.

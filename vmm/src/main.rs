@@ -85,6 +85,12 @@ struct RunArgs {
     /// default, as in Firecracker (it adds a queue, which moves reporting to queue 4).
     #[arg(long)]
     balloon_free_page_hinting: bool,
+    /// Offer free page reporting (VIRTIO_BALLOON_F_FREE_PAGE_REPORTING): the driver reports
+    /// free memory, which is released through the gather before the report is returned. On
+    /// by default; `--balloon-free-page-reporting false` leaves it out (for example to see
+    /// what hinting alone returns).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    balloon_free_page_reporting: bool,
     /// Write the final balloon/gather/KVM report as JSON to this file.
     #[arg(long)]
     report_json: Option<PathBuf>,
@@ -200,7 +206,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         reclaim: args.reclaim,
         balloon_steps: args.balloon_steps,
         balloon_step_timeout: Duration::from_secs(args.balloon_step_timeout),
-        free_page_hinting: args.balloon_free_page_hinting,
+        balloon_features: vmm::devices::balloon::BalloonFeatures {
+            free_page_hinting: args.balloon_free_page_hinting,
+            free_page_reporting: args.balloon_free_page_reporting,
+        },
         api_sock: args.api_sock.clone(),
         reclaim_probe: args.reclaim_probe,
         keep_host_fault_around: args.keep_host_fault_around,

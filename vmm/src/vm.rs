@@ -156,7 +156,7 @@ impl Vm {
             .map_err(err("KVM_IRQFD"))?;
 
         let memory = Arc::new(MemoryManager::for_vm(ram.clone(), &vm_fd, config.reclaim)?);
-        let balloon = BalloonDevice::attach(&vm_fd, memory.clone(), config.free_page_hinting)
+        let balloon = BalloonDevice::attach(&vm_fd, memory.clone(), config.balloon_features)
             .map_err(VmmError::Device)?;
         let steps = BalloonSteps::new(config.balloon_steps.clone(), config.balloon_step_timeout);
         balloon.steps_pending.store(

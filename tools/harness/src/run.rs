@@ -52,6 +52,7 @@ pub struct VmmRun {
     reclaim_probe: bool,
     keep_host_fault_around: bool,
     free_page_hinting: bool,
+    no_free_page_reporting: bool,
     backing: Option<Backing>,
     extra: Vec<OsString>,
 }
@@ -93,6 +94,7 @@ impl VmmRun {
             reclaim_probe: false,
             keep_host_fault_around: false,
             free_page_hinting: false,
+            no_free_page_reporting: false,
             backing: None,
             extra: Vec::new(),
         }
@@ -192,6 +194,12 @@ impl VmmRun {
         self
     }
 
+    /// Leave free page reporting out (`--balloon-free-page-reporting false`).
+    pub fn no_free_page_reporting(mut self) -> Self {
+        self.no_free_page_reporting = true;
+        self
+    }
+
     /// What backs guest RAM (`--memory-backend`, `--memory-path`).
     pub fn backing(mut self, b: Backing) -> Self {
         self.backing = Some(b);
@@ -270,6 +278,9 @@ impl VmmRun {
         }
         if self.free_page_hinting {
             c.arg("--balloon-free-page-hinting");
+        }
+        if self.no_free_page_reporting {
+            c.args(["--balloon-free-page-reporting", "false"]);
         }
         match &self.backing {
             None | Some(Backing::Memfd) => {}

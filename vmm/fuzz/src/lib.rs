@@ -40,7 +40,14 @@ impl Target {
         );
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let t = MmioTransport::new(
-            Balloon::new(mm.clone(), irq.clone(), true),
+            Balloon::new(
+                mm.clone(),
+                irq.clone(),
+                balloon::BalloonFeatures {
+                    free_page_hinting: true,
+                    free_page_reporting: true,
+                },
+            ),
             ram.memory().clone(),
             irq,
         );

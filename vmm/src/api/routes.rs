@@ -48,7 +48,7 @@ pub struct BalloonConfig {
     pub amount_mib: u64,
     pub deflate_on_oom: bool,
     pub stats_polling_interval_s: u64,
-    /// Always offered by this device.
+    /// Offered unless the VM was started with `--balloon-free-page-reporting false`.
     pub free_page_reporting: bool,
     /// Offered when the VM was started with `--balloon-free-page-hinting`.
     pub free_page_hinting: bool,
@@ -241,7 +241,7 @@ impl ApiState {
             // The device offers VIRTIO_BALLOON_F_DEFLATE_ON_OOM to every driver.
             deflate_on_oom: true,
             stats_polling_interval_s: self.balloon.stats_interval_s(),
-            free_page_reporting: true,
+            free_page_reporting: t.device().offered().free_page_reporting,
             free_page_hinting: t.device().hinting_offered(),
         }
     }

@@ -13,7 +13,7 @@
 //! (`hinting` says why).
 
 use super::hinting::HintingStatus;
-use super::{Balloon, QueueRole, Report, REPORTING_Q, REPORTING_Q_AFTER_HINTING, STATS_Q};
+use super::{queue_roles, Balloon, BalloonFeatures, QueueRole, Report, STATS_Q};
 use crate::devices::virtio::{reg, Effect, Interrupt, MmioTransport, MMIO_SIZE};
 use crate::memory::MemoryManager;
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -55,7 +55,7 @@ impl BalloonDevice {
     pub fn attach(
         vm_fd: &VmFd,
         memory: Arc<MemoryManager>,
-        hinting: bool,
+        offered: BalloonFeatures,
     ) -> Result<Arc<Self>, String> {
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
         vm_fd
@@ -64,22 +64,23 @@ impl BalloonDevice {
         let interrupt = Arc::new(Interrupt::new(irqfd));
         let mem = memory.ram.memory().clone();
         let transport = MmioTransport::new(
-            Balloon::new(memory.clone(), interrupt.clone(), hinting),
+            Balloon::new(memory.clone(), interrupt.clone(), offered),
             mem,
             interrupt,
         );
         let reports_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        vm_fd
-            .register_ioevent(
-                &reports_evt,
-                &IoEventAddress::Mmio(BALLOON_MMIO_BASE + reg::QUEUE_NOTIFY),
-                if hinting {
-                    REPORTING_Q_AFTER_HINTING
-                } else {
-                    REPORTING_Q
-                } as u32,
-            )
-            .map_err(|e| format!("KVM_IOEVENTFD: {e}"))?;
+        let reporting = queue_roles(offered.bits())
+            .iter()
+            .position(|&r| r == QueueRole::Reporting);
+        if let Some(index) = reporting {
+            vm_fd
+                .register_ioevent(
+                    &reports_evt,
+                    &IoEventAddress::Mmio(BALLOON_MMIO_BASE + reg::QUEUE_NOTIFY),
+                    index as u32,
+                )
+                .map_err(|e| format!("KVM_IOEVENTFD: {e}"))?;
+        }
         Ok(Arc::new(Self {
             transport: Mutex::new(transport),
             memory,

@@ -213,6 +213,37 @@ pub struct BalloonCounters {
     pub config_interrupts: u64,
 }
 
+/// The optional features the device offers (`vmm run --balloon-free-page-hinting`,
+/// `--balloon-free-page-reporting false`). STATS_VQ and DEFLATE_ON_OOM are always offered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BalloonFeatures {
+    pub free_page_hinting: bool,
+    pub free_page_reporting: bool,
+}
+
+impl Default for BalloonFeatures {
+    fn default() -> Self {
+        Self {
+            free_page_hinting: false,
+            free_page_reporting: true,
+        }
+    }
+}
+
+impl BalloonFeatures {
+    /// The feature bits these options offer, with the ones always offered.
+    pub fn bits(self) -> u64 {
+        let mut bits = VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM;
+        if self.free_page_hinting {
+            bits |= F_FREE_PAGE_HINT;
+        }
+        if self.free_page_reporting {
+            bits |= F_FREE_PAGE_REPORTING;
+        }
+        bits
+    }
+}
+
 /// What a queue index is for, given the negotiated features (compact numbering).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QueueRole {
@@ -339,8 +370,8 @@ pub struct Balloon {
     ring_frames: Vec<u64>,
     /// Free page reports parsed and not yet completed.
     reports: Vec<Report>,
-    /// Whether FREE_PAGE_HINT is offered (`--balloon-free-page-hinting`).
-    hinting_offered: bool,
+    /// The optional features offered.
+    offered: BalloonFeatures,
     pub hinting: Hinting,
     /// Hint buffers taken and not yet completed.
     hints: Vec<Report>,
@@ -351,7 +382,11 @@ pub struct Balloon {
 }
 
 impl Balloon {
-    pub fn new(memory: Arc<MemoryManager>, interrupt: Arc<Interrupt>, hinting: bool) -> Self {
+    pub fn new(
+        memory: Arc<MemoryManager>,
+        interrupt: Arc<Interrupt>,
+        offered: BalloonFeatures,
+    ) -> Self {
         let reader = memory.readers.register("balloon", None);
         Self {
             memory,
@@ -363,7 +398,7 @@ impl Balloon {
             stats_head: None,
             ring_frames: Vec::new(),
             reports: Vec::new(),
-            hinting_offered: hinting,
+            offered,
             hinting: Hinting::default(),
             hints: Vec::new(),
             generation: 0,
@@ -393,9 +428,14 @@ impl Balloon {
         &self.memory
     }
 
+    /// The optional features the device offers.
+    pub fn offered(&self) -> BalloonFeatures {
+        self.offered
+    }
+
     /// Whether the device offers free page hinting.
     pub fn hinting_offered(&self) -> bool {
-        self.hinting_offered
+        self.offered.free_page_hinting
     }
 
     /// What queue `index` is for: by the negotiated features once the driver acknowledged
@@ -663,12 +703,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn device_features(&self) -> u64 {
-        let hint = if self.hinting_offered {
-            F_FREE_PAGE_HINT
-        } else {
-            0
-        };
-        VIRTIO_F_VERSION_1 | F_STATS_VQ | F_DEFLATE_ON_OOM | F_FREE_PAGE_REPORTING | hint
+        self.offered.bits()
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {

@@ -154,3 +154,33 @@ fn without_hinting_negotiated_reporting_keeps_queue_3() {
     );
     assert_eq!(held - h.mm.ram.host_bytes_held().unwrap(), 0x200000);
 }
+
+#[test]
+fn queues_are_numbered_by_the_negotiated_features() {
+    use QueueRole::*;
+    let all = BalloonFeatures {
+        free_page_hinting: true,
+        free_page_reporting: true,
+    };
+    assert_eq!(
+        queue_roles(all.bits()),
+        [Inflate, Deflate, Stats, Hinting, Reporting]
+    );
+    assert_eq!(
+        queue_roles(BalloonFeatures::default().bits()),
+        [Inflate, Deflate, Stats, Reporting]
+    );
+    let hinting_only = BalloonFeatures {
+        free_page_hinting: true,
+        free_page_reporting: false,
+    };
+    assert_eq!(
+        queue_roles(hinting_only.bits()),
+        [Inflate, Deflate, Stats, Hinting]
+    );
+    // A driver without STATS_VQ (compact: the next queue takes index 2).
+    assert_eq!(
+        queue_roles(F_FREE_PAGE_REPORTING),
+        [Inflate, Deflate, Reporting]
+    );
+}

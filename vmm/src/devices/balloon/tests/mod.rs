@@ -115,7 +115,14 @@ impl Harness {
         let ram = mm.ram.clone();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         let t = MmioTransport::new(
-            Balloon::new(mm.clone(), interrupt.clone(), hinting),
+            Balloon::new(
+                mm.clone(),
+                interrupt.clone(),
+                BalloonFeatures {
+                    free_page_hinting: hinting,
+                    ..BalloonFeatures::default()
+                },
+            ),
             ram.memory().clone(),
             interrupt,
         );
