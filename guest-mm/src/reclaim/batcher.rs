@@ -59,6 +59,10 @@ pub struct Batcher {
     granularity: Box<dyn Granularity>,
     pending: Vec<Gfn>,
     pending_since: Option<Instant>,
+    /// The ranges of the batches taken and not yet `finished`, sorted: their frames are in
+    /// flight until then, Released ones included, so that a give-back never comes between
+    /// the release and the block bookkeeping of `finished`.
+    in_flight: Vec<GfnRange>,
     next_id: u64,
     gathered: u64,
     returned: u64,
@@ -74,6 +78,7 @@ impl Batcher {
             granularity,
             pending: Vec::new(),
             pending_since: None,
+            in_flight: Vec::new(),
             next_id: 0,
             gathered: 0,
             returned: 0,
@@ -152,6 +157,8 @@ impl Batcher {
                 self.map.mark_batched(g);
             }
         }
+        self.in_flight.extend_from_slice(&p.ranges);
+        self.in_flight.sort_unstable_by_key(|r| r.start);
         let id = self.next_id;
         self.next_id += 1;
         let wait_us = first_frame_at.elapsed().as_micros() as u64;
@@ -164,17 +171,32 @@ impl Batcher {
     /// A taken batch ended (its frames are Released, or Retained where a call failed).
     pub fn finished(&mut self, ranges: &[GfnRange]) {
         self.granularity.released(&self.map, ranges);
+        // Batches never share a frame, so a range's start names it.
+        let mut done: Vec<Gfn> = ranges.iter().map(|r| r.start).collect();
+        done.sort_unstable();
+        self.in_flight
+            .retain(|r| done.binary_search(&r.start).is_err());
+    }
+
+    /// Whether `g` is in a batch taken and not yet finished.
+    fn in_flight(&self, g: Gfn) -> bool {
+        let i = self.in_flight.partition_point(|r| r.start <= g);
+        i > 0 && self.in_flight[i - 1].contains(g)
     }
 
     /// The guest takes frames back (a deflate, the end of a report, a reset). A pending frame
     /// leaves the batch and is never zapped or freed; a released frame reads as zeros when
-    /// touched. Frames in a batch in flight are returned in the second list: give them back
-    /// once that batch has ended.
+    /// touched. Frames in a batch in flight (taken and not yet `finished`, whatever their
+    /// state) are returned in the second list: give them back once that batch has ended.
     pub fn give_back(&mut self, gfns: &[Gfn]) -> (ReturnOutcome, Vec<Gfn>) {
         let mut out = ReturnOutcome::default();
         let mut in_flight = Vec::new();
         let mut ungathered = Vec::new();
         for &g in gfns {
+            if self.in_flight(g) {
+                in_flight.push(g);
+                continue;
+            }
             let was = self.map.state(g);
             match self.map.give_back(g) {
                 Ok(how) => {

@@ -530,3 +530,5 @@ mod spans {
 }
 
 mod blocks;
+mod shmem_host;
+mod split;

@@ -5,6 +5,7 @@
 //! named frames is touched.
 
 mod sequences;
+mod split;
 
 use super::*;
 use crate::devices::virtio::{reg as r, status, MmioTransport};
