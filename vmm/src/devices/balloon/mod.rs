@@ -279,10 +279,15 @@ impl Balloon {
         self.actual
     }
 
-    /// Sets the target; returns whether it changed (the caller signals a config change).
+    /// Sets the target; returns whether it changed (the caller signals a config change). A
+    /// new target equal to the driver's `actual` is reached at once: a driver with nothing to
+    /// do writes nothing (Linux does not), so the balloon acts on it here.
     pub fn set_num_pages(&mut self, pages: u32) -> bool {
         let changed = self.num_pages != pages;
         self.num_pages = pages;
+        if changed {
+            self.on_target();
+        }
         changed
     }
 
@@ -411,10 +416,18 @@ impl Balloon {
         self.interrupt.raise(INT_USED_RING);
     }
 
-    /// The driver reports the target reached. On 2 MiB pages with `--partial-blocks split`,
-    /// the frames still waiting in partial blocks then go back to the host at 4 KiB: the
-    /// target can only be met by splitting them (the pending batch is flushed first, so that
-    /// nothing the driver sent is left waiting).
+    /// After a change of the target or of `actual`: whoever's change made them equal, the
+    /// balloon has reached its target.
+    fn on_target(&mut self) {
+        if self.num_pages > 0 && self.num_pages == self.actual {
+            self.target_reached();
+        }
+    }
+
+    /// The balloon reached its target. On 2 MiB pages with `--partial-blocks split`, the
+    /// frames still waiting in partial blocks then go back to the host at 4 KiB: the target
+    /// can only be met by splitting them (the pending batch is flushed first, so that nothing
+    /// the driver sent is left waiting).
     fn target_reached(&mut self) {
         let gather = &self.memory.gather;
         if gather.config().partial_blocks != PartialBlocks::Split {
@@ -493,9 +506,7 @@ impl VirtioDevice for Balloon {
                 return;
             }
             self.actual = v;
-            if v > 0 && v == self.num_pages {
-                self.target_reached();
-            }
+            self.on_target();
         } else {
             tracing::warn!(
                 "balloon: write of {} bytes at config offset {offset} ignored",

@@ -1,5 +1,7 @@
 //! `--partial-blocks split` through the device, as a driver and the control API drive it: the
-//! balloon keeps its account of what the host holds through splits, deflates and re-inflates.
+//! balloon splits the frames waiting in partial 2 MiB blocks when it reaches its target
+//! (whoever's change makes target and `actual` equal), and keeps its account of what the host
+//! holds through splits, deflates and re-inflates.
 
 use super::*;
 use guest_mm::reclaim::PartialBlocks;
@@ -98,6 +100,32 @@ fn a_block_split_twice_is_held_again_after_a_deflate_and_goes_whole_when_refille
         h.mm.gather.stats().blocks_released,
         released_before + 1,
         "the refilled block goes whole"
+    );
+    assert!(h.canary_intact());
+}
+
+/// A Linux driver writes nothing when target and `actual` are already equal, so a target
+/// lowered through the API to exactly the current `actual` must split by itself.
+#[test]
+fn a_target_lowered_to_the_current_actual_splits_the_waiting_frames() {
+    let mut h = split_mode();
+    h.set_target(600);
+    h.inflate(0x1000..0x1000 + 300);
+    h.set_actual(300);
+    h.mm.gather.flush(); // the batch window passes
+    assert_eq!(
+        h.count_in(BLOCK, FrameState::Partial),
+        300,
+        "below the target nothing is split"
+    );
+    h.set_target(300);
+    assert_eq!(
+        (
+            h.count_in(BLOCK, FrameState::Released),
+            h.partial_block_bytes()
+        ),
+        (300, 0),
+        "the target is reached: the waiting frames go at 4 KiB"
     );
     assert!(h.canary_intact());
 }
