@@ -11,7 +11,7 @@ use super::plan;
 use super::protocol::Batch;
 use crate::backend::Capabilities;
 use crate::gfn::{FrameError, Gfn, GfnRange};
-use crate::stage2_map::{GivenBack, Stage2Map};
+use crate::stage2_map::{FrameState, GivenBack, Stage2Map};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,22 @@ pub struct BufferOutcome {
     pub invalid: Vec<FrameError>,
     /// Batches that ran before the call returned (per-page and per-buffer strategies, a full
     /// batch on an inline gather, a free page report).
+    pub flushed: Vec<BatchReport>,
+}
+
+/// What reclaiming frames the guest keeps did (a free page report, the reclaim probe:
+/// `Stage2Gather::reclaim_and_give_back`).
+#[derive(Debug, Default)]
+pub struct ReclaimOutcome {
+    /// The frames taken (all of them the guest's again on return), in the buffers' order.
+    pub accepted: Vec<Gfn>,
+    /// Of those, the frames whose host pages were freed (they read as zeros), ascending. The
+    /// others went back with their contents: on a 2 MiB backing, frames of a block not all
+    /// in the balloon wait and are never freed; elsewhere, frames whose host call failed.
+    pub freed: Vec<Gfn>,
+    /// The frames refused, each with its reason; they stay with their owner.
+    pub invalid: Vec<FrameError>,
+    /// The batches that ran.
     pub flushed: Vec<BatchReport>,
 }
 
@@ -188,11 +204,25 @@ impl Batcher {
     /// leaves the batch and is never zapped or freed; a released frame reads as zeros when
     /// touched. Frames in a batch in flight (taken and not yet `finished`, whatever their
     /// state) are returned in the second list: give them back once that batch has ended.
-    pub fn give_back(&mut self, gfns: &[Gfn]) -> (ReturnOutcome, Vec<Gfn>) {
+    /// With `freed`, the frames given back whose host pages had been freed are added to it:
+    /// those Released when the call began (giving back one frame of a block that was a hole
+    /// makes the others Partial, held again, but their pages had been freed all the same).
+    pub fn give_back(
+        &mut self,
+        gfns: &[Gfn],
+        mut freed: Option<&mut Vec<Gfn>>,
+    ) -> (ReturnOutcome, Vec<Gfn>) {
         let mut out = ReturnOutcome::default();
         let mut in_flight = Vec::new();
         let mut ungathered = Vec::new();
-        for &g in gfns {
+        let was_released: Vec<bool> = match freed {
+            Some(_) => gfns
+                .iter()
+                .map(|&g| self.map.state(g) == Ok(FrameState::Released))
+                .collect(),
+            None => Vec::new(),
+        };
+        for (i, &g) in gfns.iter().enumerate() {
             if self.in_flight(g) {
                 in_flight.push(g);
                 continue;
@@ -202,6 +232,9 @@ impl Batcher {
                 Ok(how) => {
                     if let Ok(was) = was {
                         self.granularity.returned(&self.map, g, was, how);
+                    }
+                    if let (Some(f), Some(true)) = (freed.as_deref_mut(), was_released.get(i)) {
+                        f.push(g);
                     }
                     match how {
                         GivenBack::Ungathered => {

@@ -1,7 +1,8 @@
 //! 2 MiB blocks released at 4 KiB (`--partial-blocks split`, shmem THP), checked against a
 //! model of what the host really holds (`shmem_host`): after any sequence of inflates,
 //! splits, deflates the guest then writes, free page reports and re-inflates, a frame the map
-//! calls Released is one the host holds no page for, and every other frame is backed.
+//! calls Released is one the host holds no page for, and every other frame is backed; a
+//! report's freed frames are those the host stopped backing.
 
 use super::batcher::Batcher;
 use super::protocol;
@@ -123,10 +124,10 @@ fn a_released_frame_waits_for_its_batch_to_be_recorded_as_ended() {
         },
     );
     assert_eq!(map.count(FrameState::Released), BLOCK_FRAMES);
-    let (out, in_flight) = b.give_back(&[7]);
+    let (out, in_flight) = b.give_back(&[7], None);
     assert_eq!((out.given_back(), in_flight), (0, vec![7]));
     b.finished(&taken.ranges);
-    let (out, in_flight) = b.give_back(&[7]);
+    let (out, in_flight) = b.give_back(&[7], None);
     assert_eq!((out.repopulated, in_flight), (1, vec![]));
     host.touch(7);
     assert_eq!(map.count(FrameState::Partial), BLOCK_FRAMES - 1);
@@ -199,6 +200,10 @@ proptest! {
                 Op::Report { start, len } => {
                     let frames: Vec<u64> = (start..start + len).filter(|f| !balloon.contains(f)).collect();
                     let out = g.reclaim_and_give_back([frames.as_slice()]);
+                    // The frames it says it freed are exactly those the host no longer backs.
+                    for &f in &out.accepted {
+                        prop_assert_eq!(out.freed.binary_search(&f).is_ok(), !host.backed(f), "reported frame {}", f);
+                    }
                     for f in out.accepted {
                         host.touch(f);
                     }

@@ -187,7 +187,11 @@ pub struct BalloonCounters {
     pub report_buffers: u64,
     pub pages_inflated: u64,
     pub pages_deflated: u64,
+    /// Reported frames whose host pages were freed.
     pub pages_reported: u64,
+    /// Reported frames taken but not freed, given back with their contents: on a 2 MiB
+    /// backing, those of blocks not all free (or in the balloon).
+    pub pages_reported_not_freed: u64,
     /// Frames a device reset took out of the balloon and gave back to the guest.
     pub pages_returned_by_reset: u64,
     pub invalid_frames: u64,
@@ -216,7 +220,7 @@ pub fn serve_reports_exclusive(t: &mut crate::devices::virtio::MmioTransport<Bal
 pub struct Report {
     head: u16,
     frames: Result<Vec<u64>, BufferError>,
-    reclaimed: Option<guest_mm::reclaim::BufferOutcome>,
+    reclaimed: Option<guest_mm::reclaim::ReclaimOutcome>,
 }
 
 impl Report {
@@ -406,7 +410,10 @@ impl Balloon {
                 }
                 (Ok(_), Some(out)) => {
                     self.counters.report_buffers += 1;
-                    self.counters.pages_reported += out.accepted.len() as u64;
+                    let freed = out.freed.len() as u64;
+                    self.counters.pages_reported += freed;
+                    self.counters.pages_reported_not_freed +=
+                        (out.accepted.len() as u64).saturating_sub(freed);
                     self.note_invalid(REPORTING_Q, &out.invalid);
                 }
                 (Ok(_), None) => {}

@@ -4,6 +4,7 @@
 //! memfd); no KVM is needed below the device. Canary pages check that nothing outside the
 //! named frames is touched.
 
+mod partial_blocks;
 mod sequences;
 mod split;
 
@@ -294,6 +295,24 @@ impl Harness {
 
     fn counters(&self) -> BalloonCounters {
         self.t.device().counters.clone()
+    }
+
+    /// Writes a reclaim probe's mailbox at `gpa` as a guest does (status pending).
+    fn write_mailbox(&self, mb: &abi::probe::Mailbox, gpa: u64) {
+        let bytes: Vec<u8> = [
+            mb.magic,
+            mb.region_gfn,
+            mb.region_pages,
+            mb.list_gfn,
+            mb.list_capacity,
+            mb.pattern,
+            0,
+            abi::probe::STATUS_PENDING,
+        ]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+        self.mem().write_slice(&bytes, GuestAddress(gpa)).unwrap();
     }
 
     fn state(&self, gfn: u64) -> FrameState {
