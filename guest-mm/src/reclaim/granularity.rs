@@ -6,9 +6,9 @@
 //!
 //! When a frame of a block whose 512 frames are all released (whole, or at 4 KiB over several
 //! splits: either way the block is a hole on the host) goes back to the guest, the host backs
-//! the whole block again as soon as it is touched, so the other 511 wait as Partial again. Where the
-//! backend can split a huge page (shmem THP), the frames still waiting in partial blocks can
-//! be released at 4 KiB on request (`take_partial`).
+//! the whole block again as soon as it is touched, so the other 511 wait as Partial again.
+//! Where the backend can split a huge page (shmem THP), the frames still waiting in partial
+//! blocks can be released at 4 KiB on request (`take_partial`).
 
 use super::blocks::{self, Blocks};
 use crate::backend::{Granule, BLOCK_FRAMES};
