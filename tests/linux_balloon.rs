@@ -370,7 +370,10 @@ fn linux_free_page_hinting_returns_freed_memory_and_keeps_every_page() {
         .find(|l| l.contains("driver virtio_balloon features"))
         .unwrap_or_else(|| panic!("no features line\n{console}"));
     assert!(features.contains("FREE_PAGE_HINT"), "{features}");
-    assert!(!features.contains("REPORTING"), "reporting was not offered: {features}");
+    assert!(
+        !features.contains("REPORTING"),
+        "reporting was not offered: {features}"
+    );
     let before = linux.report();
     assert_eq!(
         before.device.report_buffers, 0,

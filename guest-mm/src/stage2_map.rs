@@ -30,8 +30,9 @@
 //!
 //! On a backend that gives memory back in 2 MiB blocks (`blocks`), a frame whose block is not
 //! complete waits as `Partial` (Gathered → Partial → Gathered once the block is complete), and
-//! when a frame of a block released whole is given back, the other 511 become Partial again
-//! (Released → Partial): the host backs the whole block again as soon as the guest touches it.
+//! when a frame of a block whose 512 frames are all Released is given back, the other 511
+//! become Partial again (Released → Partial): the host backs the whole block again as soon as
+//! the guest touches it.
 //!
 //! A frame leaves the balloon only through `give_back`, which the gather calls for a deflate,
 //! for a completed free page report of the guest's own free frames, and for a device reset

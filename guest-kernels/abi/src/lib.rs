@@ -22,8 +22,10 @@ pub const VERDICT_FAIL: u8 = 0x11;
 pub mod probe {
     //! The reclaim probe's mailbox. The guest fills the request fields, sets `status` to
     //! [`STATUS_PENDING`] and writes the mailbox's address to the probe port; the VMM, during
-    //! that port write, reclaims frames of the region through the gather, lists them (sorted,
-    //! one u64 GFN per entry) at `list_gfn`, and writes `reclaimed` and `status`.
+    //! that port write, reclaims frames of the region through the gather, lists those whose
+    //! host pages it freed (sorted, one u64 GFN per entry) at `list_gfn`, and writes
+    //! `reclaimed` and `status`. Frames it took but could not free (on a 2 MiB backing, those
+    //! of a block the region does not cover whole) keep their contents and are not listed.
 
     /// `magic`: "RECLAIM1".
     pub const MAGIC: u64 = u64::from_le_bytes(*b"RECLAIM1");
@@ -122,7 +124,7 @@ pub mod probe {
         /// [`PATTERN_SCATTERED`] or [`PATTERN_CONTIGUOUS`].
         pub pattern: u64,
         // Written by the VMM:
-        /// Frames reclaimed and listed.
+        /// Frames reclaimed (freed on the host, reading as zeros) and listed.
         pub reclaimed: u64,
         /// One of the `STATUS_` values.
         pub status: u64,

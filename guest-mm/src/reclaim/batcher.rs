@@ -11,7 +11,7 @@ use super::plan;
 use super::protocol::Batch;
 use crate::backend::Capabilities;
 use crate::gfn::{FrameError, Gfn, GfnRange};
-use crate::stage2_map::{GivenBack, Stage2Map};
+use crate::stage2_map::{FrameState, GivenBack, Stage2Map};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,22 @@ pub struct BufferOutcome {
     pub invalid: Vec<FrameError>,
     /// Batches that ran before the call returned (per-page and per-buffer strategies, a full
     /// batch on an inline gather, a free page report).
+    pub flushed: Vec<BatchReport>,
+}
+
+/// What reclaiming frames the guest keeps did (a free page report, the reclaim probe:
+/// `Stage2Gather::reclaim_and_give_back`).
+#[derive(Debug, Default)]
+pub struct ReclaimOutcome {
+    /// The frames taken (all of them the guest's again on return), in the buffers' order.
+    pub accepted: Vec<Gfn>,
+    /// Of those, the frames whose host pages were freed (they read as zeros), ascending. The
+    /// others went back with their contents: on a 2 MiB backing, frames of a block not all
+    /// in the balloon wait and are never freed; elsewhere, frames whose host call failed.
+    pub freed: Vec<Gfn>,
+    /// The frames refused, each with its reason; they stay with their owner.
+    pub invalid: Vec<FrameError>,
+    /// The batches that ran.
     pub flushed: Vec<BatchReport>,
 }
 
@@ -59,6 +75,10 @@ pub struct Batcher {
     granularity: Box<dyn Granularity>,
     pending: Vec<Gfn>,
     pending_since: Option<Instant>,
+    /// The ranges of the batches taken and not yet `finished`, sorted: their frames are in
+    /// flight until then, Released ones included, so that a give-back never comes between
+    /// the release and the block bookkeeping of `finished`.
+    in_flight: Vec<GfnRange>,
     next_id: u64,
     gathered: u64,
     returned: u64,
@@ -74,6 +94,7 @@ impl Batcher {
             granularity,
             pending: Vec::new(),
             pending_since: None,
+            in_flight: Vec::new(),
             next_id: 0,
             gathered: 0,
             returned: 0,
@@ -152,6 +173,8 @@ impl Batcher {
                 self.map.mark_batched(g);
             }
         }
+        self.in_flight.extend_from_slice(&p.ranges);
+        self.in_flight.sort_unstable_by_key(|r| r.start);
         let id = self.next_id;
         self.next_id += 1;
         let wait_us = first_frame_at.elapsed().as_micros() as u64;
@@ -164,22 +187,54 @@ impl Batcher {
     /// A taken batch ended (its frames are Released, or Retained where a call failed).
     pub fn finished(&mut self, ranges: &[GfnRange]) {
         self.granularity.released(&self.map, ranges);
+        // Batches never share a frame, so a range's start names it.
+        let mut done: Vec<Gfn> = ranges.iter().map(|r| r.start).collect();
+        done.sort_unstable();
+        self.in_flight
+            .retain(|r| done.binary_search(&r.start).is_err());
+    }
+
+    /// Whether `g` is in a batch taken and not yet finished.
+    fn in_flight(&self, g: Gfn) -> bool {
+        let i = self.in_flight.partition_point(|r| r.start <= g);
+        i > 0 && self.in_flight[i - 1].contains(g)
     }
 
     /// The guest takes frames back (a deflate, the end of a report, a reset). A pending frame
     /// leaves the batch and is never zapped or freed; a released frame reads as zeros when
-    /// touched. Frames in a batch in flight are returned in the second list: give them back
-    /// once that batch has ended.
-    pub fn give_back(&mut self, gfns: &[Gfn]) -> (ReturnOutcome, Vec<Gfn>) {
+    /// touched. Frames in a batch in flight (taken and not yet `finished`, whatever their
+    /// state) are returned in the second list: give them back once that batch has ended.
+    /// With `freed`, the frames given back whose host pages had been freed are added to it:
+    /// those Released when the call began (giving back one frame of a block that was a hole
+    /// makes the others Partial, held again, but their pages had been freed all the same).
+    pub fn give_back(
+        &mut self,
+        gfns: &[Gfn],
+        mut freed: Option<&mut Vec<Gfn>>,
+    ) -> (ReturnOutcome, Vec<Gfn>) {
         let mut out = ReturnOutcome::default();
         let mut in_flight = Vec::new();
         let mut ungathered = Vec::new();
-        for &g in gfns {
+        let was_released: Vec<bool> = match freed {
+            Some(_) => gfns
+                .iter()
+                .map(|&g| self.map.state(g) == Ok(FrameState::Released))
+                .collect(),
+            None => Vec::new(),
+        };
+        for (i, &g) in gfns.iter().enumerate() {
+            if self.in_flight(g) {
+                in_flight.push(g);
+                continue;
+            }
             let was = self.map.state(g);
             match self.map.give_back(g) {
                 Ok(how) => {
                     if let Ok(was) = was {
                         self.granularity.returned(&self.map, g, was, how);
+                    }
+                    if let (Some(f), Some(true)) = (freed.as_deref_mut(), was_released.get(i)) {
+                        f.push(g);
                     }
                     match how {
                         GivenBack::Ungathered => {

@@ -4,8 +4,8 @@
 //! batches and releases a block, with one zap and one release, once all 512 are in.
 //!
 //! Per block it keeps two u16 counters (frames in the balloon, frames waiting as Partial)
-//! and one bit (released whole): 4 bytes and a bit per 2 MiB, 2 MiB of counters for a 1 TiB
-//! guest, allocated zeroed so untouched parts cost nothing.
+//! and one bit (all 512 frames released: a hole on the host): 4 bytes and a bit per 2 MiB,
+//! 2 MiB of counters for a 1 TiB guest, allocated zeroed so untouched parts cost nothing.
 
 use crate::backend::BLOCK_FRAMES;
 use crate::gfn::Gfn;
@@ -79,7 +79,7 @@ impl Blocks {
         self.released_whole[b / 64] |= 1 << (b % 64);
     }
 
-    /// Whether block `b` was released whole (clearing the mark).
+    /// Whether all of block `b` was released (clearing the mark).
     pub fn take_released_whole(&mut self, b: usize) -> bool {
         let bit = 1 << (b % 64);
         let was = self.released_whole[b / 64] & bit != 0;

@@ -17,7 +17,7 @@
 //! The per-page and per-buffer strategies (the peers' behaviour, for comparison) release a
 //! buffer's frames before `add_buffer` returns.
 
-use super::batcher::{Batcher, BufferOutcome, ReturnOutcome, Taken};
+use super::batcher::{Batcher, BufferOutcome, ReclaimOutcome, ReturnOutcome, Taken};
 use super::config::{ConfigError, ReclaimConfig};
 use super::events::EventLog;
 use super::metrics::{BatchReport, KvmCounters, Metrics, ReclaimStats};
@@ -385,12 +385,17 @@ impl Stage2Gather {
     /// frame in a batch in flight is given back once that batch has ended (this waits). A
     /// frame that is not in the balloon is refused with its reason.
     pub fn return_frames(&self, gfns: &[Gfn]) -> ReturnOutcome {
+        self.give_back(gfns, None)
+    }
+
+    /// `return_frames`, adding the frames whose host pages had been freed to `freed`.
+    fn give_back(&self, gfns: &[Gfn], mut freed: Option<&mut Vec<Gfn>>) -> ReturnOutcome {
         let mut total = ReturnOutcome::default();
         let mut todo = gfns.to_vec();
         let mut f = lock(&self.shared.front);
         loop {
             let seen = f.batches_done;
-            let (out, in_flight) = f.batcher.give_back(&todo);
+            let (out, in_flight) = f.batcher.give_back(&todo, freed.as_deref_mut());
             total.ungathered += out.ungathered;
             total.repopulated += out.repopulated;
             total.retained += out.retained;
@@ -407,13 +412,14 @@ impl Stage2Gather {
 
     /// Reclaims frames the guest keeps (a free page report of its own free frames, or the
     /// reclaim probe): the buffers are gathered and flushed through the protocol at once,
-    /// and exactly the frames accepted are given back. Frames refused (already in the
-    /// balloon, device-mapped, not RAM) stay where they were.
+    /// and exactly the frames accepted are given back; the outcome says which of them were
+    /// freed (on a 2 MiB backing, frames of a block not all in the balloon are not). Frames
+    /// refused (already in the balloon, device-mapped, not RAM) stay where they were.
     pub fn reclaim_and_give_back<'a>(
         &self,
         buffers: impl IntoIterator<Item = &'a [Gfn]>,
-    ) -> BufferOutcome {
-        let mut out = BufferOutcome::default();
+    ) -> ReclaimOutcome {
+        let mut out = ReclaimOutcome::default();
         {
             let mut f = lock(&self.shared.front);
             for b in buffers {
@@ -423,7 +429,8 @@ impl Stage2Gather {
             }
         }
         out.flushed = self.flush();
-        let back = self.return_frames(&out.accepted);
+        let back = self.give_back(&out.accepted, Some(&mut out.freed));
+        out.freed.sort_unstable();
         if let Some(first) = back.invalid.first() {
             // Only a guest that deflated frames it had just reported, while the report was
             // being reclaimed, gets here: those frames are already its own again.

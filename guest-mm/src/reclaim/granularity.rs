@@ -4,10 +4,11 @@
 //! with one zap and one release). The batcher asks its granularity and never which backend
 //! it has.
 //!
-//! When a frame of a block released whole goes back to the guest, the host backs the whole
-//! block again as soon as it is touched, so the other 511 wait as Partial again. Where the
-//! backend can split a huge page (shmem THP), the frames still waiting in partial blocks can
-//! be released at 4 KiB on request (`take_partial`).
+//! When a frame of a block whose 512 frames are all released (whole, or at 4 KiB over several
+//! splits: either way the block is a hole on the host) goes back to the guest, the host backs
+//! the whole block again as soon as it is touched, so the other 511 wait as Partial again.
+//! Where the backend can split a huge page (shmem THP), the frames still waiting in partial
+//! blocks can be released at 4 KiB on request (`take_partial`).
 
 use super::blocks::{self, Blocks};
 use crate::backend::{Granule, BLOCK_FRAMES};
@@ -149,16 +150,25 @@ impl Granularity for BlockGrouping {
         self.counts.partial = self.blocks.partial_blocks();
     }
 
+    /// A block all of whose 512 frames are now Released, whether by one whole release or by
+    /// 4 KiB releases over several batches (splits), is a hole on the host: marked, so that
+    /// a frame of it going back to the guest makes the others wait again (`returned`).
     fn released(&mut self, map: &Stage2Map, ranges: &[GfnRange]) {
-        for r in ranges {
-            if !(r.start.is_multiple_of(BLOCK_FRAMES) && r.count.is_multiple_of(BLOCK_FRAMES)) {
-                continue;
-            }
-            let first = r.start / BLOCK_FRAMES;
-            for blk in first..first + r.count / BLOCK_FRAMES {
-                if map.state(blk * BLOCK_FRAMES) == Ok(FrameState::Released) {
-                    self.blocks.set_released_whole(blk as usize);
-                    self.counts.released += 1;
+        let mut seen = None;
+        for r in ranges.iter().filter(|r| r.count > 0) {
+            let whole =
+                r.start.is_multiple_of(BLOCK_FRAMES) && r.count.is_multiple_of(BLOCK_FRAMES);
+            for blk in blocks::block_of(r.start)..=blocks::block_of(r.end() - 1) {
+                if seen == Some(blk) || !self.blocks.complete(blk) {
+                    continue;
+                }
+                seen = Some(blk);
+                let first = blocks::first_frame(blk);
+                if (first..first + BLOCK_FRAMES).all(|g| map.state(g) == Ok(FrameState::Released)) {
+                    self.blocks.set_released_whole(blk);
+                    if whole {
+                        self.counts.released += 1;
+                    }
                 }
             }
         }

@@ -31,7 +31,7 @@ pub mod plan;
 pub mod protocol;
 pub mod span;
 
-pub use batcher::{BufferOutcome, ReturnOutcome};
+pub use batcher::{BufferOutcome, ReclaimOutcome, ReturnOutcome};
 pub use config::{ConfigError, PartialBlocks, ReclaimConfig, Strategy};
 pub use events::{Event, EventLog, Phase};
 pub use gather::Stage2Gather;

@@ -113,6 +113,7 @@ impl Target {
     pub fn probe(&mut self, gpa: u64) {
         if let Some(Ok(out)) = vmm::devices::reclaim_probe::handle(&self.mm, gpa) {
             self.outside.reclaimed += out.reclaimed.len() as u64;
+            self.outside.not_freed += out.not_freed;
             self.outside.invalid += out.invalid;
         }
     }

@@ -7,8 +7,10 @@
 //! vCPU's thread while the other vCPUs keep running, reclaims a scattered, deterministic set
 //! of the region's frames (or, on request, all of them) through the gather, in Linux-sized
 //! buffers of 256 descending frames; measures the memfd's allocated bytes and KVM's flush
-//! counters around it; gives exactly the frames it reclaimed back to the guest (they read as
-//! zeros); and lists them, sorted, in the guest's list. Frames the gather refuses (in the
+//! counters around it; gives every frame it took back to the guest; and lists, sorted, those
+//! whose host pages it freed (they read as zeros). Frames it took but could not free (on a
+//! 2 MiB backing, those of a block the region does not cover whole; a frame whose host call
+//! failed) go back with their contents and are not listed. Frames the gather refuses (in the
 //! balloon, device-mapped) are not listed and stay with their owner. The guest then checks
 //! every frame of the region.
 //!
@@ -120,8 +122,11 @@ fn validate(mb: &Mailbox, layout: &Layout) -> Result<Request, ProbeError> {
 /// What one probe did.
 #[derive(Debug, Default, PartialEq)]
 pub struct ProbeOutcome {
-    /// Frames reclaimed and given back (sorted), as listed to the guest.
+    /// Frames reclaimed (their host pages freed) and given back, sorted, as listed to the
+    /// guest.
     pub reclaimed: Vec<Gfn>,
+    /// Frames taken but not freed, given back with their contents (not listed).
+    pub not_freed: u64,
     /// Frames the gather refused.
     pub invalid: u64,
     pub report: ProbeReport,
@@ -133,8 +138,11 @@ pub struct ProbeOutcome {
 pub struct ProbeReport {
     pub strategy: String,
     pub region_gfn: u64,
-    /// Frames reclaimed (and given back).
+    /// Frames reclaimed (their host pages freed) and given back.
     pub pages: u64,
+    /// Frames taken but not freed (part of a 2 MiB block), given back with their contents.
+    #[serde(default)]
+    pub not_freed: u64,
     pub ranges: u64,
     pub host_calls: u64,
     pub zap_calls: u64,
@@ -164,7 +172,7 @@ impl std::fmt::Display for ProbeReport {
             f,
             "reclaim-probe: strategy={} region_gfn={:#x} pages={} ranges={} host_calls={} zap_calls={} \
              bridged={} kvm_flush_requests={} zap_flush_requests={} vcpu_tlb_flushes={tlb} host_bytes_before={} host_bytes_after={} \
-             freed={} invalid={} elapsed_us={}",
+             freed={} not_freed={} invalid={} elapsed_us={}",
             self.strategy,
             self.region_gfn,
             self.pages,
@@ -177,6 +185,7 @@ impl std::fmt::Display for ProbeReport {
             self.host_bytes_before,
             self.host_bytes_after,
             self.host_bytes_before.saturating_sub(self.host_bytes_after),
+            self.not_freed,
             self.invalid,
             self.elapsed_us
         )
@@ -257,12 +266,13 @@ fn reclaim(mm: &MemoryManager, req: &Request) -> ProbeOutcome {
     for b in &out.flushed {
         guest_mm::reclaim::metrics::add_per_vcpu(&mut tlb, &b.vcpu_tlb_flushes);
     }
-    let mut reclaimed = out.accepted;
-    reclaimed.sort_unstable();
+    let reclaimed = out.freed;
+    let not_freed = (out.accepted.len() as u64).saturating_sub(reclaimed.len() as u64);
     let report = ProbeReport {
         strategy: strategy.to_string(),
         region_gfn: req.region.start,
         pages: reclaimed.len() as u64,
+        not_freed,
         ranges: sum(|b| b.ranges),
         host_calls: sum(|b| b.host_calls),
         zap_calls: sum(|b| b.spans),
@@ -282,8 +292,14 @@ fn reclaim(mm: &MemoryManager, req: &Request) -> ProbeOutcome {
             out.invalid.len()
         );
     }
+    if not_freed > 0 {
+        tracing::info!(
+            "reclaim probe: {not_freed} frame(s) taken could not be freed (part of a 2 MiB block); given back with their contents, not listed"
+        );
+    }
     ProbeOutcome {
         reclaimed,
+        not_freed,
         invalid: out.invalid.len() as u64,
         report,
     }

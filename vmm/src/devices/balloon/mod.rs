@@ -197,15 +197,22 @@ pub struct BalloonCounters {
     pub report_buffers: u64,
     pub pages_inflated: u64,
     pub pages_deflated: u64,
+    /// Reported frames whose host pages were freed.
     pub pages_reported: u64,
+    /// Reported frames taken but not freed, given back with their contents: on a 2 MiB
+    /// backing, those of blocks not all free (or in the balloon).
+    pub pages_reported_not_freed: u64,
     /// Frames a device reset took out of the balloon and gave back to the guest.
     pub pages_returned_by_reset: u64,
     pub invalid_frames: u64,
     pub malformed_buffers: u64,
-    /// Free page hint buffers taken, frames hinted and released, and hinted frames ignored
-    /// (sent under a stale command id or after the run ended).
+    /// Free page hint buffers taken; hinted frames whose host pages were freed; hinted
+    /// frames taken but not freed (given back with their contents: on a 2 MiB backing, those
+    /// of blocks not all free); hinted frames ignored (sent under a stale command id or
+    /// after the run ended).
     pub hint_buffers: u64,
     pub pages_hinted: u64,
+    pub pages_hinted_not_freed: u64,
     pub hinted_pages_ignored: u64,
     /// Interrupts signalled through the irqfd: used-ring updates and configuration changes
     /// (filled in from the transport's interrupt when a report is made).
@@ -315,7 +322,7 @@ pub fn serve_hints_exclusive(t: &mut crate::devices::virtio::MmioTransport<Ballo
 pub struct Report {
     head: u16,
     frames: Result<Vec<u64>, BufferError>,
-    reclaimed: Option<guest_mm::reclaim::BufferOutcome>,
+    reclaimed: Option<guest_mm::reclaim::ReclaimOutcome>,
 }
 
 impl Report {
@@ -338,15 +345,16 @@ impl Report {
                 .map(|f| f.as_slice()),
         );
         let accepted: std::collections::HashSet<u64> = out.accepted.into_iter().collect();
+        let freed: std::collections::HashSet<u64> = out.freed.into_iter().collect();
         let mut invalid = out.invalid;
         for b in &mut buffers {
             if let Ok(frames) = &b.frames {
-                b.reclaimed = Some(guest_mm::reclaim::BufferOutcome {
-                    accepted: frames
-                        .iter()
-                        .copied()
-                        .filter(|g| accepted.contains(g))
-                        .collect(),
+                let mine = |set: &std::collections::HashSet<u64>| {
+                    frames.iter().copied().filter(|g| set.contains(g)).collect()
+                };
+                b.reclaimed = Some(guest_mm::reclaim::ReclaimOutcome {
+                    accepted: mine(&accepted),
+                    freed: mine(&freed),
                     invalid: std::mem::take(&mut invalid),
                     flushed: Vec::new(),
                 });
@@ -417,10 +425,15 @@ impl Balloon {
         self.actual
     }
 
-    /// Sets the target; returns whether it changed (the caller signals a config change).
+    /// Sets the target; returns whether it changed (the caller signals a config change). A
+    /// new target equal to the driver's `actual` is reached at once: a driver with nothing to
+    /// do writes nothing (Linux does not), so the balloon acts on it here.
     pub fn set_num_pages(&mut self, pages: u32) -> bool {
         let changed = self.num_pages != pages;
         self.num_pages = pages;
+        if changed {
+            self.on_target();
+        }
         changed
     }
 
@@ -565,7 +578,10 @@ impl Balloon {
                 }
                 (Ok(_), Some(out)) => {
                     self.counters.report_buffers += 1;
-                    self.counters.pages_reported += out.accepted.len() as u64;
+                    let freed = out.freed.len() as u64;
+                    self.counters.pages_reported += freed;
+                    self.counters.pages_reported_not_freed +=
+                        (out.accepted.len() as u64).saturating_sub(freed);
                     self.note_invalid(REPORTING_Q, &out.invalid);
                 }
                 (Ok(_), None) => {}
@@ -635,7 +651,10 @@ impl Balloon {
                 (Ok(_), out) => {
                     self.counters.hint_buffers += 1;
                     if let Some(out) = out {
-                        self.counters.pages_hinted += out.accepted.len() as u64;
+                        let freed = out.freed.len() as u64;
+                        self.counters.pages_hinted += freed;
+                        self.counters.pages_hinted_not_freed +=
+                            (out.accepted.len() as u64).saturating_sub(freed);
                         self.note_invalid(HINTING_Q, &out.invalid);
                     }
                 }
@@ -649,10 +668,18 @@ impl Balloon {
         changed
     }
 
-    /// The driver reports the target reached. On 2 MiB pages with `--partial-blocks split`,
-    /// the frames still waiting in partial blocks then go back to the host at 4 KiB: the
-    /// target can only be met by splitting them (the pending batch is flushed first, so that
-    /// nothing the driver sent is left waiting).
+    /// After a change of the target or of `actual`: whoever's change made them equal, the
+    /// balloon has reached its target.
+    fn on_target(&mut self) {
+        if self.num_pages > 0 && self.num_pages == self.actual {
+            self.target_reached();
+        }
+    }
+
+    /// The balloon reached its target. On 2 MiB pages with `--partial-blocks split`, the
+    /// frames still waiting in partial blocks then go back to the host at 4 KiB: the target
+    /// can only be met by splitting them (the pending batch is flushed first, so that nothing
+    /// the driver sent is left waiting).
     fn target_reached(&mut self) {
         let gather = &self.memory.gather;
         if gather.config().partial_blocks != PartialBlocks::Split {
@@ -733,9 +760,7 @@ impl VirtioDevice for Balloon {
                 return;
             }
             self.actual = v;
-            if v > 0 && v == self.num_pages {
-                self.target_reached();
-            }
+            self.on_target();
         } else {
             tracing::warn!(
                 "balloon: write of {} bytes at config offset {offset} ignored",

@@ -21,8 +21,10 @@ use guest_mm::FrameState;
 /// What reached the gather from outside the balloon device (the reclaim probe).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Outside {
-    /// Frames the probe reclaimed and gave back.
+    /// Frames the probe reclaimed (freed) and gave back.
     pub reclaimed: u64,
+    /// Frames the probe took but could not free, given back with their contents.
+    pub not_freed: u64,
     /// Frames the probe offered that the gather refused.
     pub invalid: u64,
 }
@@ -88,18 +90,17 @@ pub fn check(
         ));
     }
     let s = gather.stats();
-    let gathered = c.pages_inflated + c.pages_reported + c.pages_hinted + outside.reclaimed;
+    let reported = c.pages_reported + c.pages_reported_not_freed;
+    let hinted = c.pages_hinted + c.pages_hinted_not_freed;
+    let probed = outside.reclaimed + outside.not_freed;
+    let gathered = c.pages_inflated + reported + hinted + probed;
     if s.pages_gathered != gathered {
         broken.push(format!(
             "the gather took {} frames, the device and probe gave it {gathered}",
             s.pages_gathered
         ));
     }
-    let returned = c.pages_deflated
-        + c.pages_returned_by_reset
-        + c.pages_reported
-        + c.pages_hinted
-        + outside.reclaimed;
+    let returned = c.pages_deflated + c.pages_returned_by_reset + reported + hinted + probed;
     if s.pages_returned != returned {
         broken.push(format!(
             "the gather gave back {} frames, the device and probe count {returned}",

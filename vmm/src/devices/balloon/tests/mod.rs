@@ -5,7 +5,9 @@
 //! named frames is touched.
 
 mod hinting;
+mod partial_blocks;
 mod sequences;
+mod split;
 
 use super::*;
 use crate::devices::virtio::{reg as r, status, MmioTransport};
@@ -304,6 +306,24 @@ impl Harness {
 
     fn counters(&self) -> BalloonCounters {
         self.t.device().counters.clone()
+    }
+
+    /// Writes a reclaim probe's mailbox at `gpa` as a guest does (status pending).
+    fn write_mailbox(&self, mb: &abi::probe::Mailbox, gpa: u64) {
+        let bytes: Vec<u8> = [
+            mb.magic,
+            mb.region_gfn,
+            mb.region_pages,
+            mb.list_gfn,
+            mb.list_capacity,
+            mb.pattern,
+            0,
+            abi::probe::STATUS_PENDING,
+        ]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+        self.mem().write_slice(&bytes, GuestAddress(gpa)).unwrap();
     }
 
     fn state(&self, gfn: u64) -> FrameState {

@@ -139,22 +139,7 @@ fn run(strategy: Reclaim, zap_span_gap: u64, blocks: Option<bool>, ops: &[Op]) {
                     },
                     ..Mailbox::default()
                 };
-                let bytes: Vec<u8> = [
-                    mb.magic,
-                    mb.region_gfn,
-                    mb.region_pages,
-                    mb.list_gfn,
-                    mb.list_capacity,
-                    mb.pattern,
-                    0,
-                    probe::STATUS_PENDING,
-                ]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-                h.mem()
-                    .write_slice(&bytes, GuestAddress(MAILBOX_GPA))
-                    .unwrap();
+                h.write_mailbox(&mb, MAILBOX_GPA);
                 let out = reclaim_probe::handle(&h.mm, MAILBOX_GPA)
                     .expect("mailbox in RAM")
                     .expect("a valid mailbox");
@@ -165,6 +150,7 @@ fn run(strategy: Reclaim, zap_span_gap: u64, blocks: Option<bool>, ops: &[Op]) {
                     );
                 }
                 h.outside.reclaimed += out.reclaimed.len() as u64;
+                h.outside.not_freed += out.not_freed;
                 h.outside.invalid += out.invalid;
             }
             Op::Flush => {
