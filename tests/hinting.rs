@@ -35,7 +35,20 @@ fn a_hinting_run_gives_the_guests_free_memory_back_to_the_host() {
     let config = api.get("/balloon").unwrap();
     assert_eq!(config["free_page_hinting"], true, "{config}");
     let before = api.reclaim().unwrap();
-    api.start_hinting(true).unwrap();
+    // Started through `vmm balloon` (the API's PATCH /balloon/hinting/start), which prints
+    // the status: the run's id.
+    let out = std::process::Command::new(common::VMM)
+        .args(["balloon", "--api-sock"])
+        .arg(&sock)
+        .args(["hinting", "start"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(
+        status["host_cmd"].as_u64() >= Some(2),
+        "a run's id: {status}"
+    );
     let started = Instant::now();
     while api.hinting_status().unwrap().host_cmd != CMD_ID_DONE {
         assert!(

@@ -133,8 +133,15 @@ enum BalloonAction {
     /// names them (GET /balloon/statistics).
     Stats,
     /// Print the balloon's configuration: target, deflate-on-oom, statistics polling
-    /// interval (GET /balloon).
+    /// interval, the free page features offered (GET /balloon).
     Config,
+    /// Free page hinting (a VM started with --balloon-free-page-hinting): start a run, print
+    /// its status, or stop it (PATCH /balloon/hinting/start, GET /balloon/hinting/status,
+    /// PATCH /balloon/hinting/stop).
+    Hinting {
+        #[command(subcommand)]
+        action: HintingAction,
+    },
     /// Set how often the device asks the guest for statistics, in seconds; 0 stops it
     /// (PATCH /balloon/statistics).
     Polling { seconds: u64 },
@@ -150,6 +157,20 @@ enum BalloonAction {
         #[arg(long = "set", value_parser = parse_setting)]
         set: Vec<(String, serde_json::Value)>,
     },
+}
+
+#[derive(Subcommand)]
+enum HintingAction {
+    /// Start a run; the device answers the driver's STOP with DONE unless
+    /// --no-acknowledge-on-stop is given (then `stop` says DONE). Prints the status.
+    Start {
+        #[arg(long)]
+        no_acknowledge_on_stop: bool,
+    },
+    /// Print the last command the host issued (0 STOP, 1 DONE, 2+ a run) and the driver's.
+    Status,
+    /// Say DONE: the driver may reuse the hinted pages. Prints the status.
+    Stop,
 }
 
 /// KEY=VALUE for `reclaim-config --set`: the value as JSON where it parses (numbers), else
@@ -280,6 +301,18 @@ fn balloon(args: BalloonArgs) -> anyhow::Result<ExitCode> {
                 &serde_json::json!({ "stats_polling_interval_s": seconds }),
             )?;
             api.get("/balloon")?
+        }
+        BalloonAction::Hinting { action } => {
+            match action {
+                HintingAction::Start {
+                    no_acknowledge_on_stop,
+                } => api.start_hinting(!no_acknowledge_on_stop)?,
+                HintingAction::Stop => {
+                    api.patch("/balloon/hinting/stop", &serde_json::json!({}))?;
+                }
+                HintingAction::Status => {}
+            }
+            api.get("/balloon/hinting/status")?
         }
         BalloonAction::Reclaim => api.get("/vm/reclaim")?,
         BalloonAction::ReclaimConfig { set } => {

@@ -5,13 +5,19 @@
 //!   response (or of the connection's start). When it passes while the server waits for
 //!   bytes, the client gets `408 Request Timeout` (written directly, best effort) and the
 //!   connection ends. This covers idle keep-alive connections and clients that trickle a
-//!   head out byte by byte, which an idle timer would never catch.
+//!   head out byte by byte, which an idle timer would never catch. It never fires while a
+//!   request is being served (`Busy`, set by the handler from the parsed head until its
+//!   answer is produced; the body has a deadline of its own there) nor while an answer is
+//!   being written: hyper keeps reading the socket meanwhile (to notice a client that went
+//!   away), and a 408 there would cut a request already acted on or splice into an answer.
 //! - **Write stall**: a response that cannot make progress for `limit` (a client that
 //!   pipelines requests and never reads its answers) ends the connection.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -21,9 +27,35 @@ use tokio::time::{Instant, Sleep};
 /// The answer written when the request deadline passes.
 pub const TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: 73\r\nconnection: close\r\n\r\n{\"fault_message\":\"the request did not arrive in time; connection closed\"}";
 
+/// Whether a connection's request is being served (between its parsed head and its answer).
+#[derive(Clone, Default)]
+pub struct Busy(Arc<AtomicBool>);
+
+impl Busy {
+    /// Marks the connection busy until the guard is dropped.
+    pub fn serving(&self) -> BusyGuard {
+        self.0.store(true, Ordering::Release);
+        BusyGuard(self.0.clone())
+    }
+
+    fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Clears `Busy` when the handler ends (or is dropped).
+pub struct BusyGuard(Arc<AtomicBool>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 pub struct Deadlined {
     inner: UnixStream,
     limit: Duration,
+    busy: Busy,
     request: Pin<Box<Sleep>>,
     /// Armed while a write is blocked.
     stall: Option<Pin<Box<Sleep>>>,
@@ -31,20 +63,26 @@ pub struct Deadlined {
 }
 
 impl Deadlined {
-    pub fn new(inner: UnixStream, limit: Duration) -> Self {
+    pub fn new(inner: UnixStream, limit: Duration, busy: Busy) -> Self {
         Self {
             inner,
             limit,
+            busy,
             request: Box::pin(tokio::time::sleep(limit)),
             stall: None,
             timed_out: false,
         }
     }
 
-    fn wrote(&mut self) {
-        self.stall = None;
+    /// Restarts the request deadline from now.
+    fn restart(&mut self) {
         let next = Instant::now() + self.limit;
         self.request.as_mut().reset(next);
+    }
+
+    fn wrote(&mut self) {
+        self.stall = None;
+        self.restart();
     }
 
     fn stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
@@ -74,6 +112,12 @@ impl AsyncRead for Deadlined {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Pending => {}
             ready => return ready,
+        }
+        if self.busy.get() || self.stall.is_some() {
+            // A request in service or an answer being written: no request is due. The
+            // deadline starts again from here (the answer's write restarts it too).
+            self.restart();
+            return Poll::Pending;
         }
         if self.request.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
@@ -133,7 +177,7 @@ mod tests {
     fn a_silent_client_gets_408_and_eof_at_the_deadline() {
         rt().block_on(async {
             let (server, mut client) = UnixStream::pair().unwrap();
-            let mut s = Deadlined::new(server, Duration::from_secs(10));
+            let mut s = Deadlined::new(server, Duration::from_secs(10), Busy::default());
             let mut buf = [0u8; 16];
             // Time is paused: the read completes only when the clock reaches the deadline.
             let n = s.read(&mut buf).await.unwrap();
@@ -152,10 +196,29 @@ mod tests {
     }
 
     #[test]
+    fn no_408_while_a_request_is_being_served() {
+        rt().block_on(async {
+            let (server, _client) = UnixStream::pair().unwrap();
+            let busy = Busy::default();
+            let mut s = Deadlined::new(server, Duration::from_secs(10), busy.clone());
+            let guard = busy.serving();
+            let mut buf = [0u8; 16];
+            // A handler that takes 30 s: the reads stay pending, no 408.
+            let read = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await;
+            assert!(read.is_err(), "the read ended while the request was served");
+            drop(guard);
+            // Once served (and nothing written), the deadline runs again from the last look.
+            let started = Instant::now();
+            assert_eq!(s.read(&mut buf).await.unwrap(), 0);
+            assert!(started.elapsed() <= Duration::from_secs(10));
+        });
+    }
+
+    #[test]
     fn a_client_that_never_reads_loses_the_connection_at_the_limit() {
         rt().block_on(async {
             let (server, _client) = UnixStream::pair().unwrap();
-            let mut s = Deadlined::new(server, Duration::from_secs(10));
+            let mut s = Deadlined::new(server, Duration::from_secs(10), Busy::default());
             let chunk = vec![b'x'; 64 << 10];
             let started = Instant::now();
             let err = loop {

@@ -15,7 +15,7 @@
 //! - The endpoints take the device and gather locks, so they run on tokio's blocking pool,
 //!   never on the runtime thread that accepts and reads.
 
-use super::deadline::Deadlined;
+use super::deadline::{Busy, Deadlined};
 use super::routes::{self, ApiState, Reply};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -23,6 +23,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +38,8 @@ pub const MAX_BODY: usize = 4096;
 /// How long a request's head may take, and how long a response may wait for its reader.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// sun_path's size (108 bytes with its NUL).
+const SUN_PATH_MAX: usize = 108;
 /// How long a refused connection may take to send its request head and to read the 503.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -131,6 +134,19 @@ fn clear_stale(path: &Path) -> std::io::Result<()> {
 /// links it to `path` (which fails if anything appeared there meanwhile). Returns the
 /// listener and the socket's (device, inode).
 fn bind_private(path: &Path) -> std::io::Result<(std::os::unix::net::UnixListener, (u64, u64))> {
+    // sun_path holds 108 bytes with the terminating NUL: a longer path could be bound through
+    // a shorter one, but no client could connect to it.
+    let len = path.as_os_str().len();
+    if len >= SUN_PATH_MAX {
+        return Err(io_error(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} is {len} bytes; a Unix socket path must be shorter than {SUN_PATH_MAX} \
+                 bytes: choose a shorter --api-sock path",
+                path.display()
+            ),
+        ));
+    }
     clear_stale(path)?;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -158,7 +174,14 @@ fn bind_private(path: &Path) -> std::io::Result<(std::os::unix::net::UnixListene
     let dir = PathBuf::from(unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(template) });
     let private = dir.join("s");
     let bound = (|| {
-        let listener = std::os::unix::net::UnixListener::bind(&private)?;
+        // Bound through /proc/self/fd when it is there, so that the private directory's
+        // longer path does not count against sun_path's 108 bytes (only `path` must fit).
+        let dir_file = std::fs::File::open(&dir)?;
+        let short = PathBuf::from(format!("/proc/self/fd/{}/s", dir_file.as_raw_fd()));
+        let listener = match std::os::unix::net::UnixListener::bind(&short) {
+            Ok(l) => l,
+            Err(_) => std::os::unix::net::UnixListener::bind(&private)?,
+        };
         std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600))?;
         std::fs::hard_link(&private, path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -219,13 +242,18 @@ async fn serve(
         active.fetch_add(1, Ordering::AcqRel);
         let (state, active) = (state.clone(), active.clone());
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(state.clone(), req));
+            let busy = Busy::default();
+            let serving = busy.clone();
+            let svc = service_fn(move |req| handle(state.clone(), req, serving.clone()));
             // Deadlines are the stream's (408 and write stalls); hyper's own header timeout
             // would close without an answer.
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(None)
-                .serve_connection(TokioIo::new(Deadlined::new(stream, REQUEST_TIMEOUT)), svc);
+                .serve_connection(
+                    TokioIo::new(Deadlined::new(stream, REQUEST_TIMEOUT, busy)),
+                    svc,
+                );
             if let Err(e) = conn.await {
                 tracing::debug!("api: connection ended: {e}");
             }
@@ -272,7 +300,10 @@ async fn refuse(mut stream: tokio::net::UnixStream) {
 async fn handle(
     state: Arc<ApiState>,
     req: Request<Incoming>,
+    busy: Busy,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    // From the parsed head until the answer exists, no request deadline (`deadline`).
+    let _serving = busy.serving();
     let (parts, body) = req.into_parts();
     let body = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await;
     let reply = match body {
@@ -362,6 +393,26 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert!(left.is_empty(), "private directories left behind: {left:?}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_path_that_fits_sun_path_binds_however_deep_its_directory() {
+        let base = scratch_dir("api-long");
+        // The final path is 107 bytes: it fits; the private directory beside it would not.
+        let room = 107 - base.as_os_str().len() - "/a.sock".len() - 1;
+        let deep = base.join("d".repeat(room));
+        std::fs::create_dir_all(&deep).unwrap();
+        let path = deep.join("a.sock");
+        assert_eq!(path.as_os_str().len(), 107);
+        let (_l, _) = bind_private(&path).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        let too_long = deep.join("ab.sock");
+        let e = bind_private(&too_long).unwrap_err();
+        assert!(
+            e.to_string().contains("must be shorter than 108 bytes"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

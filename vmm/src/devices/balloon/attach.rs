@@ -13,7 +13,7 @@
 //! (`hinting` says why).
 
 use super::hinting::HintingStatus;
-use super::{queue_roles, Balloon, BalloonFeatures, QueueRole, Report, STATS_Q};
+use super::{queue_roles, Balloon, BalloonFeatures, QueueRole, Report};
 use crate::devices::virtio::{reg, Effect, Interrupt, MmioTransport, MMIO_SIZE};
 use crate::memory::MemoryManager;
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -126,23 +126,23 @@ impl BalloonDevice {
         let effect = t.write(addr - BALLOON_MMIO_BASE, data);
         let deferred = serve_inline(&mut t, effect);
         drop(t);
-        if deferred.hints {
-            self.serve_hints();
+        if let Some(taken) = deferred.hints {
+            self.serve_hints(taken);
         }
         if deferred.reports {
             let _ = self.reports_evt.write(1);
         }
     }
 
-    /// Releases the hint buffers taken on this thread's notification (device lock dropped
-    /// meanwhile), then returns them; DONE follows once none is left in flight.
-    fn serve_hints(&self) {
-        let (hints, generation) = self.transport.lock().unwrap().device_mut().drain_hints();
-        if hints.is_empty() {
-            return;
+    /// Releases the hint buffers this thread's notification took (device lock dropped
+    /// meanwhile), then returns them, and goes on while the ring has more; DONE follows once
+    /// none is left in flight.
+    fn serve_hints(&self, taken: (Vec<Report>, u64)) {
+        let mut next = Some(taken);
+        while let Some((hints, generation)) = next.take() {
+            let reclaimed = Report::reclaim_all(hints, &self.memory);
+            next = finish_hints(&mut self.transport.lock().unwrap(), reclaimed, generation);
         }
-        let reclaimed = Report::reclaim_all(hints, &self.memory);
-        finish_hints(&mut self.transport.lock().unwrap(), reclaimed, generation);
     }
 
     /// `PATCH /balloon/hinting/start`: a new run (its id in the configuration).
@@ -181,25 +181,27 @@ impl BalloonDevice {
     /// lock held, reclaimed without it (the vCPUs' register accesses never wait for a batch),
     /// then returned to the driver.
     pub fn serve_reports(&self) {
-        let (mut reports, generation, index) = {
-            let mut t = self.transport.lock().unwrap();
-            let Some(index) = t.device().index_of(QueueRole::Reporting) else {
-                return;
+        loop {
+            let (mut reports, generation, index) = {
+                let mut t = self.transport.lock().unwrap();
+                let Some(index) = t.device().index_of(QueueRole::Reporting) else {
+                    return;
+                };
+                t.process_queue(index);
+                let (reports, generation) = t.device_mut().drain_reports();
+                (reports, generation, index)
             };
-            t.process_queue(index);
-            let (reports, generation) = t.device_mut().drain_reports();
-            (reports, generation, index)
-        };
-        if reports.is_empty() {
-            return;
+            if reports.is_empty() {
+                return;
+            }
+            for r in &mut reports {
+                r.reclaim(&self.memory);
+            }
+            let mut t = self.transport.lock().unwrap();
+            t.with_device_and_queue(index, |dev, q, mem| {
+                dev.complete_reports(reports, generation, q, mem)
+            });
         }
-        for r in &mut reports {
-            r.reclaim(&self.memory);
-        }
-        let mut t = self.transport.lock().unwrap();
-        t.with_device_and_queue(index, |dev, q, mem| {
-            dev.complete_reports(reports, generation, q, mem)
-        });
     }
 
     pub fn stats_interval_s(&self) -> u64 {
@@ -214,16 +216,19 @@ impl BalloonDevice {
     pub fn request_stats(&self) {
         let mut t = self.transport.lock().unwrap();
         if t.is_active() {
-            t.with_device_and_queue(STATS_Q, |dev, q, mem| dev.request_stats(q, mem));
+            if let Some(index) = t.device().index_of(QueueRole::Stats) {
+                t.with_device_and_queue(index, |dev, q, mem| dev.request_stats(q, mem));
+            }
         }
     }
 }
 
-/// What `serve_inline` left to do: hint buffers taken, to release with the device lock
-/// dropped (`serve_hints`, or `serve_hints_exclusive`), and reports for the event loop.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What `serve_inline` left to do: the hint buffers this notification took (and their
+/// device generation), for the same thread to release with the device lock dropped
+/// (`serve_hints`, or `serve_hints_exclusive`); and reports, for the event loop.
+#[derive(Default)]
 pub struct Deferred {
-    pub hints: bool,
+    pub hints: Option<(Vec<Report>, u64)>,
     pub reports: bool,
 }
 
@@ -248,7 +253,12 @@ pub fn serve_inline(t: &mut MmioTransport<Balloon>, effect: Option<Effect>) -> D
             Some(QueueRole::Reporting) => deferred.reports = true,
             Some(QueueRole::Hinting) => {
                 t.process_queue(q);
-                deferred.hints = true;
+                // Taken here, under the lock: the buffers this thread popped are the ones
+                // it releases before re-entering the guest, never another vCPU's.
+                let (hints, generation) = t.device_mut().drain_hints();
+                if !hints.is_empty() {
+                    deferred.hints = Some((hints, generation));
+                }
             }
             _ => t.process_queue(q),
         }
@@ -256,11 +266,15 @@ pub fn serve_inline(t: &mut MmioTransport<Balloon>, effect: Option<Effect>) -> D
     deferred
 }
 
-/// Returns released hint buffers to the driver and writes DONE if it is now owed.
-pub fn finish_hints(t: &mut MmioTransport<Balloon>, reclaimed: Vec<Report>, generation: u64) {
-    let Some(index) = t.device().index_of(QueueRole::Hinting) else {
-        return;
-    };
+/// Returns released hint buffers to the driver and writes DONE if it is now owed; then
+/// takes the buffers the ring still holds (those past one RAM's worth of frames), if any,
+/// for the caller's next round.
+pub fn finish_hints(
+    t: &mut MmioTransport<Balloon>,
+    reclaimed: Vec<Report>,
+    generation: u64,
+) -> Option<(Vec<Report>, u64)> {
+    let index = t.device().index_of(QueueRole::Hinting)?;
     let mut changed = false;
     t.with_device_and_queue(index, |dev, q, mem| {
         changed = dev.complete_hints(reclaimed, generation, q, mem)
@@ -268,6 +282,9 @@ pub fn finish_hints(t: &mut MmioTransport<Balloon>, reclaimed: Vec<Report>, gene
     if changed {
         t.config_changed();
     }
+    t.process_queue(index);
+    let (hints, generation) = t.device_mut().drain_hints();
+    (!hints.is_empty()).then_some((hints, generation))
 }
 
 /// Serves free page reports on the event loop when their ioeventfd fires.

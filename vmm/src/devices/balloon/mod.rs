@@ -282,15 +282,20 @@ pub fn serve_reports_exclusive(t: &mut crate::devices::virtio::MmioTransport<Bal
     let Some(index) = t.device().index_of(QueueRole::Reporting) else {
         return;
     };
-    t.process_queue(index);
-    let (mut reports, generation) = t.device_mut().drain_reports();
-    let memory = t.device().memory().clone();
-    for r in &mut reports {
-        r.reclaim(&memory);
+    loop {
+        t.process_queue(index);
+        let (mut reports, generation) = t.device_mut().drain_reports();
+        if reports.is_empty() {
+            return;
+        }
+        let memory = t.device().memory().clone();
+        for r in &mut reports {
+            r.reclaim(&memory);
+        }
+        t.with_device_and_queue(index, |dev, q, mem| {
+            dev.complete_reports(reports, generation, q, mem)
+        });
     }
-    t.with_device_and_queue(index, |dev, q, mem| {
-        dev.complete_reports(reports, generation, q, mem)
-    });
 }
 
 /// A register write's effect served with exclusive access to the transport (tests,
@@ -301,8 +306,8 @@ pub fn serve_exclusive(
     effect: Option<crate::devices::virtio::Effect>,
 ) {
     let deferred = serve_inline(t, effect);
-    if deferred.hints {
-        serve_hints_exclusive(t);
+    if let Some(taken) = deferred.hints {
+        serve_hints_exclusive(t, taken);
     }
     if deferred.reports {
         serve_reports_exclusive(t);
@@ -311,11 +316,16 @@ pub fn serve_exclusive(
 
 /// Serves the hint buffers the device has taken, with exclusive access to its transport
 /// (tests, fuzzing): `BalloonDevice::serve_hints` without a lock to drop.
-pub fn serve_hints_exclusive(t: &mut crate::devices::virtio::MmioTransport<Balloon>) {
-    let (hints, generation) = t.device_mut().drain_hints();
-    let memory = t.device().memory().clone();
-    let reclaimed = Report::reclaim_all(hints, &memory);
-    attach::finish_hints(t, reclaimed, generation);
+pub fn serve_hints_exclusive(
+    t: &mut crate::devices::virtio::MmioTransport<Balloon>,
+    taken: (Vec<Report>, u64),
+) {
+    let mut next = Some(taken);
+    while let Some((hints, generation)) = next.take() {
+        let memory = t.device().memory().clone();
+        let reclaimed = Report::reclaim_all(hints, &memory);
+        next = attach::finish_hints(t, reclaimed, generation);
+    }
 }
 
 /// One free page report buffer: parsed under the device lock, reclaimed without it.
@@ -344,17 +354,19 @@ impl Report {
                 .filter_map(|b| b.frames.as_ref().ok())
                 .map(|f| f.as_slice()),
         );
-        let accepted: std::collections::HashSet<u64> = out.accepted.into_iter().collect();
-        let freed: std::collections::HashSet<u64> = out.freed.into_iter().collect();
+        // Each frame is credited to the first buffer naming it (a frame named twice was
+        // accepted once and refused once).
+        let mut accepted: std::collections::HashSet<u64> = out.accepted.into_iter().collect();
+        let mut freed: std::collections::HashSet<u64> = out.freed.into_iter().collect();
         let mut invalid = out.invalid;
         for b in &mut buffers {
             if let Ok(frames) = &b.frames {
-                let mine = |set: &std::collections::HashSet<u64>| {
-                    frames.iter().copied().filter(|g| set.contains(g)).collect()
+                let claim = |set: &mut std::collections::HashSet<u64>| {
+                    frames.iter().copied().filter(|g| set.remove(g)).collect()
                 };
                 b.reclaimed = Some(guest_mm::reclaim::ReclaimOutcome {
-                    accepted: mine(&accepted),
-                    freed: mine(&freed),
+                    accepted: claim(&mut accepted),
+                    freed: claim(&mut freed),
                     invalid: std::mem::take(&mut invalid),
                     flushed: Vec::new(),
                 });
@@ -529,7 +541,7 @@ impl Balloon {
     /// Free page reports: parsed here, under the device lock; reclaimed by the caller with
     /// the lock dropped (`Report::reclaim`), then completed (`complete_reports`).
     fn take_reports(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) {
-        loop {
+        while !self.taken_enough(&self.reports) {
             self.reader.enter();
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
@@ -544,6 +556,17 @@ impl Balloon {
             });
         }
         self.reader.quiesce();
+    }
+
+    /// Whether the buffers taken and not yet reclaimed name as many frames as RAM has: the
+    /// rest wait on the ring for the next round (`serve_reports`, `serve_hints` loop), so a
+    /// guest cannot make the device hold more frame lists at once than one RAM's worth.
+    fn taken_enough(&self, taken: &[Report]) -> bool {
+        let named: usize = taken
+            .iter()
+            .map(|r| r.frames.as_ref().map_or(0, Vec::len))
+            .sum();
+        named as u64 >= self.memory.ram.layout().total_bytes() / PAGE_SIZE
     }
 
     /// The reports parsed so far, and the device generation they belong to.
@@ -582,7 +605,8 @@ impl Balloon {
                     self.counters.pages_reported += freed;
                     self.counters.pages_reported_not_freed +=
                         (out.accepted.len() as u64).saturating_sub(freed);
-                    self.note_invalid(REPORTING_Q, &out.invalid);
+                    let index = self.index_of(QueueRole::Reporting).unwrap_or(REPORTING_Q);
+                    self.note_invalid(index, &out.invalid);
                 }
                 (Ok(_), None) => {}
             }
@@ -594,7 +618,7 @@ impl Balloon {
     /// Free page hint buffers: parsed here, under the device lock; their run's frames are
     /// reclaimed by the caller with the lock dropped, then completed (`complete_hints`).
     fn take_hints(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) {
-        loop {
+        while !self.taken_enough(&self.hints) {
             self.reader.enter();
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 break;
@@ -655,7 +679,8 @@ impl Balloon {
                         self.counters.pages_hinted += freed;
                         self.counters.pages_hinted_not_freed +=
                             (out.accepted.len() as u64).saturating_sub(freed);
-                        self.note_invalid(HINTING_Q, &out.invalid);
+                        let index = self.index_of(QueueRole::Hinting).unwrap_or(HINTING_Q);
+                        self.note_invalid(index, &out.invalid);
                     }
                 }
             }

@@ -184,3 +184,45 @@ fn queues_are_numbered_by_the_negotiated_features() {
         [Inflate, Deflate, Reporting]
     );
 }
+
+/// Buffers that together name more frames than RAM has are taken in rounds (the device never
+/// holds more than one RAM's worth of frame lists), and a frame named twice in one round is
+/// credited once: the device's counts stay equal to the gather's (`Harness::check`).
+#[test]
+fn more_than_a_rams_worth_of_hints_is_served_in_rounds_and_counted_once() {
+    let mm = Arc::new(
+        MemoryManager::checked(
+            Arc::new(GuestRam::new(MEM).unwrap()),
+            ReclaimConfig::with_strategy(Strategy::Gather),
+        )
+        .unwrap(),
+    );
+    let mut h = Harness::on_with(mm, true);
+    h.init(ALL | F_FREE_PAGE_HINT, None);
+    let id = h.t.device_mut().hinting.start(true);
+    send_cmd(&mut h, id);
+    // 30 MiB (7,680 frames) of a 64 MiB guest, above the canary, named by four buffers made
+    // available at once: the first three fill a round (23,040 >= 16,384 frames), the fourth
+    // waits for the next.
+    const RANGE: (u64, u32) = (33 << 20, 30 << 20);
+    h.fill_frames((RANGE.0 / 4096)..(RANGE.0 / 4096 + 7680), 0xab);
+    for _ in 0..4 {
+        h.make_available(HINTING_Q, &[(RANGE.0, RANGE.1, 2)]);
+    }
+    reg(&mut h.t, r::QUEUE_NOTIFY, HINTING_Q as u32);
+    h.check();
+    let used: u16 = h
+        .mem()
+        .read_obj(GuestAddress(RING_BASE + HINTING_Q as u64 * 0x3000 + 0x2002))
+        .unwrap();
+    assert_eq!(used, 5, "the id and all four buffers returned");
+    let c = &h.t.device().counters;
+    assert_eq!(
+        (c.pages_hinted, c.invalid_frames),
+        (15360, 15360),
+        "round one: the first buffer's frames, the next two refused as duplicates; round two: \
+         the fourth's"
+    );
+    assert!(h.page_is(RANGE.0 / 4096, 0));
+    assert!(h.canary_intact());
+}
