@@ -11,6 +11,16 @@ fn config_u32(h: &Harness, offset: u64) -> u32 {
     read_reg(&h.t, r::CONFIG + offset)
 }
 
+/// A device offering free page hinting on a 64 MiB memfd guest, every host call checked.
+fn offering_hinting() -> Harness {
+    let mm = MemoryManager::checked(
+        Arc::new(GuestRam::new(MEM).unwrap()),
+        ReclaimConfig::with_strategy(Strategy::Gather),
+    )
+    .unwrap();
+    Harness::on_with(Arc::new(mm), true)
+}
+
 fn send_cmd(h: &mut Harness, cmd: u32) -> u16 {
     h.mem().write_obj(cmd.to_le(), GuestAddress(BUF)).unwrap();
     h.submit(HINTING_Q, &[(BUF, 4, 0)])
@@ -18,14 +28,7 @@ fn send_cmd(h: &mut Harness, cmd: u32) -> u16 {
 
 #[test]
 fn a_hinting_run_releases_the_hinted_ranges_and_ends_with_done() {
-    let mm = Arc::new(
-        MemoryManager::checked(
-            Arc::new(GuestRam::new(MEM).unwrap()),
-            ReclaimConfig::with_strategy(Strategy::Gather),
-        )
-        .unwrap(),
-    );
-    let mut h = Harness::on_with(mm, true);
+    let mut h = offering_hinting();
     assert_ne!(h.t.device().device_features() & F_FREE_PAGE_HINT, 0);
     h.init(ALL | F_FREE_PAGE_HINT, None);
     assert_eq!(h.t.device().index_of(QueueRole::Hinting), Some(HINTING_Q));
@@ -109,14 +112,7 @@ fn a_hinting_run_releases_the_hinted_ranges_and_ends_with_done() {
 
 #[test]
 fn malformed_hint_buffers_are_returned_unprocessed() {
-    let mm = Arc::new(
-        MemoryManager::checked(
-            Arc::new(GuestRam::new(MEM).unwrap()),
-            ReclaimConfig::with_strategy(Strategy::Gather),
-        )
-        .unwrap(),
-    );
-    let mut h = Harness::on_with(mm, true);
+    let mut h = offering_hinting();
     h.init(ALL | F_FREE_PAGE_HINT, None);
     let id = h.t.device_mut().hinting.start(true);
     send_cmd(&mut h, id);
@@ -132,14 +128,7 @@ fn malformed_hint_buffers_are_returned_unprocessed() {
 
 #[test]
 fn without_hinting_negotiated_reporting_keeps_queue_3() {
-    let mm = Arc::new(
-        MemoryManager::checked(
-            Arc::new(GuestRam::new(MEM).unwrap()),
-            ReclaimConfig::with_strategy(Strategy::Gather),
-        )
-        .unwrap(),
-    );
-    let mut h = Harness::on_with(mm, true);
+    let mut h = offering_hinting();
     h.init(ALL, None);
     assert_eq!(h.t.device().index_of(QueueRole::Hinting), None);
     assert_eq!(
@@ -190,14 +179,7 @@ fn queues_are_numbered_by_the_negotiated_features() {
 /// credited once: the device's counts stay equal to the gather's (`Harness::check`).
 #[test]
 fn more_than_a_rams_worth_of_hints_is_served_in_rounds_and_counted_once() {
-    let mm = Arc::new(
-        MemoryManager::checked(
-            Arc::new(GuestRam::new(MEM).unwrap()),
-            ReclaimConfig::with_strategy(Strategy::Gather),
-        )
-        .unwrap(),
-    );
-    let mut h = Harness::on_with(mm, true);
+    let mut h = offering_hinting();
     h.init(ALL | F_FREE_PAGE_HINT, None);
     let id = h.t.device_mut().hinting.start(true);
     send_cmd(&mut h, id);
