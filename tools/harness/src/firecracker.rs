@@ -33,6 +33,8 @@ pub struct FirecrackerConfig<'a> {
     /// Whether the guest brings up its other vCPUs (`cpus=N`). False only to reproduce a
     /// comparison made without it, in which a "4 vCPU" Firecracker VM ran one.
     pub start_all_vcpus: bool,
+    /// The balloon's `free_page_hinting`.
+    pub free_page_hinting: bool,
 }
 
 pub struct FirecrackerVm {
@@ -66,6 +68,7 @@ impl FirecrackerVm {
                 "amount_mib": 0,
                 "deflate_on_oom": true,
                 "stats_polling_interval_s": 1,
+                "free_page_hinting": c.free_page_hinting,
             },
         });
         if let Some(initrd) = c.initrd {

@@ -110,6 +110,14 @@ struct Args {
     /// The initramfs for --kernel (e.g. target/linux-test-kernel/initramfs.cpio).
     #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
+    /// Free page hinting instead of an inflate: every peer offers hinting, the balloon guest
+    /// (`hint=1`) waits for a run, the host starts one (`PATCH /balloon/hinting/start`, the
+    /// same call on this VMM and on Firecracker), and the time to target is the time until
+    /// the host said DONE (the guest hinted all its free memory and sent STOP). QEMU frees
+    /// nothing on hints outside a migration and the floor has no hinting counterpart: both
+    /// rows are left out, with a note.
+    #[arg(long, conflicts_with_all = ["kernel", "fragment"])]
+    hinting: bool,
     /// Also write the runs and the medians as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -162,8 +170,12 @@ struct Run {
     /// Until the host memory held had fallen by 99% of its final fall.
     returned_s: f64,
     returned_bytes: u64,
-    /// KVM flush requests during the inflate, where the peer reports them.
+    /// KVM flush requests during the inflate, where the peer reports them (VM-wide: KVM's
+    /// own flushes for the guest's activity count too).
     flushes: Option<u64>,
+    /// Of those, the ones that came while this VMM's zap calls ran (its gather's
+    /// `kvm_flush_requests`); None for other peers.
+    zap_flushes: Option<u64>,
     throughput: Option<Throughput>,
     /// Linux clients: from setting the target back to 0 until the driver's `actual` is 0.
     deflate_s: Option<f64>,
@@ -193,6 +205,8 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 fn ready_line(a: &Args) -> &'static str {
     if a.kernel.is_some() {
         "vmm-init: ready"
+    } else if a.hinting {
+        "balloon: waiting for a free page hinting run"
     } else {
         "balloon: driver ready"
     }
@@ -209,6 +223,10 @@ fn client_cmdline(a: &Args) -> String {
 
 /// The guest's command line for the balloon guest.
 fn balloon_cmdline(a: &Args) -> String {
+    if a.hinting {
+        // changes=1: the guest stays up after DONE (it waits for a target) until the run ends.
+        return "hint=1 changes=1".into();
+    }
     let mut c = "changes=2".to_string();
     if a.fragment {
         c.push_str(" fragment=1");
@@ -267,8 +285,20 @@ trait PeerVm {
     fn reached(&mut self, balloon: u64) -> Result<bool>;
     /// KVM's `remote_tlb_flush_requests` for the VM, where the peer reports it.
     fn flush_requests(&mut self) -> Result<Option<u64>>;
+    /// The part of them that grew during this VMM's zap calls.
+    fn zap_flush_requests(&mut self) -> Result<Option<u64>> {
+        Ok(None)
+    }
     fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()>;
     fn console(&self) -> String;
+    /// Starts a free page hinting run (acknowledged on the driver's STOP).
+    fn start_hinting(&mut self) -> Result<()> {
+        bail!("this peer has no free page hinting API")
+    }
+    /// Whether the host has said DONE.
+    fn hinting_done(&mut self) -> Result<bool> {
+        bail!("this peer has no free page hinting API")
+    }
 }
 
 /// A peer driven through the Firecracker-style balloon API (`PATCH /balloon`, `GET
@@ -310,6 +340,12 @@ impl PeerVm for ApiPeer {
             ApiPeerVm::Firecracker(_) => Ok(None),
         }
     }
+    fn zap_flush_requests(&mut self) -> Result<Option<u64>> {
+        match self.vm {
+            ApiPeerVm::Ours(_) => Ok(Some(self.api.reclaim()?.gather.kvm_flush_requests)),
+            ApiPeerVm::Firecracker(_) => Ok(None),
+        }
+    }
     fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
         match &mut self.vm {
             ApiPeerVm::Ours(vm) => vm
@@ -324,6 +360,12 @@ impl PeerVm for ApiPeer {
             ApiPeerVm::Ours(vm) => vm.console().into_iter().map(|(_, l)| l + "\n").collect(),
             ApiPeerVm::Firecracker(vm) => vm.console(),
         }
+    }
+    fn start_hinting(&mut self) -> Result<()> {
+        Ok(self.api.start_hinting(true)?)
+    }
+    fn hinting_done(&mut self) -> Result<bool> {
+        Ok(self.api.hinting_status()?.host_cmd == vmm::devices::balloon::hinting::CMD_ID_DONE)
     }
 }
 
@@ -376,14 +418,23 @@ fn measure(
 ) -> Result<(Run, Option<Calls>)> {
     std::thread::sleep(Duration::from_millis(a.settle_ms));
     let flushes_before = vm.flush_requests()?;
+    let zap_flushes_before = vm.zap_flush_requests()?;
     let pid = vm.pid();
     let before = vm.host_bytes();
     let mut samples = Vec::new();
     let trace_out = dir.join("strace.txt");
     let trace = count.then(|| strace(pid, &trace_out)).transpose()?;
     let t = Instant::now();
-    vm.set_target(a.balloon)?;
-    while !vm.reached(a.balloon)? {
+    if a.hinting {
+        vm.start_hinting()?;
+    } else {
+        vm.set_target(a.balloon)?;
+    }
+    while !(if a.hinting {
+        vm.hinting_done()?
+    } else {
+        vm.reached(a.balloon)?
+    }) {
         samples.push((t.elapsed().as_secs_f64(), vm.host_bytes()));
         if t.elapsed() > TIMEOUT {
             bail!("the target was not reached in {TIMEOUT:?}");
@@ -394,14 +445,17 @@ fn measure(
     let (returned_s, returned_bytes) = settle(&*vm, before, &mut samples, t);
     let calls = trace.map(|c| strace_calls(c, &trace_out)).transpose()?;
     let flushes_after = vm.flush_requests()?;
+    let zap_flushes_after = vm.zap_flush_requests()?;
     let want = format!("throughput inflate to {} pages", a.balloon >> 12);
-    let throughput =
-        if a.kernel.is_none() && a.vcpus > 1 && vm.wait_for(&want, Duration::from_secs(10)).is_ok()
-        {
-            throughputs(&vm.console()).first().copied()
-        } else {
-            None
-        };
+    let throughput = if a.kernel.is_none()
+        && !a.hinting
+        && a.vcpus > 1
+        && vm.wait_for(&want, Duration::from_secs(10)).is_ok()
+    {
+        throughputs(&vm.console()).first().copied()
+    } else {
+        None
+    };
     let deflate_s = match a.kernel {
         Some(_) => {
             let t = Instant::now();
@@ -424,6 +478,9 @@ fn measure(
             returned_bytes,
             flushes: flushes_before
                 .zip(flushes_after)
+                .map(|(b, a)| a.saturating_sub(b)),
+            zap_flushes: zap_flushes_before
+                .zip(zap_flushes_after)
                 .map(|(b, a)| a.saturating_sub(b)),
             throughput,
             deflate_s,
@@ -466,14 +523,19 @@ fn run_ours(a: &Args, strategy: Strategy, dir: &Path, count: bool) -> Result<(Ru
         (Some(k), initrd) => VmmRun::kernel(&a.vmm, k, initrd.as_deref()),
         _ => VmmRun::guest(&a.vmm, "balloon"),
     };
-    let mut vm = run
+    let run = run
         .vcpus(a.vcpus)
         .memory(a.memory.to_string())
         .cmdline(client_cmdline(a))
         .reclaim(ReclaimConfig::with_strategy(strategy))
         .backing(backing(a)?)
-        .api_sock(&sock)
-        .spawn();
+        .api_sock(&sock);
+    let run = if a.hinting {
+        run.free_page_hinting()
+    } else {
+        run
+    };
+    let mut vm = run.spawn();
     vm.wait_for(ready_line(a), READY)
         .map_err(anyhow::Error::msg)?;
     let launch_s = t0.elapsed().as_secs_f64();
@@ -541,6 +603,7 @@ fn run_firecracker(a: &Args, bin: &Path, dir: &Path, count: bool) -> Result<(Run
             memory_mib: a.memory >> 20,
             hugetlb,
             start_all_vcpus: !a.firecracker_boot_vcpu_only,
+            free_page_hinting: a.hinting,
         },
         dir,
     )?;
@@ -595,6 +658,7 @@ fn run_floor(a: &Args, dir: &Path) -> Result<(Run, Option<Calls>)> {
                 .host_bytes_before
                 .saturating_sub(probe.host_bytes_after),
             flushes: batch.kvm_flush_requests,
+            zap_flushes: None,
             throughput: None,
             deflate_s: None,
         },
@@ -644,6 +708,28 @@ fn main() -> Result<()> {
             "--firecracker-boot-vcpu-only: the Firecracker row ran only its boot vCPU, not {}",
             a.vcpus
         ));
+    }
+    if a.hinting {
+        for (p, why) in [
+            (
+                Peer::Qemu,
+                "QEMU left out: it frees nothing on free page hints outside a migration",
+            ),
+            (
+                Peer::Floor,
+                "floor left out: it has no free page hinting counterpart",
+            ),
+            (
+                Peer::PerBuffer,
+                "per-buffer left out: hints are released per notification whatever the strategy",
+            ),
+        ] {
+            if peers.contains(&p) {
+                peers.retain(|&q| q != p);
+                notes.push(why.to_string());
+            }
+        }
+        notes.push("--hinting: time to target is the time from PATCH /balloon/hinting/start until the host said DONE; MiB/s and flushes per GiB are of host MiB returned, not of --balloon".to_string());
     }
     if peers.contains(&Peer::Qemu) {
         // A QEMU that cannot start here fails now with its own message, not mid-run.
@@ -734,15 +820,31 @@ fn print_table(a: &Args, rows: &[Row], notes: &[String]) {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let target = med(r, &|x| x.target_s);
+        // With --hinting the bytes are those the host got back, not --balloon.
+        let (gib, mib) = if a.hinting {
+            let back = med(r, &|x| x.returned_bytes as f64).max(1.0);
+            (back / (1u64 << 30) as f64, back / (1u64 << 20) as f64)
+        } else {
+            (gib, mib)
+        };
         let flushes: Vec<f64> = r
             .runs
             .iter()
             .filter_map(|x| x.flushes.map(|f| f as f64))
             .collect();
-        let per_gib = if flushes.is_empty() {
-            "n/a".to_string()
-        } else {
-            format!("{:.0}", median(flushes) / gib)
+        let zap_flushes: Vec<f64> = r
+            .runs
+            .iter()
+            .filter_map(|x| x.zap_flushes.map(|f| f as f64))
+            .collect();
+        let per_gib = match (flushes.is_empty(), zap_flushes.is_empty()) {
+            (true, _) => "n/a".to_string(),
+            (false, true) => format!("{:.0}", median(flushes) / gib),
+            (false, false) => format!(
+                "{:.0} (zaps {:.0})",
+                median(flushes) / gib,
+                median(zap_flushes) / gib
+            ),
         };
         let kept: Vec<f64> = r
             .runs
