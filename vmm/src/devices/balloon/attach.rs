@@ -93,8 +93,14 @@ impl BalloonDevice {
     /// Sets the target in 4 KiB pages; a change raises the configuration-change interrupt.
     pub fn set_target_pages(&self, pages: u32) {
         let mut t = self.transport.lock().unwrap();
-        if t.device_mut().set_num_pages(pages) {
+        let changed = t.device_mut().set_num_pages(pages);
+        if changed {
             t.config_changed();
+        }
+        let met = changed && t.device().target_met();
+        drop(t);
+        if met {
+            super::split_at_target(&self.memory);
         }
     }
 

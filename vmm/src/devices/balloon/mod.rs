@@ -251,6 +251,24 @@ impl BalloonFeatures {
     }
 }
 
+/// The balloon reached its target (target and `actual` became equal, whoever's change made
+/// them so). On 2 MiB pages with `--partial-blocks split`, the frames still waiting in
+/// partial blocks then go back to the host at 4 KiB: the target can only be met by
+/// splitting them (the pending batch is flushed first, so that nothing the driver sent is
+/// left waiting).
+pub fn split_at_target(memory: &MemoryManager) {
+    let gather = &memory.gather;
+    if gather.config().partial_blocks != PartialBlocks::Split {
+        return;
+    }
+    if let Some(r) = gather.split_partial_blocks() {
+        tracing::info!(
+            "balloon: target reached; split partial 2 MiB blocks, releasing {} frames at 4 KiB",
+            r.pages
+        );
+    }
+}
+
 /// What a queue index is for, given the negotiated features (compact numbering).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QueueRole {
@@ -439,14 +457,18 @@ impl Balloon {
 
     /// Sets the target; returns whether it changed (the caller signals a config change). A
     /// new target equal to the driver's `actual` is reached at once: a driver with nothing to
-    /// do writes nothing (Linux does not), so the balloon acts on it here.
+    /// do writes nothing (Linux does not), so then the caller, once it has dropped the device
+    /// lock, calls `split_at_target` (it waits for a batch: no lock a vCPU exit needs is held
+    /// across it).
     pub fn set_num_pages(&mut self, pages: u32) -> bool {
         let changed = self.num_pages != pages;
         self.num_pages = pages;
-        if changed {
-            self.on_target();
-        }
         changed
+    }
+
+    /// Whether the driver's `actual` equals a non-zero target.
+    pub fn target_met(&self) -> bool {
+        self.num_pages > 0 && self.num_pages == self.actual
     }
 
     pub fn memory(&self) -> &Arc<MemoryManager> {
@@ -693,28 +715,11 @@ impl Balloon {
         changed
     }
 
-    /// After a change of the target or of `actual`: whoever's change made them equal, the
-    /// balloon has reached its target.
+    /// After the driver's write of `actual`: if it made target and `actual` equal, the
+    /// balloon has reached its target (a target change that does is handled by its caller).
     fn on_target(&mut self) {
-        if self.num_pages > 0 && self.num_pages == self.actual {
-            self.target_reached();
-        }
-    }
-
-    /// The balloon reached its target. On 2 MiB pages with `--partial-blocks split`, the
-    /// frames still waiting in partial blocks then go back to the host at 4 KiB: the target
-    /// can only be met by splitting them (the pending batch is flushed first, so that nothing
-    /// the driver sent is left waiting).
-    fn target_reached(&mut self) {
-        let gather = &self.memory.gather;
-        if gather.config().partial_blocks != PartialBlocks::Split {
-            return;
-        }
-        if let Some(r) = gather.split_partial_blocks() {
-            tracing::info!(
-                "balloon: target reached; split partial 2 MiB blocks, releasing {} frames at 4 KiB",
-                r.pages
-            );
+        if self.target_met() {
+            split_at_target(&self.memory);
         }
     }
 

@@ -95,8 +95,13 @@ impl BalloonSteps {
         if self.next < self.targets.len() && t.is_active() {
             let target = self.targets[self.next];
             self.next += 1;
-            if t.device_mut().set_num_pages((target / PAGE_SIZE) as u32) {
+            let changed = t.device_mut().set_num_pages((target / PAGE_SIZE) as u32);
+            if changed {
                 t.config_changed();
+            }
+            if changed && t.device().target_met() {
+                drop(t);
+                super::split_at_target(&mm);
             }
             let held = mm.ram.host_bytes_held().unwrap_or(0);
             crate::report::say(&format!(

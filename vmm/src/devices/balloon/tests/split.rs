@@ -42,8 +42,11 @@ impl Harness {
     }
 
     /// The control API sets the target.
+    /// A new target as `BalloonDevice::set_target_pages` sets it.
     fn set_target(&mut self, pages: u32) {
-        self.t.device_mut().set_num_pages(pages);
+        if self.t.device_mut().set_num_pages(pages) && self.t.device().target_met() {
+            split_at_target(&self.mm);
+        }
         self.check();
     }
 
