@@ -364,46 +364,13 @@ impl Driver {
         let Some(q) = self.reporting.as_mut() else {
             return Ok(0);
         };
-        let mut reported = 0;
-        let mut result = Ok(());
+        let mut result = Ok(0);
         with_all_free_runs(REPORT_BLOCK_PAGES, |runs| {
-            let blocks = runs.iter().filter(|r| r.1 == REPORT_BLOCK_PAGES);
-            let mut chain = [Desc {
-                addr: 0,
-                len: 0,
-                flags: 0,
-                next: 0,
-            }; REPORT_BLOCKS_PER_BUFFER];
-            let mut n = 0;
-            for &(gfn, count) in blocks {
-                chain[n] = Desc {
-                    addr: gfn * frames::PAGE_SIZE,
-                    len: (count * frames::PAGE_SIZE) as u32,
-                    flags: DESC_F_WRITE,
-                    next: 0,
-                };
-                n += 1;
-                if n == REPORT_BLOCKS_PER_BUFFER {
-                    if let Err(e) = q.call(&chain[..n]) {
-                        result = Err(e);
-                        return;
-                    }
-                    reported += n as u64 * REPORT_BLOCK_PAGES;
-                    n = 0;
-                }
-            }
-            if n > 0 {
-                match q.call(&chain[..n]) {
-                    Ok(()) => reported += n as u64 * REPORT_BLOCK_PAGES,
-                    Err(e) => result = Err(e),
-                }
-            }
+            result = send_blocks(q, runs, REPORT_BLOCKS_PER_BUFFER);
         });
-        result.map(|()| reported)
+        result
     }
-}
 
-impl Driver {
     /// One free page hinting run under command `id`: all free memory hinted in 2 MiB
     /// blocks, STOP, then DONE awaited; the hinted blocks are reused (their first frame
     /// written and verified) and freed. Returns (pages hinted, reuse errors).
@@ -424,61 +391,62 @@ impl Driver {
             q.call(&[cmd_desc])
         };
         send_cmd(q, id)?;
-        let (mut hinted, mut errors) = (0u64, 0u64);
-        let mut result = Ok(());
+        let mut errors = 0u64;
+        let mut result = Ok(0);
         with_all_free_runs(REPORT_BLOCK_PAGES, |runs| {
-            let blocks: &[(u64, u64)] = runs;
-            let mut chain = [Desc {
-                addr: 0,
-                len: 0,
-                flags: 0,
-                next: 0,
-            }; HINT_BLOCKS_PER_BUFFER];
-            let full = blocks.iter().filter(|r| r.1 == REPORT_BLOCK_PAGES);
-            let mut n = 0;
-            let mut send = |q: &mut Queue, chain: &[Desc]| -> Result<(), virtio::VirtioError> {
-                q.call(chain)?;
-                hinted += chain.len() as u64 * REPORT_BLOCK_PAGES;
-                Ok(())
-            };
-            for &(gfn, count) in full {
-                chain[n] = Desc {
-                    addr: gfn * frames::PAGE_SIZE,
-                    len: (count * frames::PAGE_SIZE) as u32,
-                    flags: DESC_F_WRITE,
-                    next: 0,
-                };
-                n += 1;
-                if n == HINT_BLOCKS_PER_BUFFER {
-                    if let Err(e) = send(q, &chain[..n]) {
-                        result = Err(e);
-                        return;
-                    }
-                    n = 0;
-                }
-            }
-            if n > 0 {
-                if let Err(e) = send(q, &chain[..n]) {
-                    result = Err(e);
-                    return;
-                }
-            }
-            if let Err(e) = send_cmd(q, HINT_CMD_ID_STOP) {
-                result = Err(e);
+            result = send_blocks(q, runs, HINT_BLOCKS_PER_BUFFER)
+                .and_then(|hinted| send_cmd(q, HINT_CMD_ID_STOP).map(|()| hinted));
+            if result.is_err() {
                 return;
             }
             // The blocks stay ours until the host says DONE.
             while dev.config_read(CONFIG_FREE_PAGE_HINT_CMD_ID) != HINT_CMD_ID_DONE {
                 core::hint::spin_loop();
             }
-            for &(gfn, count) in blocks.iter().filter(|r| r.1 == REPORT_BLOCK_PAGES) {
-                let _ = count;
+            for &(gfn, _) in runs.iter().filter(|r| r.1 == REPORT_BLOCK_PAGES) {
                 pattern::fill(gfn, 0x5a);
                 errors += pattern::check(gfn, 0x5a, false);
             }
         });
-        result.map(|()| (hinted, errors))
+        result.map(|hinted| (hinted, errors))
     }
+}
+
+/// Hands the whole 2 MiB blocks among `runs` to the device as device-writable ranges,
+/// `per_buffer` of them to a buffer (at most HINT_BLOCKS_PER_BUFFER), one call per buffer:
+/// free page reports and hints alike. Returns the pages handed over.
+fn send_blocks(
+    q: &mut Queue,
+    runs: &[(u64, u64)],
+    per_buffer: usize,
+) -> Result<u64, virtio::VirtioError> {
+    let mut chain = [Desc {
+        addr: 0,
+        len: 0,
+        flags: 0,
+        next: 0,
+    }; HINT_BLOCKS_PER_BUFFER];
+    let per_buffer = per_buffer.min(chain.len());
+    let (mut sent, mut n) = (0, 0);
+    for &(gfn, count) in runs.iter().filter(|r| r.1 == REPORT_BLOCK_PAGES) {
+        chain[n] = Desc {
+            addr: gfn * frames::PAGE_SIZE,
+            len: (count * frames::PAGE_SIZE) as u32,
+            flags: DESC_F_WRITE,
+            next: 0,
+        };
+        n += 1;
+        if n == per_buffer {
+            q.call(&chain[..n])?;
+            sent += n as u64 * REPORT_BLOCK_PAGES;
+            n = 0;
+        }
+    }
+    if n > 0 {
+        q.call(&chain[..n])?;
+        sent += n as u64 * REPORT_BLOCK_PAGES;
+    }
+    Ok(sent)
 }
 
 /// The verifiers' throughput around one inflate: samples of (TSC, pages verified).
