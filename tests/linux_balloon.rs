@@ -102,6 +102,29 @@ impl Linux {
     fn set_balloon(&self, mib: u64) {
         self.api.set_balloon_mib(mib).expect("PATCH /balloon");
     }
+
+    /// The init's line naming the features the balloon driver negotiated.
+    fn features(&self) -> String {
+        let console = self.console();
+        console
+            .lines()
+            .find(|l| l.contains("driver virtio_balloon features"))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no features line\n{console}"))
+    }
+
+    /// The hold's verification lines so far (`vmm.hold`), each checked to say "bad pages 0".
+    fn hold_passes(&self) -> usize {
+        let console = self.console();
+        let passes: Vec<&str> = console
+            .lines()
+            .filter(|l| l.contains("vmm-init: mem hold pass"))
+            .collect();
+        for p in &passes {
+            assert!(p.trim_end().ends_with("bad pages 0"), "{p}");
+        }
+        passes.len()
+    }
 }
 
 /// Linux's own virtio_balloon driver follows targets set through the control socket, on 2
@@ -117,12 +140,7 @@ fn linux_balloon_driver_follows_targets_from_the_control_socket() {
         console.contains(", 2 CPUs"),
         "both vCPUs came up\n{console}"
     );
-    let features = linux
-        .vm
-        .console()
-        .into_iter()
-        .find_map(|(_, l)| l.contains("driver virtio_balloon features").then_some(l));
-    let features = features.unwrap_or_else(|| panic!("no features line\n{console}"));
+    let features = linux.features();
     for f in ["STATS_VQ", "DEFLATE_ON_OOM", "REPORTING", "VERSION_1"] {
         assert!(features.contains(f), "{f} not negotiated: {features}");
     }
@@ -279,15 +297,7 @@ fn linux_free_page_reporting_and_deflate_on_oom_keep_every_page() {
         at_target.host_bytes_held
     );
     // The hold verified its 16 MiB every second through all of it.
-    let console = linux.console();
-    let passes: Vec<&str> = console
-        .lines()
-        .filter(|l| l.contains("vmm-init: mem hold pass"))
-        .collect();
-    assert!(passes.len() >= 5, "{console}");
-    for p in passes {
-        assert!(p.trim_end().ends_with("bad pages 0"), "{p}");
-    }
+    assert!(linux.hold_passes() >= 5, "{}", linux.console());
     let end = linux.vm.stop(Duration::from_secs(30));
     assert!(!end.timed_out, "{}", end.all());
 }
@@ -351,24 +361,15 @@ fn linux_free_page_hinting_returns_freed_memory_and_keeps_every_page() {
         .no_free_page_reporting();
     let linux = Linux::boot(run);
     // The pressure tool wrote 96 MiB and freed it: free in the guest, held by the host.
-    let start = Instant::now();
-    while !linux.console().contains("vmm-init: after pressure") {
-        assert!(
-            start.elapsed() < STEP_LIMIT,
-            "the pressure tool did not finish\n{}",
-            linux.console()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    linux.wait("the pressure tool", |l, _| {
+        l.console().contains("vmm-init: after pressure")
+    });
     let console = linux.console();
     assert!(
         console.contains("vmm-init: mem pressure PASS: 96 MiB x 1 rounds, bad pages 0"),
         "{console}"
     );
-    let features = console
-        .lines()
-        .find(|l| l.contains("driver virtio_balloon features"))
-        .unwrap_or_else(|| panic!("no features line\n{console}"));
+    let features = linux.features();
     assert!(features.contains("FREE_PAGE_HINT"), "{features}");
     assert!(
         !features.contains("REPORTING"),
@@ -384,22 +385,14 @@ fn linux_free_page_hinting_returns_freed_memory_and_keeps_every_page() {
         .start_hinting(true)
         .expect("PATCH /balloon/hinting/start");
     let started = Instant::now();
-    let status = loop {
-        let s = linux
-            .api
-            .hinting_status()
-            .expect("GET /balloon/hinting/status");
-        if s.host_cmd == vmm::devices::balloon::hinting::CMD_ID_DONE {
-            break s;
-        }
-        assert!(
-            started.elapsed() < STEP_LIMIT,
-            "no STOP from the driver: {s:?}\n{}",
-            linux.console()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let mut status = None;
+    linux.wait("DONE after the driver's STOP", |l, _| {
+        let s = l.api.hinting_status().expect("GET /balloon/hinting/status");
+        status = Some(s);
+        s.host_cmd == vmm::devices::balloon::hinting::CMD_ID_DONE
+    });
     let took = started.elapsed();
+    let status = status.expect("polled at least once");
     assert_eq!(
         status.guest_cmd,
         Some(0),
@@ -429,19 +422,10 @@ fn linux_free_page_hinting_returns_freed_memory_and_keeps_every_page() {
         "hinted frames are the guest's: {after:#?}"
     );
     // The hold keeps verifying after DONE, when the driver has freed the hinted pages.
-    let passes_then = linux.console().matches("vmm-init: mem hold pass").count();
-    let start = Instant::now();
-    while linux.console().matches("vmm-init: mem hold pass").count() < passes_then + 2 {
-        assert!(start.elapsed() < STEP_LIMIT, "{}", linux.console());
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let console = linux.console();
-    for p in console
-        .lines()
-        .filter(|l| l.contains("vmm-init: mem hold pass"))
-    {
-        assert!(p.trim_end().ends_with("bad pages 0"), "{p}");
-    }
+    let passes_then = linux.hold_passes();
+    linux.wait("two more hold passes", |l, _| {
+        l.hold_passes() >= passes_then + 2
+    });
     let end = linux.vm.stop(Duration::from_secs(30));
     assert!(!end.timed_out, "{}", end.all());
 }
