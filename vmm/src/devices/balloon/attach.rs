@@ -69,9 +69,7 @@ impl BalloonDevice {
             interrupt,
         );
         let reports_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let reporting = queue_roles(offered.bits())
-            .iter()
-            .position(|&r| r == QueueRole::Reporting);
+        let reporting = queue_roles(offered.bits()).position(|r| r == QueueRole::Reporting);
         if let Some(index) = reporting {
             vm_fd
                 .register_ioevent(

@@ -279,19 +279,19 @@ pub enum QueueRole {
     Reporting,
 }
 
-/// The queues a driver with `features` has, in index order.
-pub fn queue_roles(features: u64) -> Vec<QueueRole> {
-    let mut roles = vec![QueueRole::Inflate, QueueRole::Deflate];
-    for (bit, role) in [
+/// The queues a driver with `features` has, in index order (no allocation: it is asked on
+/// every queue notification).
+pub fn queue_roles(features: u64) -> impl Iterator<Item = QueueRole> {
+    [
+        (0, QueueRole::Inflate),
+        (0, QueueRole::Deflate),
         (F_STATS_VQ, QueueRole::Stats),
         (F_FREE_PAGE_HINT, QueueRole::Hinting),
         (F_FREE_PAGE_REPORTING, QueueRole::Reporting),
-    ] {
-        if features & bit != 0 {
-            roles.push(role);
-        }
-    }
-    roles
+    ]
+    .into_iter()
+    .filter(move |&(bit, _)| bit == 0 || features & bit != 0)
+    .map(|(_, role)| role)
 }
 
 /// Serves the reports the device has parsed with exclusive access to its transport (tests,
@@ -485,20 +485,24 @@ impl Balloon {
         self.offered.free_page_hinting
     }
 
-    /// What queue `index` is for: by the negotiated features once the driver acknowledged
-    /// them, by every offered feature before.
+    /// What queue `index` is for (numbered by `queue_features`).
     pub fn role(&self, index: usize) -> Option<QueueRole> {
-        let features = if self.acked != 0 {
-            self.acked
-        } else {
-            self.device_features()
-        };
-        queue_roles(features).get(index).copied()
+        queue_roles(self.queue_features()).nth(index)
     }
 
     /// The index of the queue with `role`, if the driver has one.
     pub fn index_of(&self, role: QueueRole) -> Option<usize> {
-        (0..self.queue_max_sizes().len()).find(|&i| self.role(i) == Some(role))
+        queue_roles(self.queue_features()).position(|r| r == role)
+    }
+
+    /// The features the queues are numbered by: the negotiated ones once the driver
+    /// acknowledged them, every offered one before.
+    fn queue_features(&self) -> u64 {
+        if self.acked != 0 {
+            self.acked
+        } else {
+            self.device_features()
+        }
     }
 
     fn complete(&self, queue: &mut Queue, mem: &GuestMemoryMmap, head: u16) {
@@ -764,7 +768,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE; queue_roles(self.device_features()).len()]
+        vec![QUEUE_SIZE; queue_roles(self.device_features()).count()]
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

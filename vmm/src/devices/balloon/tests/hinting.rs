@@ -152,11 +152,11 @@ fn queues_are_numbered_by_the_negotiated_features() {
         free_page_reporting: true,
     };
     assert_eq!(
-        queue_roles(all.bits()),
+        queue_roles(all.bits()).collect::<Vec<_>>(),
         [Inflate, Deflate, Stats, Hinting, Reporting]
     );
     assert_eq!(
-        queue_roles(BalloonFeatures::default().bits()),
+        queue_roles(BalloonFeatures::default().bits()).collect::<Vec<_>>(),
         [Inflate, Deflate, Stats, Reporting]
     );
     let hinting_only = BalloonFeatures {
@@ -164,12 +164,12 @@ fn queues_are_numbered_by_the_negotiated_features() {
         free_page_reporting: false,
     };
     assert_eq!(
-        queue_roles(hinting_only.bits()),
+        queue_roles(hinting_only.bits()).collect::<Vec<_>>(),
         [Inflate, Deflate, Stats, Hinting]
     );
     // A driver without STATS_VQ (compact: the next queue takes index 2).
     assert_eq!(
-        queue_roles(F_FREE_PAGE_REPORTING),
+        queue_roles(F_FREE_PAGE_REPORTING).collect::<Vec<_>>(),
         [Inflate, Deflate, Reporting]
     );
 }
