@@ -20,7 +20,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -44,7 +44,7 @@ pub struct BalloonDevice {
 }
 
 /// The hinting endpoints' refusal when the VM was started without hinting.
-pub const HINTING_OFF: &str =
+const HINTING_OFF: &str =
     "free page hinting is not enabled: start the VM with --balloon-free-page-hinting";
 
 /// The statistics polling interval a VM starts with.
@@ -149,12 +149,19 @@ impl BalloonDevice {
         }
     }
 
+    /// The device, locked, if it offers free page hinting; else the endpoints' refusal.
+    fn hinting(&self) -> Result<MutexGuard<'_, MmioTransport<Balloon>>, &'static str> {
+        let t = self.transport.lock().unwrap();
+        if t.device().hinting_offered() {
+            Ok(t)
+        } else {
+            Err(HINTING_OFF)
+        }
+    }
+
     /// `PATCH /balloon/hinting/start`: a new run (its id in the configuration).
     pub fn start_hinting(&self, acknowledge_on_stop: bool) -> Result<u32, &'static str> {
-        let mut t = self.transport.lock().unwrap();
-        if !t.device().hinting_offered() {
-            return Err(HINTING_OFF);
-        }
+        let mut t = self.hinting()?;
         let id = t.device_mut().hinting.start(acknowledge_on_stop);
         t.config_changed();
         Ok(id)
@@ -162,10 +169,7 @@ impl BalloonDevice {
 
     /// `PATCH /balloon/hinting/stop`: DONE, once no hinted buffer is being released.
     pub fn stop_hinting(&self) -> Result<(), &'static str> {
-        let mut t = self.transport.lock().unwrap();
-        if !t.device().hinting_offered() {
-            return Err(HINTING_OFF);
-        }
+        let mut t = self.hinting()?;
         if t.device_mut().hinting.stop() {
             t.config_changed();
         }
@@ -174,11 +178,7 @@ impl BalloonDevice {
 
     /// `GET /balloon/hinting/status`.
     pub fn hinting_status(&self) -> Result<HintingStatus, &'static str> {
-        let t = self.transport.lock().unwrap();
-        if !t.device().hinting_offered() {
-            return Err(HINTING_OFF);
-        }
-        Ok(t.device().hinting.status())
+        Ok(self.hinting()?.device().hinting.status())
     }
 
     /// Serves the free page reports the driver has made available: parsed with the device

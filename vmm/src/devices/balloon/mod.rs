@@ -62,7 +62,6 @@ use vm_memory::GuestMemoryMmap;
 
 pub use attach::{
     serve_inline, BalloonDevice, BalloonHandler, Deferred, BALLOON_GSI, BALLOON_MMIO_BASE,
-    HINTING_OFF,
 };
 pub use queues::BufferError;
 
