@@ -24,7 +24,9 @@ fn a_hinting_run_gives_the_guests_free_memory_back_to_the_host() {
         .memory("512M")
         .api_sock(&sock)
         .free_page_hinting()
-        .cmdline("hint=1 changes=0 touch=8M")
+        // changes=1: after DONE the guest waits for a target, so its socket stays up while
+        // the test reads the status (with changes=0 it could end before the test saw DONE).
+        .cmdline("hint=1 changes=1 touch=8M")
         .spawn();
     let api = vm.api();
     vm.wait_for(
@@ -106,6 +108,8 @@ fn a_hinting_run_gives_the_guests_free_memory_back_to_the_host() {
         per_gib <= 32,
         "{zaps} invalidations (zap calls) for {hinted} bytes: {per_gib}/GiB"
     );
+    // One target ends the guest.
+    api.set_balloon_mib(16).unwrap();
     let r = vm.finish(Duration::from_secs(60));
     assert_eq!(r.status, Some(0), "{}", r.all());
     r.assert_stdout_has(&["DONE received; reuse errors 0", "verified its", "0 errors"]);
